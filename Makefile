@@ -1,0 +1,42 @@
+# lf-dist developer commands. `make test` and `make demo` work on a fresh clone (CPU only, no network to hubs).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip
+CHECK_DIRS := lf_dist tests benchmarks examples
+
+.PHONY: install test test-all demo bench style quality clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned by constraints.txt, so no multi-GB CUDA build is pulled on CPU machines
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not cuda"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/lf-dist train examples/tiny/sft_lora.yaml
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
+
+style: $(STAMP)
+	$(BIN)/ruff format $(CHECK_DIRS)
+	$(BIN)/ruff check --fix $(CHECK_DIRS)
+
+quality: $(STAMP)
+	$(BIN)/ruff format --check $(CHECK_DIRS)
+	$(BIN)/ruff check $(CHECK_DIRS)
+
+clean:
+	rm -rf $(VENV) saves .pytest_cache

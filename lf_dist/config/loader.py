@@ -1,0 +1,128 @@
+"""YAML/JSON file + `key=value` overrides → RunConfig, with LLaMA-Factory's key names and friendly errors."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from lf_dist.config.known_keys import HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT
+from lf_dist.config.schema import ALIASES, SECTIONS, RunConfig, key_owner
+from lf_dist.config.validate import validate
+from lf_dist.errors import UserError
+
+
+def read_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else getattr(err, "lineno", "?")
+        raise UserError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} (line {line})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` pairs; values are YAML-typed (5e-4 → float, true → bool, [a, b] → list)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override '{item}' is not of the form key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(key: str, value, annotation):
+    """Convert a YAML value to the field's declared type, or explain what was expected."""
+    hint = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None:
+        if type(None) in hint:
+            return None
+        raise UserError(f"{key}: a value is required")
+    for typ in hint:
+        if typ is type(None):
+            continue
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+        elif typ is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif typ is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:  # YAML 1.1 reads "5e-5" as a string; LLaMA-Factory accepts it as a number.
+                    return float(value)
+                except ValueError:
+                    pass
+        elif typ is str:
+            if isinstance(value, str):
+                return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+        elif typ in (list, dict) and isinstance(value, typ):
+            return value
+    names = " or ".join(t.__name__ for t in hint if t is not type(None))
+    raise UserError(f"{key}: expected {names}, got {value!r}")
+
+
+def build_config(raw: dict, source: str | None = None) -> RunConfig:
+    owners = key_owner()
+    cfg = RunConfig(source=source)
+    hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+    for key, value in raw.items():
+        key = ALIASES.get(key, key)
+        section = owners.get(key)
+        if section is not None:
+            setattr(getattr(cfg, section), key, _coerce(key, value, hints[section][key]))
+        elif key in LF_NO_EFFECT:
+            cfg.ignored[key] = value
+        elif key in LF_KEYS:
+            raise UserError(
+                f"'{key}' is a LLaMA-Factory option that lf-dist does not implement; remove it to continue"
+            )
+        elif key in HF_TRAINING_ARGS:
+            cfg.ignored[key] = value
+        else:
+            candidates = sorted(set(owners) | set(LF_KEYS) | set(HF_TRAINING_ARGS))
+            raise UserError(f"unknown key '{key}'{_suggest(key, candidates)}")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a config file, apply overrides, fill LLaMA-Factory defaults and validate."""
+    raw = read_file(path) if path is not None else {}
+    raw.update(parse_overrides(overrides or []))
+    return build_config(raw, source=str(path) if path is not None else None)
+
+
+def section_fields(section: str) -> list[str]:
+    return [f.name for f in fields(SECTIONS[section])]

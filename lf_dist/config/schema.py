@@ -1,0 +1,136 @@
+"""Typed run configuration. Field names and defaults are LLaMA-Factory's, so its YAML files load unchanged.
+
+Each section is a flat dataclass: a YAML key maps to exactly one field of one section. Validation of values
+that depend on each other lives in `validate.py`, in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+STAGES = ("pt", "sft", "rm", "dpo", "kto")
+IMPLEMENTED_STAGES = ("pt", "sft")
+FINETUNING_TYPES = ("full", "freeze", "lora")
+FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = None
+    adapter_name_or_path: str | None = None
+    trust_remote_code: bool = False
+    flash_attn: str = "auto"
+    use_fast_tokenizer: bool = True
+    resize_vocab: bool = False
+    cache_dir: str | None = None
+
+
+@dataclass
+class DataArgs:
+    dataset: str | None = None
+    eval_dataset: str | None = None
+    dataset_dir: str = "data"
+    template: str | None = None
+    cutoff_len: int = 2048
+    max_samples: int | None = None
+    val_size: float = 0.0
+    overwrite_cache: bool = False
+    preprocessing_num_workers: int | None = None
+    preprocessing_batch_size: int = 1000
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    default_system: str | None = None
+    enable_thinking: bool = True
+    packing: bool | None = None
+
+
+@dataclass
+class FinetuningArgs:
+    stage: str = "sft"
+    finetuning_type: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    lora_target: str = "all"
+    additional_target: str | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    freeze_trainable_layers: int = 2
+    freeze_trainable_modules: str = "all"
+    freeze_extra_modules: str | None = None
+    plot_loss: bool = False
+    disable_gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str | None = None
+    do_train: bool = True
+    do_eval: bool = False
+    overwrite_output_dir: bool = False
+    logging_steps: float = 500
+    save_steps: float = 500
+    save_strategy: str = "steps"
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+    report_to: str | list | None = "none"
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: float = 0
+    bf16: bool = False
+    fp16: bool = False
+    seed: int = 42
+    data_seed: int | None = None
+    resume_from_checkpoint: str | bool | None = None
+    ddp_timeout: int = 1800
+    dataloader_num_workers: int = 0
+    eval_strategy: str = "no"
+    eval_steps: float | None = None
+    disable_tqdm: bool = False
+    gradient_checkpointing: bool | None = None
+    gradient_checkpointing_kwargs: dict | None = None
+    optim: str = "adamw_torch"
+
+
+SECTIONS = {"model": ModelArgs, "data": DataArgs, "finetuning": FinetuningArgs, "train": TrainArgs}
+# LLaMA-Factory's spellings that mean the same as one of our fields.
+ALIASES = {"evaluation_strategy": "eval_strategy", "lora_r": "lora_rank"}
+
+
+def key_owner() -> dict[str, str]:
+    """Map every accepted key to the section that holds it."""
+    return {f.name: section for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    # Keys accepted for compatibility that change nothing in lf-dist: reported once, never silently dropped.
+    ignored: dict = field(default_factory=dict)
+    source: str | None = None
+
+    @property
+    def stage(self) -> str:
+        return self.finetuning.stage
+
+    def to_dict(self) -> dict:
+        out = {}
+        for section in SECTIONS:
+            obj = getattr(self, section)
+            out.update({f.name: getattr(obj, f.name) for f in fields(obj)})
+        return out

@@ -1,0 +1,80 @@
+"""Every check of a config's values, in one place. Each failure is one UserError line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lf_dist.config.schema import FINETUNING_TYPES, FLASH_ATTN, IMPLEMENTED_STAGES, SCHEDULERS, STAGES, RunConfig
+from lf_dist.errors import UserError
+
+EVAL_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise UserError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    m, d, f, t = cfg.model, cfg.data, cfg.finetuning, cfg.train
+    _choice("stage", f.stage, STAGES + ("ppo",))
+    if f.stage not in IMPLEMENTED_STAGES:
+        raise UserError(
+            f"stage: '{f.stage}' is not implemented by lf-dist yet (available: {', '.join(IMPLEMENTED_STAGES)})"
+        )
+    _choice("finetuning_type", f.finetuning_type, FINETUNING_TYPES)
+    _choice("flash_attn", m.flash_attn, FLASH_ATTN)
+    _choice("lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)
+    _choice("eval_strategy", t.eval_strategy, EVAL_STRATEGIES)
+    _choice("save_strategy", t.save_strategy, SAVE_STRATEGIES)
+    if not m.model_name_or_path:
+        raise UserError("model_name_or_path: required (a local Hugging Face checkpoint directory)")
+    if t.do_train and not d.dataset:
+        raise UserError("dataset: required for training (one or more names from dataset_info.json, comma-separated)")
+    if not t.output_dir:
+        raise UserError("output_dir: required")
+    if d.cutoff_len <= 0:
+        raise UserError(f"cutoff_len: must be > 0, got {d.cutoff_len}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        _positive(key, getattr(t, key))
+    for key in ("learning_rate", "logging_steps", "save_steps", "lora_rank"):
+        _positive(key, getattr(t, key, getattr(f, key, None)))
+    for key in ("weight_decay", "max_grad_norm", "warmup_steps", "adam_epsilon", "num_train_epochs"):
+        _positive(key, getattr(t, key), allow_zero=True)
+    _positive("lora_dropout", f.lora_dropout, allow_zero=True)
+    _positive("max_samples", d.max_samples)
+    _positive("save_total_limit", t.save_total_limit)
+    _positive("preprocessing_num_workers", d.preprocessing_num_workers)
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise UserError("num_train_epochs: must be > 0 when max_steps is not set")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        raise UserError(f"warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if not 0.0 <= d.val_size < 1.0 and not (d.val_size >= 1 and float(d.val_size).is_integer()):
+        raise UserError(f"val_size: a fraction in [0, 1) or a whole number of examples, got {d.val_size}")
+    if not (0.0 <= t.adam_beta1 < 1.0 and 0.0 <= t.adam_beta2 < 1.0):
+        raise UserError("adam_beta1/adam_beta2: must be in [0, 1)")
+    if t.bf16 and t.fp16:
+        raise UserError("bf16 and fp16: choose one")
+    if t.eval_strategy == "steps" and t.eval_steps is not None:
+        _positive("eval_steps", t.eval_steps)
+    if t.optim not in _ADAMW:
+        cfg.ignored["optim"] = f"{t.optim} (lf-dist uses torch AdamW)"
+    if f.lora_alpha is None:
+        f.lora_alpha = 2 * f.lora_rank
+    if d.packing is None:
+        d.packing = f.stage == "pt"
+    if d.packing and f.stage != "pt":
+        raise UserError("packing: sft packing is not implemented by lf-dist yet; remove 'packing' to continue")
+    if f.disable_gradient_checkpointing is False and t.gradient_checkpointing is False:
+        f.disable_gradient_checkpointing = True
+    if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
+        t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"
+    if isinstance(t.resume_from_checkpoint, str) and not Path(t.resume_from_checkpoint).is_dir():
+        raise UserError(f"resume_from_checkpoint: no checkpoint directory at {t.resume_from_checkpoint}")

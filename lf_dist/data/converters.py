@@ -1,0 +1,114 @@
+"""Convert alpaca / sharegpt / openai records into one aligned shape, as LLaMA-Factory does.
+
+Aligned record: `_prompt` (list of {role, content}, ending with a user turn), `_response` (one assistant
+turn for sft, [chosen, rejected] for ranking data, [answer, ""] / ["", answer] for kto), `_system`, `_tools`.
+A record that cannot be aligned comes out with empty `_prompt` and `_response` and is dropped later.
+"""
+
+from __future__ import annotations
+
+from lf_dist.data.registry import DatasetAttr
+
+USER, ASSISTANT, SYSTEM, OBSERVATION, FUNCTION = "user", "assistant", "system", "observation", "function"
+
+
+def _msg(role: str, content) -> dict:
+    return {
+        "role": role,
+        "content": content if isinstance(content, str) else ("" if content is None else str(content)),
+    }
+
+
+def _kto_response(answer: dict, tag) -> list[dict]:
+    empty = _msg(ASSISTANT, "")
+    return [answer, empty] if tag else [empty, answer]
+
+
+def convert_alpaca(example: dict, attr: DatasetAttr) -> dict:
+    col = attr.columns
+    prompt = []
+    history = example.get(col["history"]) if col.get("history") else None
+    if isinstance(history, list):
+        for turn in history:
+            if isinstance(turn, (list, tuple)) and len(turn) == 2:
+                prompt += [_msg(USER, turn[0]), _msg(ASSISTANT, turn[1])]
+    query = [example[col[k]] for k in ("prompt", "query") if col.get(k) and example.get(col[k])]
+    prompt.append(_msg(USER, "\n".join(str(q) for q in query)))
+    kto_tag = example.get(col["kto_tag"]) if col.get("kto_tag") else None
+    response_col = col.get("response")
+    if col.get("kto_tag"):
+        response = (
+            _kto_response(_msg(ASSISTANT, example.get(response_col)), kto_tag) if isinstance(kto_tag, bool) else []
+        )
+    elif attr.ranking:
+        chosen, rejected = example.get(col.get("chosen")), example.get(col.get("rejected"))
+        ok = isinstance(chosen, str) and isinstance(rejected, str) and chosen and rejected
+        response = [_msg(ASSISTANT, chosen), _msg(ASSISTANT, rejected)] if ok else []
+    elif response_col and isinstance(example.get(response_col), str) and example[response_col]:
+        response = [_msg(ASSISTANT, example[response_col])]
+    else:
+        response = []
+    return _aligned(
+        prompt,
+        response,
+        example.get(col["system"], "") if col.get("system") else "",
+        example.get(col["tools"], "") if col.get("tools") else "",
+    )
+
+
+def convert_sharegpt(example: dict, attr: DatasetAttr) -> dict:
+    col, tag = attr.columns, attr.tags
+    role_of = {
+        tag["user_tag"]: USER,
+        tag["assistant_tag"]: ASSISTANT,
+        tag["observation_tag"]: OBSERVATION,
+        tag["function_tag"]: FUNCTION,
+        tag["system_tag"]: SYSTEM,
+    }
+    odd, even = (tag["user_tag"], tag["observation_tag"]), (tag["assistant_tag"], tag["function_tag"])
+    messages = example.get(col["messages"]) or []
+    if not isinstance(messages, list):
+        return _aligned([], [], "", "")
+    system = example.get(col["system"], "") if col.get("system") else ""
+    if messages and isinstance(messages[0], dict) and messages[0].get(tag["role_tag"]) == tag["system_tag"]:
+        system, messages = messages[0].get(tag["content_tag"], ""), messages[1:]
+    aligned, broken = [], False
+    for i, message in enumerate(messages):
+        role = message.get(tag["role_tag"]) if isinstance(message, dict) else None
+        if role not in (odd if i % 2 == 0 else even):
+            broken = True
+            break
+        aligned.append(_msg(role_of[role], message.get(tag["content_tag"])))
+    if (not attr.ranking and len(aligned) % 2 != 0) or (attr.ranking and len(aligned) % 2 == 0):
+        broken = True
+    prompt, response = aligned[:-1], aligned[-1:]
+    if col.get("kto_tag") and not broken:
+        kto_tag = example.get(col["kto_tag"])
+        broken = not isinstance(kto_tag, bool) or not response[0]["content"]
+        response = [] if broken else _kto_response(response[0], kto_tag)
+    elif attr.ranking and not broken:
+        chosen, rejected = example.get(col.get("chosen")), example.get(col.get("rejected"))
+        pair = []
+        for item in (chosen, rejected):
+            if isinstance(item, dict) and item.get(tag["role_tag"]) in even and item.get(tag["content_tag"]):
+                pair.append(_msg(role_of[item[tag["role_tag"]]], item[tag["content_tag"]]))
+        broken = len(pair) != 2
+        prompt, response = aligned, pair
+    elif not broken and not response[0]["content"]:
+        broken = True
+    if broken:
+        prompt, response = [], []
+    return _aligned(prompt, response, system, example.get(col["tools"], "") if col.get("tools") else "")
+
+
+def _aligned(prompt: list, response: list, system, tools) -> dict:
+    return {
+        "_prompt": prompt,
+        "_response": response,
+        "_system": system if isinstance(system, str) else "",
+        "_tools": tools if isinstance(tools, str) else "",
+    }
+
+
+def convert(example: dict, attr: DatasetAttr) -> dict:
+    return convert_alpaca(example, attr) if attr.formatting == "alpaca" else convert_sharegpt(example, attr)

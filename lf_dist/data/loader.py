@@ -1,0 +1,124 @@
+"""Load registered local datasets with `datasets`, align their records and merge them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lf_dist.data.converters import convert
+from lf_dist.data.registry import DatasetAttr
+from lf_dist.errors import UserError
+
+FILE_TYPES = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
+
+
+def _files_of(attr: DatasetAttr) -> tuple[str, list[str]]:
+    path = Path(attr.file_name)
+    if attr.folder:
+        path = path / attr.folder
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise UserError(f"dataset '{attr.name}': file not found: {path}")
+    types = {FILE_TYPES.get(Path(f).suffix.lower()) for f in files}
+    if None in types or len(types) != 1:
+        raise UserError(f"dataset '{attr.name}': files must share one of {', '.join(FILE_TYPES)} ({path})")
+    return types.pop(), files
+
+
+def _json_problem(path: str) -> str | None:
+    """Name the line of the first JSON error in a .json/.jsonl file, or None if it parses."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    stripped = text.lstrip()
+    if not stripped:
+        return f"{path}: the file is empty"
+    if stripped[0] == "[":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as err:
+            return f"{path}: not valid JSON (line {err.lineno}: {err.msg})"
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}: not valid JSON (line {lineno}: {err.msg})"
+    return None
+
+
+def load_raw(attr: DatasetAttr, cache_dir: str | None = None):
+    import datasets
+
+    kind, files = _files_of(attr)
+    try:
+        ds = datasets.load_dataset(kind, data_files=files, split=attr.split, name=attr.subset, cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001 - turn any reader failure into one line naming the file
+        if kind == "json":
+            for f in files:
+                problem = _json_problem(f)
+                if problem:
+                    raise UserError(f"dataset '{attr.name}': {problem}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"dataset '{attr.name}': cannot read {', '.join(files)} as {kind}: {first}") from None
+    return ds
+
+
+def load_aligned(attrs: list[DatasetAttr], max_samples: int | None, seed: int, num_proc: int | None, cache_dir=None):
+    """Load, sample and align each dataset, then concatenate them in the order given."""
+    import datasets
+
+    parts = []
+    for attr in attrs:
+        ds = load_raw(attr, cache_dir)
+        if attr.num_samples is not None:
+            import numpy as np
+
+            rng = np.random.default_rng(seed)
+            idx = rng.permutation(len(ds))[: attr.num_samples]
+            if attr.num_samples > len(ds):  # resample with replacement to reach the requested size
+                extra = rng.choice(len(ds), attr.num_samples - len(ds))
+                idx = np.concatenate([idx, extra])
+            ds = ds.select(idx.tolist())
+        if max_samples is not None:
+            ds = ds.select(range(min(max_samples, len(ds))))
+        missing = [c for c in _required_columns(attr) if c not in ds.column_names]
+        if missing:
+            raise UserError(f"dataset '{attr.name}': column(s) {', '.join(missing)} not found in {attr.file_name}")
+        ds = ds.map(
+            convert,
+            fn_kwargs={"attr": attr},
+            remove_columns=ds.column_names,
+            num_proc=_procs(num_proc, len(ds)),
+            desc=f"Converting {attr.name}",
+        )
+        parts.append(ds)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _required_columns(attr: DatasetAttr) -> list[str]:
+    if attr.formatting == "alpaca":
+        roles = (
+            ["prompt"]
+            + (["chosen", "rejected"] if attr.ranking else [])
+            + (["kto_tag"] if "kto_tag" in attr.columns else [])
+        )
+    else:
+        roles = ["messages"] + (["chosen", "rejected"] if attr.ranking else [])
+    return [attr.columns[r] for r in roles if attr.columns.get(r)]
+
+
+def _procs(num_proc: int | None, n: int) -> int | None:
+    # Worker processes only pay off on larger sets; datasets rejects more workers than rows.
+    if not num_proc or num_proc <= 1 or n < 1000:
+        return None
+    return min(num_proc, n)

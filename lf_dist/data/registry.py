@@ -1,0 +1,132 @@
+"""dataset_info.json → DatasetAttr: where a dataset lives and how its columns map to LLaMA-Factory's roles."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lf_dist.errors import UserError
+
+FORMATS = ("alpaca", "sharegpt", "openai")
+# Column and tag defaults per formatting, as LLaMA-Factory defines them.
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output"}
+SHAREGPT_COLUMNS = {"messages": "conversations"}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "observation_tag": "observation",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}
+_COLUMN_KEYS = (
+    "prompt",
+    "query",
+    "response",
+    "history",
+    "messages",
+    "system",
+    "tools",
+    "chosen",
+    "rejected",
+    "kto_tag",
+)
+_HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
+_KNOWN = {"file_name", "formatting", "ranking", "columns", "tags", "split", "subset", "folder", "num_samples"}
+
+
+@dataclass
+class DatasetAttr:
+    name: str
+    file_name: str
+    formatting: str = "alpaca"
+    ranking: bool = False
+    columns: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)
+    split: str = "train"
+    subset: str | None = None
+    folder: str | None = None
+    num_samples: int | None = None
+
+
+def load_registry(dataset_dir: str | Path) -> dict:
+    path = Path(dataset_dir) / "dataset_info.json"
+    if not path.is_file():
+        raise UserError(f"dataset_dir: no dataset_info.json in {dataset_dir}")
+    try:
+        registry = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(registry, dict):
+        raise UserError(f"{path}: expected an object mapping dataset names to their attributes")
+    return registry
+
+
+def get_dataset_attrs(names: str | None, dataset_dir: str | Path) -> list[DatasetAttr]:
+    """Resolve comma-separated dataset names against dataset_info.json."""
+    if not names:
+        return []
+    registry = load_registry(dataset_dir)
+    attrs = []
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name not in registry:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(registry), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"dataset '{name}' is not in {Path(dataset_dir) / 'dataset_info.json'}{hint}")
+        attrs.append(_parse_entry(name, registry[name], dataset_dir))
+    return attrs
+
+
+def _parse_entry(name: str, entry: dict, dataset_dir: str | Path) -> DatasetAttr:
+    if not isinstance(entry, dict):
+        raise UserError(f"dataset_info.json: entry '{name}' must be an object")
+    if "file_name" not in entry:
+        hub = next((k for k in _HUB_KEYS if k in entry), None)
+        if hub is not None:
+            raise UserError(f"dataset '{name}' uses {hub}: lf-dist has no hub access; download it and use file_name")
+        raise UserError(f"dataset_info.json: entry '{name}' has no file_name")
+    unknown = set(entry) - _KNOWN - set(_HUB_KEYS)
+    if unknown:
+        raise UserError(f"dataset_info.json: entry '{name}' has unknown attribute(s) {', '.join(sorted(unknown))}")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATS:
+        raise UserError(f"dataset_info.json: '{name}' formatting {formatting!r} is not one of {', '.join(FORMATS)}")
+    columns = dict(entry.get("columns") or {})
+    bad = set(columns) - set(_COLUMN_KEYS)
+    if bad:
+        raise UserError(f"dataset_info.json: '{name}' has unknown column role(s) {', '.join(sorted(bad))}")
+    tags = dict(entry.get("tags") or {})
+    bad = set(tags) - set(SHAREGPT_TAGS)
+    if bad:
+        raise UserError(f"dataset_info.json: '{name}' has unknown tag(s) {', '.join(sorted(bad))}")
+    if formatting == "alpaca":
+        columns = {**ALPACA_COLUMNS, **columns}
+    else:
+        openai = formatting == "openai"
+        columns = {**({"messages": "messages"} if openai else SHAREGPT_COLUMNS), **columns}
+        tags = {**(OPENAI_TAGS if openai else SHAREGPT_TAGS), **tags}
+    return DatasetAttr(
+        name=name,
+        file_name=str(Path(dataset_dir) / entry["file_name"]),
+        formatting=formatting,
+        ranking=bool(entry.get("ranking", False)),
+        columns=columns,
+        tags=tags,
+        split=entry.get("split", "train"),
+        subset=entry.get("subset"),
+        folder=entry.get("folder"),
+        num_samples=entry.get("num_samples"),
+    )

@@ -1,0 +1,126 @@
+"""Tokenize aligned examples into input_ids / labels with LLaMA-Factory's masking and truncation rules."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+from lf_dist.data.template import BOS, EOS, HFChatTemplate, Template
+
+IGNORE_INDEX = -100
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory's split of a length budget between a prompt and its response."""
+    if target_len * 2 < cutoff_len:  # short response: truncate the prompt only
+        max_target_len = cutoff_len
+    elif source_len * 2 < cutoff_len:  # short prompt: truncate the response only
+        max_target_len = cutoff_len - source_len
+    else:  # both long: keep their proportion
+        max_target_len = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target_len = min(max_target_len, target_len)
+    new_source_len = min(max(cutoff_len - new_target_len, 0), source_len)
+    return new_source_len, new_target_len
+
+
+class ElementTokenizer:
+    """Turns element lists into ids, sending every string of a batch through the fast tokenizer at once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, element_lists: list[list]) -> list[list[int]]:
+        strings = [e for elements in element_lists for e in elements if e not in (BOS, EOS)]
+        encoded = iter(self.tokenizer(strings, add_special_tokens=False)["input_ids"]) if strings else iter(())
+        out = []
+        for elements in element_lists:
+            ids = []
+            for e in elements:
+                if e == BOS:
+                    ids += [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+                elif e == EOS:
+                    ids.append(self.tokenizer.eos_token_id)
+                else:
+                    ids += next(encoded)
+            out.append(ids)
+        return out
+
+
+def encode_turns(template: Template, tokenizer, prompts, responses, systems, tools) -> list[list[tuple]]:
+    """Token id pairs (prompt, response) per turn for a batch of examples."""
+    per_example = []
+    for prompt, response, system, tool in zip(prompts, responses, systems, tools):
+        messages = prompt + response[:1]
+        if isinstance(template, HFChatTemplate):
+            per_example.append([([p], [r]) for p, r in template.render_pairs_text(tokenizer, messages, system)])
+        else:
+            per_example.append(template.encode_pairs(messages, system, tool))
+    flat = [side for pairs in per_example for pair in pairs for side in pair]
+    ids = iter(ElementTokenizer(tokenizer)(flat))
+    return [[(next(ids), next(ids)) for _ in pairs] for pairs in per_example]
+
+
+def build_supervised(
+    pairs: list[tuple], template: Template, eos_id: int, cutoff_len: int, train_on_prompt: bool, mask_history: bool
+) -> tuple[list[int], list[int]]:
+    """Concatenate turns within cutoff_len, masking prompts (and history turns when mask_history)."""
+    input_ids, labels = [], []
+    total = 1 if template.efficient_eos else 0
+    if mask_history:
+        pairs = pairs[::-1]
+    for turn, (source, target) in enumerate(pairs):
+        if total >= cutoff_len:
+            break
+        source_len, target_len = infer_seqlen(len(source), len(target), cutoff_len - total)
+        source, target = source[:source_len], target[:target_len]
+        total += source_len + target_len
+        if train_on_prompt:
+            source_label = source
+        elif template.efficient_eos:
+            source_label = [eos_id] + [IGNORE_INDEX] * (source_len - 1)
+        else:
+            source_label = [IGNORE_INDEX] * source_len
+        target_label = [IGNORE_INDEX] * target_len if mask_history and turn != 0 else target
+        if mask_history:
+            input_ids, labels = source + target + input_ids, source_label + target_label + labels
+        else:
+            input_ids, labels = input_ids + source + target, labels + source_label + target_label
+    if template.efficient_eos:
+        input_ids, labels = input_ids + [eos_id], labels + [eos_id]
+    return input_ids, labels
+
+
+def preprocess_supervised(
+    batch: dict, template: Template, tokenizer, cutoff_len: int, train_on_prompt: bool, mask_history: bool
+) -> dict:
+    turns = encode_turns(template, tokenizer, batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"])
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for pairs in turns:
+        ids, labels = build_supervised(
+            pairs, template, tokenizer.eos_token_id, cutoff_len, train_on_prompt, mask_history
+        )
+        out["input_ids"].append(ids)
+        out["attention_mask"].append([1] * len(ids))
+        out["labels"].append(labels)
+    return out
+
+
+def preprocess_pretrain(batch: dict, tokenizer, cutoff_len: int, packing: bool) -> dict:
+    """Texts + eos; with packing they are joined and cut into cutoff_len blocks (LLaMA-Factory's pt rule)."""
+    texts = [messages[0]["content"] + tokenizer.eos_token for messages in batch["_prompt"]]
+    if not packing:
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=cutoff_len)["input_ids"]
+    else:
+        joined = list(chain.from_iterable(tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        usable = (len(joined) // cutoff_len) * cutoff_len
+        ids = [joined[i : i + cutoff_len] for i in range(0, usable, cutoff_len)]
+        if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+            for block in ids:
+                block[0] = tokenizer.bos_token_id
+    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": [list(x) for x in ids]}
+
+
+def is_valid(example: dict, stage: str) -> bool:
+    prompt, response = example["_prompt"], example["_response"]
+    if stage == "pt":
+        return bool(prompt) and bool(prompt[0]["content"])
+    return len(prompt) % 2 == 1 and len(response) == 1 and bool(response[0]["content"])

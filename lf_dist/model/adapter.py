@@ -1,0 +1,89 @@
+"""Make the right parameters trainable: full, freeze (last/first N layers) or LoRA / DoRA / rsLoRA via peft."""
+
+from __future__ import annotations
+
+import torch
+
+from lf_dist.config import RunConfig
+from lf_dist.errors import UserError
+from lf_dist.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _apply_freeze(model, cfg: RunConfig) -> None:
+    f = cfg.finetuning
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if not n_layers:
+        raise UserError("finetuning_type freeze: the model config has no num_hidden_layers")
+    k = f.freeze_trainable_layers
+    if k == 0 or abs(k) > n_layers:
+        raise UserError(f"freeze_trainable_layers: must be non-zero and at most {n_layers} in absolute value, got {k}")
+    layer_ids = range(n_layers - k, n_layers) if k > 0 else range(-k)
+    modules = _split(f.freeze_trainable_modules)
+    if modules == ["all"]:
+        patterns = [f".{i}." for i in layer_ids]
+    else:
+        patterns = [f".{i}.{mod}" for i in layer_ids for mod in modules]
+    extra = _split(f.freeze_extra_modules)
+    matched = False
+    for name, param in model.named_parameters():
+        trainable = any(p in name for p in patterns) or any(name.startswith(e) or f".{e}." in name for e in extra)
+        param.requires_grad_(trainable)
+        matched |= trainable
+    if not matched:
+        raise UserError(f"freeze_trainable_modules: no parameter matches {f.freeze_trainable_modules!r}")
+
+
+def _apply_lora(model, cfg: RunConfig):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    f = cfg.finetuning
+    if cfg.model.adapter_name_or_path:
+        return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
+    targets = _split(f.lora_target)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=f.lora_rank,
+        lora_alpha=f.lora_alpha,
+        lora_dropout=f.lora_dropout,
+        target_modules="all-linear" if targets == ["all"] else targets,
+        modules_to_save=_split(f.additional_target) or None,
+        use_dora=f.use_dora,
+        use_rslora=f.use_rslora,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # peft's message names the missing target modules
+        raise UserError(f"lora_target: {str(err).splitlines()[0]}") from None
+
+
+def apply_finetuning(model, cfg: RunConfig):
+    """Set requires_grad per method; trainable parameters are kept in fp32 (as LLaMA-Factory does)."""
+    kind = cfg.finetuning.finetuning_type
+    if kind == "lora":
+        model = _apply_lora(model, cfg)
+    elif kind == "freeze":
+        _apply_freeze(model, cfg)
+    else:
+        model.requires_grad_(True)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if not cfg.finetuning.disable_gradient_checkpointing:
+        kwargs = {"use_reentrant": False, **(cfg.train.gradient_checkpointing_kwargs or {})}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"]:  # reentrant checkpointing needs inputs that require grad
+            model.enable_input_require_grads()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%) [{kind}]")
+    return model

@@ -1,0 +1,77 @@
+"""Tokenizer and model from a local checkpoint, with dtype and attention chosen from the config."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from lf_dist.config import RunConfig
+from lf_dist.errors import UserError
+from lf_dist.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def _check_local(path: str) -> None:
+    if Path(path).is_dir():
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"model_name_or_path: {path} has no config.json (not a Hugging Face checkpoint)")
+        return
+    try:  # a model already in the local Hugging Face cache is fine; nothing is downloaded
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001
+        raise UserError(
+            f"model_name_or_path: '{path}' is not a local directory or a cached model (no hub access)"
+        ) from None
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    m = cfg.model
+    _check_local(m.model_name_or_path)
+    return AutoTokenizer.from_pretrained(
+        m.model_name_or_path,
+        trust_remote_code=m.trust_remote_code,
+        use_fast=m.use_fast_tokenizer,
+        padding_side="right",
+        cache_dir=m.cache_dir,
+    )
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    if cfg.train.bf16:
+        return torch.bfloat16
+    if cfg.train.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def attn_implementation(flash_attn: str) -> str | None:
+    if flash_attn == "fa2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("flash_attn: fa2 needs the flash-attn package (pip install flash-attn); use sdpa or auto")
+        return "flash_attention_2"
+    return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
+
+
+def load_model(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu"):
+    """The base model in the compute dtype, with the tokenizer's vocabulary and no KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    m = cfg.model
+    kwargs = {"dtype": compute_dtype(cfg), "trust_remote_code": m.trust_remote_code, "cache_dir": m.cache_dir}
+    attn = attn_implementation(m.flash_attn)
+    if attn is not None:
+        kwargs["attn_implementation"] = attn
+    model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, **kwargs)
+    model.config.use_cache = False  # training never uses the cache; packed rows need it off
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        logger.info(f"resizing token embeddings {vocab} -> {len(tokenizer)} for added special tokens")
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    return model.to(device)

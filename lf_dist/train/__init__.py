@@ -1,0 +1,1 @@
+"""The training loop (ours, no HF Trainer), stage losses, schedules, checkpoints and run logs."""

@@ -1,0 +1,176 @@
+"""The training loop, shared by every backend: it asks the stage for a loss and the strategy for the rest."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lf_dist.train import checkpoint as ckpt
+from lf_dist.train.optim import build_optimizer, build_scheduler
+from lf_dist.train.schedule import StepSchedule, resolve_steps
+from lf_dist.train.tracker import Tracker
+
+
+class Trainer:
+    def __init__(self, cfg, strategy, stage, model, tokenizer, datasets, collator):
+        self.cfg, self.t = cfg, cfg.train
+        self.strategy, self.stage, self.tokenizer, self.collator = strategy, stage, tokenizer, collator
+        self.train_ds, self.eval_ds = datasets.train, datasets.eval
+        self.output_dir = Path(self.t.output_dir)
+        self.model = strategy.wrap(model)
+        self.schedule = StepSchedule(
+            len(self.train_ds),
+            self.t.per_device_train_batch_size,
+            self.t.gradient_accumulation_steps,
+            self.t.data_seed if self.t.data_seed is not None else self.t.seed,
+            strategy.rank,
+            strategy.world_size,
+        )
+        self.total_steps = self.schedule.total_steps(self.t.num_train_epochs, self.t.max_steps)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.log_every = resolve_steps(self.t.logging_steps, self.total_steps)
+        self.save_every = (
+            resolve_steps(self.t.save_steps, self.total_steps) if self.t.save_strategy == "steps" else None
+        )
+        eval_steps = self.t.eval_steps if self.t.eval_steps is not None else self.t.logging_steps
+        self.eval_every = resolve_steps(eval_steps, self.total_steps) if self.t.eval_strategy == "steps" else None
+        self.step = 0
+
+    # -- one optimizer step -------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
+        """Forward/backward every micro-batch, normalized by the step's global label-token count; then step."""
+        n_label = self.strategy.all_reduce_sum(sum(self.stage.num_tokens(b) for b in micro_batches))
+        loss_sum = torch.zeros((), device=self.strategy.device)
+        self.model.train()
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
+            with self.strategy.no_sync(self.model, i == len(micro_batches) - 1), self.strategy.autocast():
+                loss, _ = self.stage.loss(self.model, batch)
+            self.strategy.backward(loss / max(n_label, 1))
+            loss_sum += loss.detach()
+        grad_norm = self.strategy.step(self.model, self.optimizer, self.t.max_grad_norm)
+        self.scheduler.step()
+        loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_label, 1)
+        n_input = int(self.strategy.all_reduce_sum(sum(self.stage.num_input_tokens(b) for b in micro_batches)))
+        return loss_value, grad_norm, n_input
+
+    # -- data -----------------------------------------------------------------------------------------
+    def _loader(self, start_step: int):
+        """Micro-batches from `start_step` on, grouped per optimizer step (the schedule is deterministic)."""
+        steps = [self.schedule.step(s)[1] for s in range(start_step, self.total_steps)]
+        flat = [mb for step in steps for mb in step]
+        # Its own generator: creating the iterator must not draw from the global RNG (dropout), or a resumed
+        # run would see different random numbers than the uninterrupted one.
+        loader = DataLoader(
+            self.train_ds,
+            batch_sampler=flat,
+            collate_fn=self.collator,
+            num_workers=self.t.dataloader_num_workers,
+            generator=torch.Generator().manual_seed(0),
+        )
+        it = iter(loader)
+        for step in steps:
+            yield [next(it) for _ in step]
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        bs = self.t.per_device_eval_batch_size
+        idx = list(range(self.strategy.rank, len(self.eval_ds), self.strategy.world_size))
+        total = torch.zeros((), device=self.strategy.device, dtype=torch.float64)
+        tokens = 0
+        for i in range(0, len(idx), bs):
+            batch = self.collator([self.eval_ds[j] for j in idx[i : i + bs]])
+            batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
+            with self.strategy.autocast():
+                loss, _ = self.stage.loss(self.model, batch)
+            total += loss.double()
+            tokens += self.stage.num_tokens(batch)
+        return float(self.strategy.all_reduce_sum(total)) / max(self.strategy.all_reduce_sum(tokens), 1)
+
+    # -- the run --------------------------------------------------------------------------------------
+    def _state(self, tracker: Tracker) -> dict:
+        epoch, micro = divmod(self.step * self.t.gradient_accumulation_steps, self.schedule.batches_per_epoch)
+        return {
+            "global_step": self.step,
+            "total_steps": self.total_steps,
+            "epoch": self.step / self.schedule.steps_per_epoch,
+            "data_position": {"epoch": epoch, "micro_batch": micro},
+            "num_tokens": tracker.num_tokens,
+            "log_history": tracker.history,
+        }
+
+    def _save(self, tracker: Tracker) -> None:
+        ckpt.save_checkpoint(
+            self.output_dir,
+            self.step,
+            self.strategy,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self._state(tracker),
+            self.t.save_only_model,
+            self.t.save_total_limit,
+        )
+
+    def fit(self, resume_from: Path | None = None) -> dict:
+        tracker = Tracker(self.output_dir, self.total_steps, 0, self.strategy.is_main, not self.t.disable_tqdm)
+        if resume_from is not None:
+            state = ckpt.load_state(resume_from)
+            self.strategy.load_model_weights(self.model, resume_from)
+            self.strategy.load_train_state(self.optimizer, self.scheduler, resume_from)
+            ckpt.restore_rng(resume_from, self.strategy.rank)
+            self.step = state["global_step"]
+            tracker = Tracker(
+                self.output_dir, self.total_steps, self.step, self.strategy.is_main, not self.t.disable_tqdm
+            )
+            tracker.restore(state["log_history"], state["num_tokens"])
+        start, start_time, losses, run_tokens = self.step, time.perf_counter(), [], 0
+        fail_at = int(os.environ.get("LF_DIST_FAIL_AT_STEP", "0"))  # fault injection for resume tests
+        for micro_batches in self._loader(self.step):
+            loss, grad_norm, n_tokens = self.train_step(micro_batches)
+            self.step += 1
+            losses.append(loss)
+            run_tokens += n_tokens
+            if self.step == fail_at:
+                raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {self.step}")
+            epoch = self.step / self.schedule.steps_per_epoch
+            log_now = self.step % self.log_every == 0 or self.step == self.total_steps
+            lr = self.scheduler.get_last_lr()[0]
+            tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now)
+            epoch_end = self.step % self.schedule.steps_per_epoch == 0
+            if self.eval_ds is not None and (
+                (self.eval_every and self.step % self.eval_every == 0)
+                or (self.t.eval_strategy == "epoch" and epoch_end)
+            ):
+                tracker.on_eval(self.step, self.evaluate(), epoch)
+            if (
+                (self.save_every and self.step % self.save_every == 0)
+                or (self.t.save_strategy == "epoch" and epoch_end)
+            ) and self.step < self.total_steps:
+                self._save(tracker)
+        runtime = time.perf_counter() - start_time
+        tracker.close()
+        results = {
+            "epoch": round(self.step / self.schedule.steps_per_epoch, 4),
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "train_runtime": round(runtime, 4),
+            "train_steps_per_second": round((self.step - start) / max(runtime, 1e-9), 4),
+            "train_tokens_per_second": round(run_tokens / max(runtime, 1e-9), 2),
+            "num_tokens": tracker.num_tokens,
+            "total_steps": self.total_steps,
+        }
+        if self.eval_ds is not None:
+            results["eval_loss"] = self.evaluate()
+            tracker.on_eval(self.step, results["eval_loss"], results["epoch"])
+        mem = self.strategy.max_memory_allocated()
+        if mem:
+            results["peak_memory_gb"] = round(mem / 2**30, 3)
+        self.tracker = tracker
+        return results

@@ -1,0 +1,39 @@
+"""AdamW over the trainable parameters and the learning-rate schedule (transformers' schedulers)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    t = cfg.train
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            # Biases and norm weights (1-D) are not decayed, as in Hugging Face's Trainer.
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
+    )
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    t = cfg.train
+    if t.warmup_steps >= 1:
+        return int(t.warmup_steps)
+    ratio = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    return math.ceil(ratio * total_steps)
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        cfg.train.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup_steps(cfg, total_steps),
+        num_training_steps=total_steps,
+    )

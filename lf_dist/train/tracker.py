@@ -1,0 +1,140 @@
+"""Run logs: console progress bar, trainer_log.jsonl (LLaMA-Factory's fields), all_results.json, loss plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+LOG_FILE = "trainer_log.jsonl"
+
+
+def _hms(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class Tracker:
+    """Lives on the main rank only; other ranks get a no-op via `enabled=False`."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, show_progress: bool):
+        self.output_dir, self.total_steps, self.enabled = Path(output_dir), total_steps, enabled
+        self.start_time = time.perf_counter()
+        self.start_step = start_step
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": self.start_time}
+        self.num_tokens = 0
+        self.history: list[dict] = []
+        self.bar = None
+        if enabled and show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def restore(self, history: list[dict], num_tokens: int) -> None:
+        """On resume: keep the log lines up to the checkpoint, so the file matches an uninterrupted run."""
+        self.history, self.num_tokens = list(history), num_tokens
+        if self.enabled:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        lines = "".join(json.dumps(e) + "\n" for e in self.history)
+        (self.output_dir / LOG_FILE).write_text(lines, encoding="utf-8")
+
+    def _append(self, entry: dict) -> None:
+        self.history.append(entry)
+        if self.enabled:
+            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def _timing(self, step: int) -> dict:
+        elapsed = time.perf_counter() - self.start_time
+        done = max(step - self.start_step, 1)
+        remaining = elapsed / done * (self.total_steps - step)
+        return {
+            "current_steps": step,
+            "total_steps": self.total_steps,
+            "percentage": round(100 * step / self.total_steps, 2),
+            "elapsed_time": _hms(elapsed),
+            "remaining_time": _hms(remaining),
+        }
+
+    def on_step(
+        self,
+        step: int,
+        loss: float,
+        tokens: int,
+        lr: float,
+        grad_norm: float,
+        epoch: float,
+        log_now: bool,
+        extra: dict | None = None,
+    ) -> None:
+        self.num_tokens += tokens
+        w = self.window
+        w["loss"], w["steps"], w["tokens"] = w["loss"] + loss, w["steps"] + 1, w["tokens"] + tokens
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if not log_now:
+            return
+        now = time.perf_counter()
+        entry = {
+            **self._timing(step),
+            "loss": round(w["loss"] / w["steps"], 6),
+            "lr": lr,
+            "grad_norm": round(grad_norm, 6),
+            "epoch": round(epoch, 4),
+            "num_tokens": self.num_tokens,
+            "tokens_per_second": round(w["tokens"] / max(now - w["time"], 1e-9), 2),
+            **(extra or {}),
+        }
+        self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": now}
+        self._append(entry)
+
+    def on_eval(self, step: int, eval_loss: float, epoch: float) -> None:
+        self._append({**self._timing(step), "eval_loss": round(eval_loss, 6), "epoch": round(epoch, 4)})
+        if self.bar is not None:
+            self.bar.write(f"[lf-dist] step {step}: eval_loss {eval_loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def write_results(self, results: dict) -> None:
+        if self.enabled:
+            text = json.dumps(results, indent=2) + "\n"
+            (self.output_dir / "all_results.json").write_text(text, encoding="utf-8")
+
+    def plot(self) -> Path | None:
+        """training_loss.png (and eval_loss.png when evaluated), like LLaMA-Factory's plot_loss."""
+        if not self.enabled:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for key in ("loss", "eval_loss"):
+            points = [(e["current_steps"], e[key]) for e in self.history if key in e]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            plt.figure()
+            plt.plot(steps, values, color="#1f77b4", alpha=0.4, label="original")
+            plt.plot(steps, _smooth(values), color="#1f77b4", label="smoothed")
+            plt.title(f"{key} of {self.output_dir}")
+            plt.xlabel("step")
+            plt.ylabel(key)
+            plt.legend()
+            name = "training_loss.png" if key == "loss" else "training_eval_loss.png"
+            plt.savefig(self.output_dir / name, format="png", dpi=100)
+            plt.close()
+        return self.output_dir / "training_loss.png"
+
+
+def _smooth(values, weight: float = 0.8) -> list[float]:
+    out, last = [], values[0]
+    for v in values:
+        last = last * weight + (1 - weight) * v
+        out.append(last)
+    return out

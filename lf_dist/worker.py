@@ -1,0 +1,98 @@
+"""The worker entry point: every launcher ends here, on every rank.
+
+Order matters for "nothing half-written": everything a user can get wrong (config, data, model path) is
+checked before the first byte goes to output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from lf_dist.config import RunConfig
+from lf_dist.errors import UserError
+from lf_dist.log import get_logger
+from lf_dist.train import checkpoint as ckpt
+
+logger = get_logger(__name__)
+
+
+def plan_output_dir(cfg: RunConfig) -> Path | None:
+    """Decide what happens to output_dir (without touching it); returns the checkpoint to resume from."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: {out} exists and is not a directory")
+    resume = t.resume_from_checkpoint
+    if not t.do_train:
+        return None
+    if resume in (None, False) and out.is_dir() and any(out.iterdir()) and not t.overwrite_output_dir:
+        if ckpt.list_checkpoints(out) and resume is None:
+            resume = True
+            logger.info(
+                f"output_dir has checkpoints: resuming from {ckpt.list_checkpoints(out)[-1].name} "
+                "(set overwrite_output_dir: true to start over)"
+            )
+        else:
+            raise UserError(
+                f"output_dir: {out} already exists and is not empty; set overwrite_output_dir: true "
+                "or resume_from_checkpoint"
+            )
+    return ckpt.resolve_resume(resume, out)
+
+
+def _clear_previous_run(out: Path) -> None:
+    for path in ckpt.list_checkpoints(out):
+        shutil.rmtree(path)
+    for name in ("trainer_log.jsonl", "all_results.json", "training_loss.png", "training_eval_loss.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def run(cfg: RunConfig) -> dict:
+    from transformers import set_seed
+
+    from lf_dist.data import Collator, build_datasets
+    from lf_dist.data.templates import fix_tokenizer, get_template
+    from lf_dist.model import apply_finetuning, load_model, load_tokenizer
+    from lf_dist.parallel import build_strategy
+    from lf_dist.train.loop import Trainer
+    from lf_dist.train.stages import build_stage
+
+    strategy = build_strategy(cfg)
+    try:
+        set_seed(cfg.train.seed)
+        tokenizer = load_tokenizer(cfg)
+        template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+        fix_tokenizer(template, tokenizer)
+        datasets = build_datasets(cfg, tokenizer, template)
+        resume_from = plan_output_dir(cfg)
+        set_seed(cfg.train.seed)
+        model = apply_finetuning(load_model(cfg, tokenizer), cfg)
+        trainer = Trainer(
+            cfg, strategy, build_stage(cfg.stage), model, tokenizer, datasets, Collator(tokenizer.pad_token_id)
+        )
+        out = Path(cfg.train.output_dir)
+        if strategy.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if cfg.train.overwrite_output_dir and resume_from is None:
+                _clear_previous_run(out)
+            (out / "lf_dist_config.json").write_text(
+                json.dumps(cfg.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
+            )
+        strategy.barrier()
+        if not cfg.train.do_train:
+            results = {"eval_loss": trainer.evaluate()} if datasets.eval is not None else {}
+        else:
+            if resume_from is not None:
+                logger.info(f"resuming from {resume_from}")
+            results = trainer.fit(resume_from)
+            strategy.save_model(trainer.model, tokenizer, out)
+            if cfg.finetuning.plot_loss:
+                trainer.tracker.plot()
+        if strategy.is_main:
+            (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+            logger.info(f"model saved to {out.resolve()}")
+        return results
+    finally:
+        strategy.teardown()
