@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from lf_dist.config import RunConfig
@@ -9,6 +11,8 @@ from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 
 logger = get_logger(__name__)
+# peft still asks for the pre-5.23 name; the warning is noise for users.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
 
 def _split(value: str | None) -> list[str]:

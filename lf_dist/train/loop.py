@@ -40,6 +40,7 @@ class Trainer:
         eval_steps = self.t.eval_steps if self.t.eval_steps is not None else self.t.logging_steps
         self.eval_every = resolve_steps(eval_steps, self.total_steps) if self.t.eval_strategy == "steps" else None
         self.step = 0
+        self.padded_tokens = 0  # batch slots processed, padding included (for the padding share)
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
@@ -57,6 +58,7 @@ class Trainer:
         self.scheduler.step()
         loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_label, 1)
         n_input = int(self.strategy.all_reduce_sum(sum(self.stage.num_input_tokens(b) for b in micro_batches)))
+        self.padded_tokens += int(self.strategy.all_reduce_sum(sum(b["input_ids"].numel() for b in micro_batches)))
         return loss_value, grad_norm, n_input
 
     # -- data -----------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ class Trainer:
             "train_runtime": round(runtime, 4),
             "train_steps_per_second": round((self.step - start) / max(runtime, 1e-9), 4),
             "train_tokens_per_second": round(run_tokens / max(runtime, 1e-9), 2),
+            "padding_ratio": round(1 - run_tokens / max(self.padded_tokens, 1), 4),
             "num_tokens": tracker.num_tokens,
             "total_steps": self.total_steps,
         }
