@@ -9,10 +9,22 @@ import sys
 _configured = False
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (it may be swapped, e.g. by test capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def get_logger(name: str = "lf_dist") -> logging.Logger:
     global _configured
     if not _configured:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[lf-dist] %(message)s"))
         root = logging.getLogger("lf_dist")
         root.addHandler(handler)

@@ -154,3 +154,31 @@ def test_non_empty_output_dir_without_overwrite_is_refused(tmp_path, capsys):
 
 def test_demo_data_dir_exists():
     assert (DATA_DIR / "dataset_info.json").is_file()
+
+
+def test_unchanged_llamafactory_config_loads_and_trains(tmp_path, capsys):
+    """A LLaMA-Factory example config, as users have it, runs; only key without effect is named once."""
+    cfg = load_config(ROOT / "tests/fixtures/llamafactory_lora_sft.yaml")
+    assert cfg.train.data_seed == 7 and cfg.train.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert set(cfg.ignored) == {"logging_dir"}
+    code = main(
+        [
+            "train",
+            str(ROOT / "tests/fixtures/llamafactory_lora_sft.yaml"),
+            f"model_name_or_path={TINY_MODEL}",
+            f"dataset_dir={DATA_DIR}",
+            f"output_dir={tmp_path / 'o'}",
+            "max_steps=2",
+            "max_samples=40",
+            "disable_tqdm=true",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "notice: these keys have no effect in lf-dist: logging_dir" in err
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_report_to_a_tracker_is_named_as_without_effect():
+    assert "report_to" in load_config(None, MIN + ["report_to=wandb"]).ignored
+    assert "report_to" not in load_config(None, MIN + ["report_to=none"]).ignored

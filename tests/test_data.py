@@ -202,3 +202,22 @@ def test_hub_only_dataset_is_refused_with_advice(tmp_path):
 def test_registry_defaults_for_sharegpt():
     attr = get_dataset_attrs("sharegpt_demo", DATA_DIR)[0]
     assert isinstance(attr, DatasetAttr) and attr.tags["role_tag"] == "from" and attr.columns["system"] == "system"
+
+
+def test_parallel_preprocessing_gives_the_same_rows(tmp_path, make_cfg, tokenizer):
+    rows = json.loads((DATA_DIR / "alpaca_demo.json").read_text(encoding="utf-8")) * 3
+    (tmp_path / "big.json").write_text(json.dumps(rows), encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"big": {"file_name": "big.json"}}), encoding="utf-8")
+    serial, _ = _build(make_cfg, tokenizer, dataset="big", dataset_dir=str(tmp_path), name="s")
+    parallel, _ = _build(
+        make_cfg,
+        tokenizer,
+        dataset="big",
+        dataset_dir=str(tmp_path),
+        name="p",
+        preprocessing_num_workers=2,
+        overwrite_cache=True,
+    )
+    assert len(serial.train) == 1200
+    assert serial.train["input_ids"] == parallel.train["input_ids"]
+    assert serial.train["labels"] == parallel.train["labels"]

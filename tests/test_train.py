@@ -195,3 +195,41 @@ def test_incomplete_checkpoint_is_never_resumed_from(make_cfg, tmp_path):
     (out / "checkpoint-99").mkdir()  # e.g. a crash while writing: no trainer_state.json
     (out / ".tmp-checkpoint-100").mkdir()
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+
+
+def test_sharegpt_sft_learns(make_cfg):
+    cfg = make_cfg(dataset="sharegpt_demo", max_steps=20, learning_rate=5e-3, cutoff_len=256)
+    run(cfg)
+    losses = _losses(__import__("pathlib").Path(cfg.train.output_dir))
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("extra", [{"use_dora": True}, {"use_rslora": True}, {"bf16": True}])
+def test_lora_variants_and_bf16_train(make_cfg, extra):
+    cfg = make_cfg(max_steps=12, learning_rate=5e-3, **extra)
+    run(cfg)
+    out = __import__("pathlib").Path(cfg.train.output_dir)
+    losses = _losses(out)
+    assert all(x == x for x in losses) and losses[-1] < losses[0], losses
+    adapter = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    assert adapter["use_dora"] == extra.get("use_dora", False)
+    assert adapter["use_rslora"] == extra.get("use_rslora", False)
+    assert {m.rsplit(".", 1)[-1] for m in adapter["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+
+
+def test_epochs_drive_the_step_count_and_logging_strategy_epoch(make_cfg):
+    cfg = make_cfg(
+        max_steps=-1, num_train_epochs=2, max_samples=40, per_device_train_batch_size=8, logging_strategy="epoch"
+    )
+    results = run(cfg)
+    out = __import__("pathlib").Path(cfg.train.output_dir)
+    assert results["total_steps"] == 10 and results["epoch"] == 2.0
+    assert [e["current_steps"] for e in _log(out)] == [5, 10]

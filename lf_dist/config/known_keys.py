@@ -328,6 +328,9 @@ LF_NO_EFFECT = frozenset(
     }
 )
 
+# TrainingArguments switches that lf-dist always has on: true is honoured as is, false is reported.
+ALWAYS_ON = frozenset({"include_num_input_tokens_seen", "include_tokens_per_second", "save_safetensors"})
+
 # TrainingArguments names of transformers 4.x that transformers 5 dropped; LLaMA-Factory configs still carry them.
 _HF4_TRAINING_ARGS = {
     "overwrite_output_dir",

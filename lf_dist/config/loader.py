@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from lf_dist.config.known_keys import HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT
+from lf_dist.config.known_keys import ALWAYS_ON, HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT
 from lf_dist.config.schema import ALIASES, SECTIONS, RunConfig, key_owner
 from lf_dist.config.validate import validate
 from lf_dist.errors import UserError
@@ -102,6 +102,8 @@ def build_config(raw: dict, source: str | None = None) -> RunConfig:
         section = owners.get(key)
         if section is not None:
             setattr(getattr(cfg, section), key, _coerce(key, value, hints[section][key]))
+        elif key in ALWAYS_ON and value in (True, "true", "True", "all", "non_padding"):
+            continue
         elif key in LF_NO_EFFECT:
             cfg.ignored[key] = value
         elif key in LF_KEYS:

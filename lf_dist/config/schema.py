@@ -70,6 +70,8 @@ class TrainArgs:
     do_eval: bool = False
     overwrite_output_dir: bool = False
     logging_steps: float = 500
+    logging_strategy: str = "steps"
+    logging_first_step: bool = False
     save_steps: float = 500
     save_strategy: str = "steps"
     save_total_limit: int | None = None

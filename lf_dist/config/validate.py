@@ -34,6 +34,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)
     _choice("eval_strategy", t.eval_strategy, EVAL_STRATEGIES)
     _choice("save_strategy", t.save_strategy, SAVE_STRATEGIES)
+    _choice("logging_strategy", t.logging_strategy, EVAL_STRATEGIES)
     if not m.model_name_or_path:
         raise UserError("model_name_or_path: required (a local Hugging Face checkpoint directory)")
     if t.do_train and not d.dataset:
@@ -66,6 +67,10 @@ def validate(cfg: RunConfig) -> None:
         _positive("eval_steps", t.eval_steps)
     if t.optim not in _ADAMW:
         cfg.ignored["optim"] = f"{t.optim} (lf-dist uses torch AdamW)"
+    trackers = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
+    trackers = [r for r in trackers if r not in ("none", "None", "")]
+    if trackers:
+        cfg.ignored["report_to"] = f"{','.join(trackers)} (lf-dist writes trainer_log.jsonl; no external trackers)"
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
     if d.packing is None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lf_dist.errors import UserError
 from lf_dist.parallel.base import Strategy
 
 
@@ -20,7 +21,9 @@ class SingleStrategy(Strategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.fp16 and self.device.type == "cuda" else None
+        if cfg.train.fp16 and self.device.type != "cuda":
+            raise UserError("fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU")
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.fp16 else None
 
     def wrap(self, model):
         return model.to(self.device)

@@ -121,6 +121,14 @@ class Trainer:
             self.t.save_total_limit,
         )
 
+    def _log_now(self, epoch_end: bool) -> bool:
+        how = self.t.logging_strategy
+        if how == "no":
+            return False
+        if self.step == self.total_steps or (self.t.logging_first_step and self.step == 1):
+            return True
+        return epoch_end if how == "epoch" else self.step % self.log_every == 0
+
     def fit(self, resume_from: Path | None = None) -> dict:
         tracker = Tracker(self.output_dir, self.total_steps, 0, self.strategy.is_main, not self.t.disable_tqdm)
         if resume_from is not None:
@@ -143,10 +151,10 @@ class Trainer:
             if self.step == fail_at:
                 raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {self.step}")
             epoch = self.step / self.schedule.steps_per_epoch
-            log_now = self.step % self.log_every == 0 or self.step == self.total_steps
+            epoch_end = self.step % self.schedule.steps_per_epoch == 0
+            log_now = self._log_now(epoch_end)
             lr = self.scheduler.get_last_lr()[0]
             tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now)
-            epoch_end = self.step % self.schedule.steps_per_epoch == 0
             if self.eval_ds is not None and (
                 (self.eval_every and self.step % self.eval_every == 0)
                 or (self.t.eval_strategy == "epoch" and epoch_end)
