@@ -115,7 +115,7 @@ def run_baseline(cfg) -> dict:
 
     set_seed(cfg.train.seed)
     tok = AutoTokenizer.from_pretrained(cfg.model.model_name_or_path)
-    template = get_template(cfg.data.template, tok)
+    template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
     ds = build_datasets(cfg, tok, template).train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

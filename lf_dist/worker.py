@@ -63,14 +63,14 @@ def run(cfg: RunConfig) -> dict:
     try:
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg)
-        template = get_template(cfg.data.template, tokenizer, cfg.data.enable_thinking)
+        template = get_template(cfg.data.template, tokenizer, cfg.data)
         fix_tokenizer(template, tokenizer)
         datasets = build_datasets(cfg, tokenizer, template)
         resume_from = plan_output_dir(cfg)
         set_seed(cfg.train.seed)
         model = apply_finetuning(load_model(cfg, tokenizer), cfg)
         trainer = Trainer(
-            cfg, strategy, build_stage(cfg.stage), model, tokenizer, datasets, Collator(tokenizer.pad_token_id)
+            cfg, strategy, build_stage(cfg), model, tokenizer, datasets, Collator(tokenizer.pad_token_id)
         )
         out = Path(cfg.train.output_dir)
         if strategy.is_main:

@@ -32,7 +32,7 @@ def _eval_loss_of_saved_model(cfg, out, adapter: bool) -> float:
     from lf_dist.train.stages import build_stage
 
     tokenizer = AutoTokenizer.from_pretrained(out)
-    template = get_template(cfg.data.template, tokenizer)
+    template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
     eval_ds = build_datasets(cfg, tokenizer, template).eval
     if adapter:
@@ -40,7 +40,7 @@ def _eval_loss_of_saved_model(cfg, out, adapter: bool) -> float:
     else:
         model = AutoModelForCausalLM.from_pretrained(out)
     model.eval()
-    stage, collate = build_stage("sft"), Collator(tokenizer.pad_token_id)
+    stage, collate = build_stage(cfg), Collator(tokenizer.pad_token_id)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(eval_ds), 8):

@@ -41,8 +41,15 @@ class DataArgs:
     train_on_prompt: bool = False
     mask_history: bool = False
     default_system: str | None = None
-    enable_thinking: bool = True
+    enable_thinking: bool | None = True
+    preserve_thinking: bool = False
+    tool_format: str | None = None
     packing: bool | None = None
+    neat_packing: bool = False
+    tokenized_path: str | None = None
+    data_shared_file_system: bool = False
+    mix_strategy: str = "concat"
+    interleave_probs: str | None = None
 
 
 @dataclass

@@ -73,13 +73,35 @@ def validate(cfg: RunConfig) -> None:
         cfg.ignored["report_to"] = f"{','.join(trackers)} (lf-dist writes trainer_log.jsonl; no external trackers)"
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
-    if d.packing is None:
-        d.packing = f.stage == "pt"
-    if d.packing and f.stage != "pt":
-        raise UserError("packing: sft packing is not implemented by lf-dist yet; remove 'packing' to continue")
+    _validate_data(cfg)
     if f.disable_gradient_checkpointing is False and t.gradient_checkpointing is False:
         f.disable_gradient_checkpointing = True
     if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
         t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"
     if isinstance(t.resume_from_checkpoint, str) and not Path(t.resume_from_checkpoint).is_dir():
         raise UserError(f"resume_from_checkpoint: no checkpoint directory at {t.resume_from_checkpoint}")
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    d, stage = cfg.data, cfg.finetuning.stage
+    from lf_dist.data.tool_formats import TOOL_FORMATS
+
+    if d.tool_format is not None:
+        _choice("tool_format", d.tool_format, tuple(TOOL_FORMATS))
+    _choice("mix_strategy", d.mix_strategy, ("concat", "interleave_under", "interleave_over", "interleave_once"))
+    if d.interleave_probs is not None:
+        if d.mix_strategy == "concat":
+            raise UserError("interleave_probs: only valid with an interleave_* mix_strategy")
+        probs = [p.strip() for p in str(d.interleave_probs).split(",")]
+        if d.dataset and len(probs) != len(d.dataset.split(",")):
+            raise UserError("interleave_probs: give one probability per dataset")
+    if d.eval_dataset and d.val_size > 1e-6:
+        raise UserError("val_size: cannot be set together with eval_dataset")
+    if d.mask_history and d.train_on_prompt:
+        raise UserError("mask_history: incompatible with train_on_prompt")
+    if stage != "sft" and (d.neat_packing or d.train_on_prompt or d.mask_history):
+        raise UserError("neat_packing / train_on_prompt / mask_history: only for stage sft")
+    if d.neat_packing:
+        d.packing = True
+    if d.packing is None:
+        d.packing = stage == "pt"

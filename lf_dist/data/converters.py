@@ -19,6 +19,11 @@ def _msg(role: str, content) -> dict:
     }
 
 
+def _role_map(tag: dict) -> dict:
+    return {tag["user_tag"]: USER, tag["assistant_tag"]: ASSISTANT, tag["observation_tag"]: OBSERVATION,
+            tag["function_tag"]: FUNCTION, tag["system_tag"]: SYSTEM}
+
+
 def _kto_response(answer: dict, tag) -> list[dict]:
     empty = _msg(ASSISTANT, "")
     return [answer, empty] if tag else [empty, answer]
@@ -58,13 +63,7 @@ def convert_alpaca(example: dict, attr: DatasetAttr) -> dict:
 
 def convert_sharegpt(example: dict, attr: DatasetAttr) -> dict:
     col, tag = attr.columns, attr.tags
-    role_of = {
-        tag["user_tag"]: USER,
-        tag["assistant_tag"]: ASSISTANT,
-        tag["observation_tag"]: OBSERVATION,
-        tag["function_tag"]: FUNCTION,
-        tag["system_tag"]: SYSTEM,
-    }
+    role_of = _role_map(tag)
     odd, even = (tag["user_tag"], tag["observation_tag"]), (tag["assistant_tag"], tag["function_tag"])
     messages = example.get(col["messages"]) or []
     if not isinstance(messages, list):
@@ -79,22 +78,60 @@ def convert_sharegpt(example: dict, attr: DatasetAttr) -> dict:
             broken = True
             break
         aligned.append(_msg(role_of[role], message.get(tag["content_tag"])))
+    return _finish(example, attr, aligned, system, broken, even_roles=even, role_of=role_of)
+
+
+def convert_openai(example: dict, attr: DatasetAttr) -> dict:
+    """OpenAI chat messages: assistant `tool_calls` become function turns, consecutive tool results one observation."""
+    import json
+
+    col, tag = attr.columns, attr.tags
+    role_of = _role_map(tag)
+    messages = example.get(col["messages"]) or []
+    system = example.get(col["system"], "") if col.get("system") else ""
+    if messages and isinstance(messages[0], dict) and messages[0].get(tag["role_tag"]) == tag["system_tag"]:
+        system, messages = messages[0].get(tag["content_tag"], ""), messages[1:]
+    aligned, pending = [], []
+    for message in messages:
+        role, content = message.get(tag["role_tag"]), message.get(tag["content_tag"])
+        if role in (tag["assistant_tag"], tag["function_tag"]) and message.get("tool_calls"):
+            content = json.dumps([call["function"] for call in message["tool_calls"]], ensure_ascii=False)
+            role = tag["function_tag"]
+        if role == tag["observation_tag"]:
+            pending.append(content)
+            continue
+        if pending:
+            aligned.append(_msg(OBSERVATION, "\n</tool_response>\n<tool_response>\n".join(pending)))
+            pending = []
+        if role not in role_of:
+            return _aligned([], [], "", "")
+        aligned.append(_msg(role_of[role], content))
+    broken = any(m["role"] not in ((USER, OBSERVATION) if i % 2 == 0 else (ASSISTANT, FUNCTION))
+                 for i, m in enumerate(aligned))
+    return _finish(example, attr, aligned, system, broken, even_roles=(tag["assistant_tag"], tag["function_tag"]),
+                   role_of=role_of)
+
+
+def _finish(example, attr, aligned, system, broken, even_roles, role_of) -> dict:
+    """Split aligned turns into prompt/response for sft, ranking (chosen/rejected) or kto data."""
+    col, tag = attr.columns, attr.tags
     if (not attr.ranking and len(aligned) % 2 != 0) or (attr.ranking and len(aligned) % 2 == 0):
         broken = True
     prompt, response = aligned[:-1], aligned[-1:]
-    if col.get("kto_tag") and not broken:
+    if broken:
+        pass
+    elif col.get("kto_tag"):
         kto_tag = example.get(col["kto_tag"])
         broken = not isinstance(kto_tag, bool) or not response[0]["content"]
         response = [] if broken else _kto_response(response[0], kto_tag)
-    elif attr.ranking and not broken:
-        chosen, rejected = example.get(col.get("chosen")), example.get(col.get("rejected"))
+    elif attr.ranking:
         pair = []
-        for item in (chosen, rejected):
-            if isinstance(item, dict) and item.get(tag["role_tag"]) in even and item.get(tag["content_tag"]):
+        for item in (example.get(col.get("chosen")), example.get(col.get("rejected"))):
+            if isinstance(item, dict) and item.get(tag["role_tag"]) in even_roles and item.get(tag["content_tag"]):
                 pair.append(_msg(role_of[item[tag["role_tag"]]], item[tag["content_tag"]]))
         broken = len(pair) != 2
         prompt, response = aligned, pair
-    elif not broken and not response[0]["content"]:
+    elif not response[0]["content"]:
         broken = True
     if broken:
         prompt, response = [], []
@@ -110,5 +147,8 @@ def _aligned(prompt: list, response: list, system, tools) -> dict:
     }
 
 
+CONVERTERS = {"alpaca": convert_alpaca, "sharegpt": convert_sharegpt, "openai": convert_openai}
+
+
 def convert(example: dict, attr: DatasetAttr) -> dict:
-    return convert_alpaca(example, attr) if attr.formatting == "alpaca" else convert_sharegpt(example, attr)
+    return CONVERTERS[attr.formatting](example, attr)

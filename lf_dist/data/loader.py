@@ -73,10 +73,11 @@ def load_raw(attr: DatasetAttr, cache_dir: str | None = None):
     return ds
 
 
-def load_aligned(attrs: list[DatasetAttr], max_samples: int | None, seed: int, num_proc: int | None, cache_dir=None):
-    """Load, sample and align each dataset, then concatenate them in the order given."""
+def load_aligned(attrs: list[DatasetAttr], data_args, seed: int, cache_dir=None):
+    """Load, sample and align each dataset, then merge them (concatenated in order, or interleaved)."""
     import datasets
 
+    max_samples, num_proc = data_args.max_samples, data_args.preprocessing_num_workers
     parts = []
     for attr in attrs:
         ds = load_raw(attr, cache_dir)
@@ -102,7 +103,14 @@ def load_aligned(attrs: list[DatasetAttr], max_samples: int | None, seed: int, n
             desc=f"Converting {attr.name}",
         )
         parts.append(ds)
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(parts) == 1:
+        return parts[0]
+    if data_args.mix_strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    stopping = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
+                "interleave_once": "all_exhausted_without_replacement"}[data_args.mix_strategy]
+    probs = [float(p) for p in str(data_args.interleave_probs).split(",")] if data_args.interleave_probs else None
+    return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=stopping)
 
 
 def _required_columns(attr: DatasetAttr) -> list[str]:

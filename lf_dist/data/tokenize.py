@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from itertools import chain
 
-from lf_dist.data.template import BOS, EOS, HFChatTemplate, Template
+from lf_dist.data.template import BOS, EOS, Template, Token
 
 IGNORE_INDEX = -100
 
@@ -29,7 +29,7 @@ class ElementTokenizer:
         self.tokenizer = tokenizer
 
     def __call__(self, element_lists: list[list]) -> list[list[int]]:
-        strings = [e for elements in element_lists for e in elements if e not in (BOS, EOS)]
+        strings = [e for elements in element_lists for e in elements if isinstance(e, str) and e not in (BOS, EOS, "")]
         encoded = iter(self.tokenizer(strings, add_special_tokens=False)["input_ids"]) if strings else iter(())
         out = []
         for elements in element_lists:
@@ -38,22 +38,22 @@ class ElementTokenizer:
                 if e == BOS:
                     ids += [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
                 elif e == EOS:
-                    ids.append(self.tokenizer.eos_token_id)
-                else:
+                    ids += [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+                elif isinstance(e, Token):
+                    ids.append(self.tokenizer.convert_tokens_to_ids(e.name))
+                elif e:
                     ids += next(encoded)
             out.append(ids)
         return out
 
 
-def encode_turns(template: Template, tokenizer, prompts, responses, systems, tools) -> list[list[tuple]]:
+def encode_turns(template: Template, tokenizer, prompts, responses, systems, tools,
+                 discard_history_thought: bool = False) -> list[list[tuple]]:
     """Token id pairs (prompt, response) per turn for a batch of examples."""
-    per_example = []
-    for prompt, response, system, tool in zip(prompts, responses, systems, tools):
-        messages = prompt + response[:1]
-        if isinstance(template, HFChatTemplate):
-            per_example.append([([p], [r]) for p, r in template.render_pairs_text(tokenizer, messages, system)])
-        else:
-            per_example.append(template.encode_pairs(messages, system, tool))
+    per_example = [
+        template.encode_pairs(prompt + response[:1], system, tool, discard_history_thought)
+        for prompt, response, system, tool in zip(prompts, responses, systems, tools)
+    ]
     flat = [side for pairs in per_example for pair in pairs for side in pair]
     ids = iter(ElementTokenizer(tokenizer)(flat))
     return [[(next(ids), next(ids)) for _ in pairs] for pairs in per_example]
@@ -75,7 +75,7 @@ def build_supervised(
         total += source_len + target_len
         if train_on_prompt:
             source_label = source
-        elif template.efficient_eos:
+        elif template.efficient_eos and turn != 0:
             source_label = [eos_id] + [IGNORE_INDEX] * (source_len - 1)
         else:
             source_label = [IGNORE_INDEX] * source_len
@@ -92,7 +92,9 @@ def build_supervised(
 def preprocess_supervised(
     batch: dict, template: Template, tokenizer, cutoff_len: int, train_on_prompt: bool, mask_history: bool
 ) -> dict:
-    turns = encode_turns(template, tokenizer, batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"])
+    discard = mask_history and not template.preserve_thinking
+    turns = encode_turns(template, tokenizer, batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"],
+                         discard)
     out = {"input_ids": [], "attention_mask": [], "labels": []}
     for pairs in turns:
         ids, labels = build_supervised(
@@ -104,10 +106,13 @@ def preprocess_supervised(
     return out
 
 
-def preprocess_pretrain(batch: dict, tokenizer, cutoff_len: int, packing: bool) -> dict:
+def preprocess_pretrain(batch: dict, tokenizer, cutoff_len: int, packing: bool, template_name: str | None = None) -> dict:
     """Texts + eos; with packing they are joined and cut into cutoff_len blocks (LLaMA-Factory's pt rule)."""
-    texts = [messages[0]["content"] + tokenizer.eos_token for messages in batch["_prompt"]]
+    eos = "<|end_of_text|>" if template_name == "llama3" else tokenizer.eos_token
+    texts = [messages[0]["content"] + eos for messages in batch["_prompt"]]
     if not packing:
+        if getattr(tokenizer, "add_bos_token", False):
+            texts = [tokenizer.bos_token + t for t in texts]
         ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=cutoff_len)["input_ids"]
     else:
         joined = list(chain.from_iterable(tokenizer(texts, add_special_tokens=False)["input_ids"]))
