@@ -108,11 +108,27 @@ def convert_openai(example: dict, attr: DatasetAttr) -> dict:
         aligned.append(_msg(role_of[role], content))
     broken = any(m["role"] not in ((USER, OBSERVATION) if i % 2 == 0 else (ASSISTANT, FUNCTION))
                  for i, m in enumerate(aligned))
+    tools = example.get(col["tools"], "") if col.get("tools") else ""
+    if isinstance(tools, (dict, list)):
+        tools = json.dumps(tools, ensure_ascii=False)
+    system = _openai_system(system, tools)
     return _finish(example, attr, aligned, system, broken, even_roles=(tag["assistant_tag"], tag["function_tag"]),
-                   role_of=role_of)
+                   role_of=role_of, tools=tools)
 
 
-def _finish(example, attr, aligned, system, broken, even_roles, role_of) -> dict:
+def _openai_system(system: str, tools: str) -> str:
+    """LLaMA-Factory 0.9.5 rewrites the system prompt of openai-format data (a Nemotron convention); we do the same
+    so the same data trains on the same tokens: no system and no tools → "detailed thinking off"; a system
+    without tools gains "\ndetailed thinking off" (unless it already says on/off); with tools, "\n"."""
+    off = "detailed thinking off"
+    if not system:
+        return system if tools else off
+    if tools:
+        return system + "\n"
+    return system if ("detailed thinking on" in system or off in system) else system + "\n" + off
+
+
+def _finish(example, attr, aligned, system, broken, even_roles, role_of, tools=None) -> dict:
     """Split aligned turns into prompt/response for sft, ranking (chosen/rejected) or kto data."""
     col, tag = attr.columns, attr.tags
     if (not attr.ranking and len(aligned) % 2 != 0) or (attr.ranking and len(aligned) % 2 == 0):
@@ -135,7 +151,9 @@ def _finish(example, attr, aligned, system, broken, even_roles, role_of) -> dict
         broken = True
     if broken:
         prompt, response = [], []
-    return _aligned(prompt, response, system, example.get(col["tools"], "") if col.get("tools") else "")
+    if tools is None:
+        tools = example.get(col["tools"], "") if col.get("tools") else ""
+    return _aligned(prompt, response, system, tools)
 
 
 def _aligned(prompt: list, response: list, system, tools) -> dict:

@@ -28,7 +28,7 @@ class Template:
     name: str
     user: tuple = (CONTENT,)
     assistant: tuple | None = None  # None: (CONTENT, EOS), or (CONTENT,) with efficient_eos
-    system: tuple | None = None  # None: like user
+    system: tuple | None = None  # None: the bare content
     observation: tuple | None = None  # None: like user
     function: tuple | None = None  # None: like assistant
     tool_format: str = "default"
@@ -53,7 +53,7 @@ class Template:
         return {
             "user": self.user,
             "assistant": self.assistant_slots,
-            "system": self.system or self.user,
+            "system": self.system or (CONTENT,),
             "observation": self.observation or self.user,
             "function": self.function or self.assistant_slots,
         }[role]
