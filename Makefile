@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# LLaMA-Factory from PyPI in its own venv: the reference for the token-parity tests (they skip, saying why,
+# if it cannot be installed). SKIP_LF_REFERENCE=1 make test skips building it.
+LF_STAMP := .venv-lf.stamp
 PIP := $(BIN)/python -m pip
 CHECK_DIRS := lf_dist tests benchmarks examples
 
@@ -16,9 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+$(LF_STAMP): tests/reference/lf_venv.py constraints.txt | $(STAMP)
+ifneq ($(SKIP_LF_REFERENCE),1)
+	$(BIN)/python tests/reference/lf_venv.py --create
+	touch $(LF_STAMP)
+endif
+
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(LF_STAMP)
 	$(BIN)/python -m pytest -q -m "not cuda"
 
 test-all: $(STAMP)
@@ -39,4 +48,4 @@ quality: $(STAMP)
 	$(BIN)/ruff check $(CHECK_DIRS)
 
 clean:
-	rm -rf $(VENV) saves .pytest_cache
+	rm -rf $(VENV) .venv-lf $(LF_STAMP) .venv-lf-install.log saves .pytest_cache
