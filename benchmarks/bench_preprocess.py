@@ -34,8 +34,10 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     def text(lo, hi):
         return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
 
-    return [{"instruction": text(5, 40), "input": text(0, 60) if rng.random() < 0.5 else "", "output": text(5, 300)}
-            for _ in range(n)]
+    return [
+        {"instruction": text(5, 40), "input": text(0, 60) if rng.random() < 0.5 else "", "output": text(5, 300)}
+        for _ in range(n)
+    ]
 
 
 def ours(args, data_dir: Path) -> dict:
@@ -46,9 +48,19 @@ def ours(args, data_dir: Path) -> dict:
     from lf_dist.data.templates import fix_tokenizer, get_template
 
     workers = [f"preprocessing_num_workers={args.workers}"] if args.workers else []
-    cfg = load_config(None, [f"model_name_or_path={MODEL}", "dataset=synthetic", f"dataset_dir={data_dir}",
-                             f"template={args.template}", f"cutoff_len={args.cutoff_len}", "output_dir=unused",
-                             "overwrite_cache=true", *workers])
+    cfg = load_config(
+        None,
+        [
+            f"model_name_or_path={MODEL}",
+            "dataset=synthetic",
+            f"dataset_dir={data_dir}",
+            f"template={args.template}",
+            f"cutoff_len={args.cutoff_len}",
+            "output_dir=unused",
+            "overwrite_cache=true",
+            *workers,
+        ],
+    )
     tok = AutoTokenizer.from_pretrained(MODEL)
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
@@ -67,13 +79,30 @@ def llamafactory(args, data_dir: Path, work: Path) -> dict | None:
         print(json.dumps({"bench": "preprocess", "side": "llamafactory", "skipped": why}), flush=True)
         return None
     extra = {"preprocessing_num_workers": args.workers} if args.workers else {}
-    spec = {"model": str(MODEL), "dataset_dir": str(data_dir), "out": str(work), "jobs": [
-        {"name": "bench", "template": args.template, "dataset": "synthetic", "cutoff_len": args.cutoff_len,
-         "extra": {"overwrite_cache": True, **extra}}]}
+    spec = {
+        "model": str(MODEL),
+        "dataset_dir": str(data_dir),
+        "out": str(work),
+        "jobs": [
+            {
+                "name": "bench",
+                "template": args.template,
+                "dataset": "synthetic",
+                "cutoff_len": args.cutoff_len,
+                "extra": {"overwrite_cache": True, **extra},
+            }
+        ],
+    }
     (work / "jobs.json").write_text(json.dumps(spec), encoding="utf-8")
     env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf_cache")}
-    subprocess.run([str(lf_venv.python_path()), str(ROOT / "tests/reference/lf_reference.py"), str(work / "jobs.json")],
-                   check=True, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [str(lf_venv.python_path()), str(ROOT / "tests/reference/lf_reference.py"), str(work / "jobs.json")],
+        check=True,
+        env=env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     result = json.loads((work / "bench.json").read_text(encoding="utf-8"))
     ids = result["rows"]["train"]["input_ids"]
     return {"seconds": result["seconds"], "tokens": sum(len(r) for r in ids), "rows": len(ids)}
@@ -89,17 +118,32 @@ def padding_report(args, data_dir: Path) -> dict:
 
     out = {}
     for packing in (False, True):
-        cfg = load_config(None, [f"model_name_or_path={MODEL}", "dataset=synthetic", f"dataset_dir={data_dir}",
-                                 f"template={args.template}", f"cutoff_len={args.cutoff_len}", "output_dir=unused",
-                                 f"packing={packing}", f"neat_packing={packing}"])
+        cfg = load_config(
+            None,
+            [
+                f"model_name_or_path={MODEL}",
+                "dataset=synthetic",
+                f"dataset_dir={data_dir}",
+                f"template={args.template}",
+                f"cutoff_len={args.cutoff_len}",
+                "output_dir=unused",
+                f"packing={packing}",
+                f"neat_packing={packing}",
+            ],
+        )
         tok = AutoTokenizer.from_pretrained(MODEL)
         template = get_template(cfg.data.template, tok, cfg.data)
         fix_tokenizer(template, tok)
         lengths = [len(r) for r in build_datasets(cfg, tok, template).train["input_ids"]]
         random.Random(0).shuffle(lengths)
-        slots = sum(max(lengths[i : i + args.batch_size]) * len(lengths[i : i + args.batch_size])
-                    for i in range(0, len(lengths), args.batch_size))
-        out["packed" if packing else "unpacked"] = {"rows": len(lengths), "padding_ratio": round(1 - sum(lengths) / slots, 4)}
+        slots = sum(
+            max(lengths[i : i + args.batch_size]) * len(lengths[i : i + args.batch_size])
+            for i in range(0, len(lengths), args.batch_size)
+        )
+        out["packed" if packing else "unpacked"] = {
+            "rows": len(lengths),
+            "padding_ratio": round(1 - sum(lengths) / slots, 4),
+        }
     return out
 
 
@@ -122,28 +166,62 @@ def main() -> None:
         data_dir = work / "data"
         data_dir.mkdir()
         (data_dir / "synthetic.json").write_text(json.dumps(make_records(args.records)), encoding="utf-8")
-        (data_dir / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}),
-                                                    encoding="utf-8")
+        (data_dir / "dataset_info.json").write_text(
+            json.dumps({"synthetic": {"file_name": "synthetic.json"}}), encoding="utf-8"
+        )
         env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf_cache_ours")}
-        child = subprocess.run([sys.executable, __file__, "--side", "lf-dist", "--data-dir", str(data_dir),
-                                *sys.argv[1:]], env=env, capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--side", "lf-dist", "--data-dir", str(data_dir), *sys.argv[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results = {"lf-dist": json.loads(child.stdout.strip().splitlines()[-1])}
         lf_work = work / "lf"
         lf_work.mkdir()
         lf = llamafactory(args, data_dir, lf_work)
         if lf is not None:
             results["llamafactory"] = lf
-        common = {"bench": "preprocess", "records": args.records, "template": args.template,
-                  "cutoff_len": args.cutoff_len, "workers": args.workers or 1}
+        common = {
+            "bench": "preprocess",
+            "records": args.records,
+            "template": args.template,
+            "cutoff_len": args.cutoff_len,
+            "workers": args.workers or 1,
+        }
         for side, r in results.items():
-            print(json.dumps({**common, "side": side, **r, "seconds": round(r["seconds"], 3),
-                              "tokens_per_second": round(r["tokens"] / r["seconds"], 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        **common,
+                        "side": side,
+                        **r,
+                        "seconds": round(r["seconds"], 3),
+                        "tokens_per_second": round(r["tokens"] / r["seconds"], 1),
+                    }
+                ),
+                flush=True,
+            )
         if lf is not None:
             same = results["lf-dist"]["tokens"] == lf["tokens"] and results["lf-dist"]["rows"] == lf["rows"]
-            print(json.dumps({**common, "compare": "lf-dist/llamafactory", "same_tokens": same,
-                              "speedup": round(lf["seconds"] / results["lf-dist"]["seconds"], 2)}), flush=True)
-        print(json.dumps({**common, "bench": "padding", "batch_size": args.batch_size, **padding_report(args, data_dir)}),
-              flush=True)
+            print(
+                json.dumps(
+                    {
+                        **common,
+                        "compare": "lf-dist/llamafactory",
+                        "same_tokens": same,
+                        "speedup": round(lf["seconds"] / results["lf-dist"]["seconds"], 2),
+                    }
+                ),
+                flush=True,
+            )
+        print(
+            json.dumps(
+                {**common, "bench": "padding", "batch_size": args.batch_size, **padding_report(args, data_dir)}
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

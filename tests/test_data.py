@@ -15,8 +15,23 @@ from lf_dist.errors import UserError
 
 from .conftest import DATA_DIR, TINY_MODEL
 
-REQUIRED_TEMPLATES = ["default", "empty", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama3", "llama2", "mistral",
-                      "gemma", "gemma3", "phi4", "deepseek3", "yi", "glm4"]
+REQUIRED_TEMPLATES = [
+    "default",
+    "empty",
+    "chatml",
+    "qwen",
+    "qwen3",
+    "qwen3_nothink",
+    "llama3",
+    "llama2",
+    "mistral",
+    "gemma",
+    "gemma3",
+    "phi4",
+    "deepseek3",
+    "yi",
+    "glm4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +194,7 @@ def test_malformed_records_are_dropped_with_one_count(tmp_path, make_cfg, tokeni
         bundle, _ = _build(make_cfg, tokenizer, dataset="s", dataset_dir=str(tmp_path))
     logging.getLogger("lf_dist").propagate = False
     assert len(bundle.train) == 1
-    assert "dropped 2 malformed examples" in caplog.text and "2 of 3 train" in caplog.text
+    assert "dropped 2 examples that are malformed" in caplog.text and "2 of 3 train" in caplog.text
 
 
 def test_hub_only_dataset_is_refused_with_advice(tmp_path):
@@ -210,3 +225,80 @@ def test_parallel_preprocessing_gives_the_same_rows(tmp_path, make_cfg, tokenize
     assert len(serial.train) == 1200
     assert serial.train["input_ids"] == parallel.train["input_ids"]
     assert serial.train["labels"] == parallel.train["labels"]
+
+
+def test_tokenized_path_is_written_once_then_loaded_without_preprocessing(tmp_path, make_cfg, tokenizer):
+    path = tmp_path / "tokenized"
+    first, _ = _build(make_cfg, tokenizer, tokenized_path=str(path), val_size=0.1, max_samples=50)
+    assert (path / "dataset_dict.json").is_file() and not (tmp_path / "tokenized.tmp").exists()
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    assert set(saved) == {"train", "validation"}
+    assert set(saved["train"].column_names) == {"input_ids", "attention_mask", "labels"}
+    # A later run loads it: the dataset named in the config is not even read.
+    again, _ = _build(make_cfg, tokenizer, tokenized_path=str(path), dataset="does_not_exist", name="again")
+    assert again.train["input_ids"] == first.train["input_ids"] and again.eval["labels"] == first.eval["labels"]
+
+
+def test_packed_tokenized_data_keeps_position_ids(tmp_path, make_cfg, tokenizer):
+    path = tmp_path / "packed"
+    _build(make_cfg, tokenizer, tokenized_path=str(path), packing=True, neat_packing=True, cutoff_len=256)
+    import datasets
+
+    cols = set(datasets.load_from_disk(str(path))["train"].column_names)
+    assert cols == {"input_ids", "attention_mask", "labels", "position_ids"}
+
+
+def test_folder_txt_arrow_split_and_resampling(tmp_path, make_cfg, tokenizer):
+    import datasets
+
+    rows = json.loads((DATA_DIR / "alpaca_demo.json").read_text(encoding="utf-8"))[:30]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows[i * 10 : i * 10 + 10]), encoding="utf-8"
+        )
+    (tmp_path / "plain.txt").write_text("first line of text\nsecond line of text\n", encoding="utf-8")
+    arrow_dir = tmp_path / "arrow"
+    datasets.Dataset.from_list(rows).save_to_disk(str(arrow_dir))
+    info = {
+        "folder": {"file_name": "shards"},
+        "sliced": {"file_name": "shards", "split": "train[:5]"},
+        "more": {"file_name": "shards", "num_samples": 45},
+        "fewer": {"file_name": "shards", "num_samples": 7},
+        "text": {"file_name": "plain.txt", "columns": {"prompt": "text"}},
+        "arrow": {"file_name": next(str(p.relative_to(tmp_path)) for p in arrow_dir.glob("*.arrow"))},
+        "hub_downloaded": {"hf_hub_url": "shards"},
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+
+    def build(name, **kw):
+        return _build(make_cfg, tokenizer, dataset=name, dataset_dir=str(tmp_path), name=name, **kw)[0]
+
+    assert build("folder").train["input_ids"] == build("arrow").train["input_ids"]
+    assert len(build("folder").train) == 30 and len(build("sliced").train) == 5
+    assert len(build("more").train) == 45 and len(build("fewer").train) == 7  # with replacement when larger
+    assert len(build("hub_downloaded").train) == 30
+    text = build("text", stage="pt", finetuning_type="full", packing=False).train
+    assert tokenizer.decode(text[0]["input_ids"]).startswith("first line of text")
+
+
+def test_kto_and_ranking_records_with_bad_tags_are_dropped_by_the_converter():
+    from lf_dist.data.converters import convert
+    from lf_dist.data.registry import DatasetAttr
+
+    kto = get_dataset_attrs("kto_demo", DATA_DIR)[0]
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": True}
+    assert [m["content"] for m in convert(good, kto)["_response"]] == ["a", ""]
+    assert convert({**good, "label": "yes"}, kto)["_response"] == []
+    rank = get_dataset_attrs("ranking_demo", DATA_DIR)[0]
+    pair = {
+        "conversations": [{"from": "human", "value": "q"}],
+        "chosen": {"from": "gpt", "value": "good"},
+        "rejected": {"from": "gpt", "value": "bad"},
+    }
+    assert [m["content"] for m in convert(pair, rank)["_response"]] == ["good", "bad"]
+    assert convert({**pair, "rejected": {"from": "human", "value": "bad"}}, rank)["_response"] == []
+    assert isinstance(rank, DatasetAttr)

@@ -83,8 +83,14 @@ def test_packed_rows_restart_positions_and_keep_labels(make_cfg):
 
 
 def test_packing_removes_padding_on_the_demo_data_and_still_learns(make_cfg, tmp_path):
-    common = {"dataset": "alpaca_demo", "cutoff_len": 512, "per_device_train_batch_size": 4, "max_steps": -1,
-              "num_train_epochs": 2, "learning_rate": 5e-3}
+    common = {
+        "dataset": "alpaca_demo",
+        "cutoff_len": 512,
+        "per_device_train_batch_size": 4,
+        "max_steps": -1,
+        "num_train_epochs": 2,
+        "learning_rate": 5e-3,
+    }
     plain = run(make_cfg("plain", **common))
     packed = run(make_cfg("packed", packing=True, neat_packing=True, **common))
     assert plain["padding_ratio"] > 0.05
@@ -94,3 +100,24 @@ def test_packing_removes_padding_on_the_demo_data_and_still_learns(make_cfg, tmp
     log = [json.loads(x) for x in (tmp_path / "packed" / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses[-1] < losses[0] - 0.5, losses  # fewer, fuller steps; it still learns
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+def test_neat_packing_on_gpu_matches_unpacked(make_cfg, attn):
+    """On CUDA, neat rows go through sdpa's block mask or flash-attention's varlen kernel (position_ids)."""
+    import importlib.util
+
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn is not installed")
+    kw = {"max_samples": 24, "cutoff_len": 128, "dataset": "alpaca_demo,sharegpt_demo"}
+    cfg_u, tok, unpacked = _data(make_cfg, False, False, **kw)
+    cfg_p, _, packed = _data(make_cfg, True, True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=attn, dtype=torch.bfloat16).cuda()
+    collate = Collator(tok.pad_token_id)
+    to_cuda = lambda b: {k: v.cuda() for k, v in b.items()}  # noqa: E731
+    loss_u, _ = _loss_and_grads(
+        model, build_stage(cfg_u), to_cuda(collate([unpacked[i] for i in range(len(unpacked))]))
+    )
+    loss_p, _ = _loss_and_grads(model, build_stage(cfg_p), to_cuda(collate([packed[i] for i in range(len(packed))])))
+    torch.testing.assert_close(loss_p.float(), loss_u.float(), rtol=2e-2, atol=0)  # bf16 kernels

@@ -24,25 +24,70 @@ from .reference import lf_venv
 
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
 ALL = "alpaca_parity,sharegpt_parity,openai_parity"
-TEMPLATES = ["default", "empty", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama2", "llama3", "mistral", "gemma",
-             "gemma3", "phi4", "deepseek3", "yi", "glm4"]
+TEMPLATES = [
+    "default",
+    "empty",
+    "chatml",
+    "qwen",
+    "qwen3",
+    "qwen3_nothink",
+    "llama2",
+    "llama3",
+    "mistral",
+    "gemma",
+    "gemma3",
+    "phi4",
+    "deepseek3",
+    "yi",
+    "glm4",
+]
 JOBS = (
     [{"name": f"{t}_full", "template": t, "dataset": ALL, "cutoff_len": 1024} for t in TEMPLATES]
     + [{"name": f"{t}_cut", "template": t, "dataset": ALL, "cutoff_len": 40} for t in TEMPLATES]
     + [
         {"name": "tokenizer_template", "template": None, "dataset": ALL, "cutoff_len": 1024},
-        {"name": "qwen3_mask_history", "template": "qwen3", "dataset": ALL, "cutoff_len": 1024,
-         "extra": {"mask_history": True}},
-        {"name": "llama3_mask_history_cut", "template": "llama3", "dataset": ALL, "cutoff_len": 60,
-         "extra": {"mask_history": True}},
-        {"name": "qwen3_no_thinking", "template": "qwen3", "dataset": ALL, "cutoff_len": 1024,
-         "extra": {"enable_thinking": False}},
-        {"name": "chatml_train_on_prompt", "template": "chatml", "dataset": ALL, "cutoff_len": 1024,
-         "extra": {"train_on_prompt": True}},
-        {"name": "llama3_default_system", "template": "llama3", "dataset": ALL, "cutoff_len": 1024,
-         "extra": {"default_system": "Be kind."}},
-        {"name": "qwen_tool_format_default", "template": "qwen", "dataset": ALL, "cutoff_len": 1024,
-         "extra": {"tool_format": "default"}},
+        {
+            "name": "qwen3_mask_history",
+            "template": "qwen3",
+            "dataset": ALL,
+            "cutoff_len": 1024,
+            "extra": {"mask_history": True},
+        },
+        {
+            "name": "llama3_mask_history_cut",
+            "template": "llama3",
+            "dataset": ALL,
+            "cutoff_len": 60,
+            "extra": {"mask_history": True},
+        },
+        {
+            "name": "qwen3_no_thinking",
+            "template": "qwen3",
+            "dataset": ALL,
+            "cutoff_len": 1024,
+            "extra": {"enable_thinking": False},
+        },
+        {
+            "name": "chatml_train_on_prompt",
+            "template": "chatml",
+            "dataset": ALL,
+            "cutoff_len": 1024,
+            "extra": {"train_on_prompt": True},
+        },
+        {
+            "name": "llama3_default_system",
+            "template": "llama3",
+            "dataset": ALL,
+            "cutoff_len": 1024,
+            "extra": {"default_system": "Be kind."},
+        },
+        {
+            "name": "qwen_tool_format_default",
+            "template": "qwen",
+            "dataset": ALL,
+            "cutoff_len": 1024,
+            "extra": {"tool_format": "default"},
+        },
         {"name": "qwen_val_size", "template": "qwen", "dataset": ALL, "cutoff_len": 1024, "extra": {"val_size": 0.25}},
     ]
 )
@@ -56,16 +101,28 @@ def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lf_reference")
     spec = {"model": str(TINY_MODEL), "dataset_dir": str(PARITY_DIR), "out": str(out), "jobs": JOBS}
     (out / "jobs.json").write_text(json.dumps(spec), encoding="utf-8")
-    proc = subprocess.run([str(lf_venv.python_path()), str(ROOT / "tests/reference/lf_reference.py"),
-                           str(out / "jobs.json")], capture_output=True, text=True, check=False, cwd=out)
+    proc = subprocess.run(
+        [str(lf_venv.python_path()), str(ROOT / "tests/reference/lf_reference.py"), str(out / "jobs.json")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=out,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
 def _ours(job: dict, tmp_path: Path) -> dict:
-    overrides = {"model_name_or_path": str(TINY_MODEL), "dataset": job["dataset"], "dataset_dir": str(PARITY_DIR),
-                 "cutoff_len": job["cutoff_len"], "output_dir": str(tmp_path / "o"), "overwrite_cache": True,
-                 "tokenized_path": str(tmp_path / "tok"), **job.get("extra", {})}
+    overrides = {
+        "model_name_or_path": str(TINY_MODEL),
+        "dataset": job["dataset"],
+        "dataset_dir": str(PARITY_DIR),
+        "cutoff_len": job["cutoff_len"],
+        "output_dir": str(tmp_path / "o"),
+        "overwrite_cache": True,
+        "tokenized_path": str(tmp_path / "tok"),
+        **job.get("extra", {}),
+    }
     if job["template"] is not None:
         overrides["template"] = job["template"]
     cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])

@@ -20,8 +20,13 @@ def _msg(role: str, content) -> dict:
 
 
 def _role_map(tag: dict) -> dict:
-    return {tag["user_tag"]: USER, tag["assistant_tag"]: ASSISTANT, tag["observation_tag"]: OBSERVATION,
-            tag["function_tag"]: FUNCTION, tag["system_tag"]: SYSTEM}
+    return {
+        tag["user_tag"]: USER,
+        tag["assistant_tag"]: ASSISTANT,
+        tag["observation_tag"]: OBSERVATION,
+        tag["function_tag"]: FUNCTION,
+        tag["system_tag"]: SYSTEM,
+    }
 
 
 def _kto_response(answer: dict, tag) -> list[dict]:
@@ -106,14 +111,23 @@ def convert_openai(example: dict, attr: DatasetAttr) -> dict:
         if role not in role_of:
             return _aligned([], [], "", "")
         aligned.append(_msg(role_of[role], content))
-    broken = any(m["role"] not in ((USER, OBSERVATION) if i % 2 == 0 else (ASSISTANT, FUNCTION))
-                 for i, m in enumerate(aligned))
+    broken = any(
+        m["role"] not in ((USER, OBSERVATION) if i % 2 == 0 else (ASSISTANT, FUNCTION)) for i, m in enumerate(aligned)
+    )
     tools = example.get(col["tools"], "") if col.get("tools") else ""
     if isinstance(tools, (dict, list)):
         tools = json.dumps(tools, ensure_ascii=False)
     system = _openai_system(system, tools)
-    return _finish(example, attr, aligned, system, broken, even_roles=(tag["assistant_tag"], tag["function_tag"]),
-                   role_of=role_of, tools=tools)
+    return _finish(
+        example,
+        attr,
+        aligned,
+        system,
+        broken,
+        even_roles=(tag["assistant_tag"], tag["function_tag"]),
+        role_of=role_of,
+        tools=tools,
+    )
 
 
 def _openai_system(system: str, tools: str) -> str:

@@ -73,42 +73,48 @@ def load_raw(attr: DatasetAttr, cache_dir: str | None = None):
     return ds
 
 
-def load_aligned(attrs: list[DatasetAttr], data_args, seed: int, cache_dir=None):
-    """Load, sample and align each dataset, then merge them (concatenated in order, or interleaved)."""
+def load_source(attr: DatasetAttr, data_args, seed: int, cache_dir=None):
+    """One registered dataset, sampled (num_samples, max_samples) and checked for its columns; not yet aligned."""
+    ds = load_raw(attr, cache_dir)
+    if attr.num_samples is not None:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(ds))[: attr.num_samples]
+        if attr.num_samples > len(ds):  # resample with replacement to reach the requested size
+            idx = np.concatenate([idx, rng.choice(len(ds), attr.num_samples - len(ds))])
+        ds = ds.select(idx.tolist())
+    if data_args.max_samples is not None:
+        ds = ds.select(range(min(data_args.max_samples, len(ds))))
+    missing = [c for c in _required_columns(attr) if c not in ds.column_names]
+    if missing:
+        raise UserError(f"dataset '{attr.name}': column(s) {', '.join(missing)} not found in {attr.file_name}")
+    return ds
+
+
+def align(ds, attr: DatasetAttr, num_proc):
+    return ds.map(
+        convert,
+        fn_kwargs={"attr": attr},
+        remove_columns=ds.column_names,
+        num_proc=_procs(num_proc, len(ds)),
+        desc=f"Converting {attr.name}",
+    )
+
+
+def merge(parts: list, data_args, seed: int):
+    """Several datasets into one: concatenated in order, or interleaved (mix_strategy), as LLaMA-Factory."""
     import datasets
 
-    max_samples, num_proc = data_args.max_samples, data_args.preprocessing_num_workers
-    parts = []
-    for attr in attrs:
-        ds = load_raw(attr, cache_dir)
-        if attr.num_samples is not None:
-            import numpy as np
-
-            rng = np.random.default_rng(seed)
-            idx = rng.permutation(len(ds))[: attr.num_samples]
-            if attr.num_samples > len(ds):  # resample with replacement to reach the requested size
-                extra = rng.choice(len(ds), attr.num_samples - len(ds))
-                idx = np.concatenate([idx, extra])
-            ds = ds.select(idx.tolist())
-        if max_samples is not None:
-            ds = ds.select(range(min(max_samples, len(ds))))
-        missing = [c for c in _required_columns(attr) if c not in ds.column_names]
-        if missing:
-            raise UserError(f"dataset '{attr.name}': column(s) {', '.join(missing)} not found in {attr.file_name}")
-        ds = ds.map(
-            convert,
-            fn_kwargs={"attr": attr},
-            remove_columns=ds.column_names,
-            num_proc=_procs(num_proc, len(ds)),
-            desc=f"Converting {attr.name}",
-        )
-        parts.append(ds)
     if len(parts) == 1:
         return parts[0]
     if data_args.mix_strategy == "concat":
         return datasets.concatenate_datasets(parts)
-    stopping = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
-                "interleave_once": "all_exhausted_without_replacement"}[data_args.mix_strategy]
+    stopping = {
+        "interleave_under": "first_exhausted",
+        "interleave_over": "all_exhausted",
+        "interleave_once": "all_exhausted_without_replacement",
+    }[data_args.mix_strategy]
     probs = [float(p) for p in str(data_args.interleave_probs).split(",")] if data_args.interleave_probs else None
     return datasets.interleave_datasets(parts, probabilities=probs, seed=seed, stopping_strategy=stopping)
 

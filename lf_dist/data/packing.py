@@ -47,5 +47,6 @@ def pack_dataset(ds, cutoff_len: int):
     lengths = [len(x) for x in ds["input_ids"]]
     bins = best_fit_decreasing(lengths, cutoff_len)
     index = datasets.Dataset.from_dict({"members": bins})
-    return index.map(_gather, fn_kwargs={"source": ds}, batched=True, remove_columns=["members"],
-                     desc="Packing sequences")
+    return index.map(
+        _gather, fn_kwargs={"source": ds}, batched=True, remove_columns=["members"], desc="Packing sequences"
+    )

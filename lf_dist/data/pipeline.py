@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lf_dist.config import RunConfig
-from lf_dist.data.loader import _procs, load_aligned
+from lf_dist.data.loader import _procs, align, load_source, merge
 from lf_dist.data.packing import pack_dataset
 from lf_dist.data.registry import get_dataset_attrs
 from lf_dist.data.template import Template
-from lf_dist.data.tokenize import IGNORE_INDEX, is_valid, preprocess_pretrain, preprocess_supervised
+from lf_dist.data.tokenize import IGNORE_INDEX, encode_records, is_valid, preprocess_pretrain
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 
@@ -38,49 +38,84 @@ def _has_label(example: dict) -> bool:
     return len(example["input_ids"]) > 0 and any(x != IGNORE_INDEX for x in example["labels"])
 
 
-def _tokenize(ds, cfg: RunConfig, tokenizer, template: Template, what: str):
-    d, stage = cfg.data, cfg.finetuning.stage
-    workers = _procs(d.preprocessing_num_workers, len(ds))
-    if stage == "pt":
-        fn = preprocess_pretrain
-        kwargs = {"tokenizer": tokenizer, "cutoff_len": d.cutoff_len, "packing": d.packing, "template_name": d.template}
-    else:
-        fn = preprocess_supervised
-        kwargs = {"template": template, "tokenizer": tokenizer, "cutoff_len": d.cutoff_len,
-                  "train_on_prompt": d.train_on_prompt, "mask_history": d.mask_history}
-    ds = ds.map(fn, fn_kwargs=kwargs, batched=True, batch_size=d.preprocessing_batch_size,
-                remove_columns=ds.column_names, num_proc=workers, load_from_cache_file=not d.overwrite_cache,
-                desc=f"Tokenizing {what}")
-    ds = ds.filter(_has_label, num_proc=workers, desc=f"Checking {what} labels")
-    if len(ds) == 0:
-        raise UserError(f"no {what} example has a token to learn from after tokenization (cutoff_len {d.cutoff_len})")
-    if d.packing and stage != "pt":
-        ds = pack_dataset(ds, d.cutoff_len)
-    return ds
+def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, what: str):
+    """Each registered dataset encoded record by record (sft), then merged as LLaMA-Factory merges them."""
+    d = cfg.data
+    parts = []
+    for attr in get_dataset_attrs(names, d.dataset_dir):
+        raw = load_source(attr, d, cfg.train.seed, cfg.model.cache_dir)
+        kwargs = {
+            "attr": attr,
+            "stage": cfg.finetuning.stage,
+            "template": template,
+            "tokenizer": tokenizer,
+            "cutoff_len": d.cutoff_len,
+            "train_on_prompt": d.train_on_prompt,
+            "mask_history": d.mask_history,
+        }
+        parts.append(
+            raw.map(
+                encode_records,
+                fn_kwargs=kwargs,
+                batched=True,
+                batch_size=d.preprocessing_batch_size,
+                remove_columns=raw.column_names,
+                num_proc=_procs(d.preprocessing_num_workers, len(raw)),
+                load_from_cache_file=not d.overwrite_cache,
+                desc=f"Tokenizing {attr.name} ({what})",
+            )
+        )
+    return merge(parts, d, cfg.train.seed)
 
 
-def _drop_malformed(parts: dict, stage: str, num_proc) -> dict:
-    counts, kept = {}, {}
-    for name, ds in parts.items():
-        valid = ds.filter(is_valid, fn_kwargs={"stage": stage}, num_proc=_procs(num_proc, len(ds)),
-                          desc=f"Checking {name} examples")
-        counts[name] = (len(ds) - len(valid), len(ds))
-        kept[name] = valid
-    dropped = sum(c[0] for c in counts.values())
-    if dropped:
-        detail = ", ".join(f"{n} of {t} {name}" for name, (n, t) in counts.items())
-        logger.warning(f"dropped {dropped} malformed examples (role order, empty or missing response, bad kto_tag): "
-                       f"{detail}")
-    return kept
+def _align_sources(names: str, cfg: RunConfig):
+    d = cfg.data
+    parts = [
+        align(load_source(a, d, cfg.train.seed, cfg.model.cache_dir), a, d.preprocessing_num_workers)
+        for a in get_dataset_attrs(names, d.dataset_dir)
+    ]
+    return merge(parts, d, cfg.train.seed)
+
+
+def _pretrain_tokenize(ds, cfg: RunConfig, tokenizer, what: str):
+    """pt: texts + eos, joined into cutoff_len blocks when packing; invalid (empty) texts dropped first."""
+    d = cfg.data
+    ds = ds.map(
+        lambda b: {
+            "_valid": [is_valid({"_prompt": p, "_response": r}, "pt") for p, r in zip(b["_prompt"], b["_response"])]
+        },
+        batched=True,
+    )
+    ds = _keep_valid(ds)
+    kwargs = {"tokenizer": tokenizer, "cutoff_len": d.cutoff_len, "packing": d.packing, "template_name": d.template}
+    ds = ds.map(
+        preprocess_pretrain,
+        fn_kwargs=kwargs,
+        batched=True,
+        batch_size=d.preprocessing_batch_size,
+        remove_columns=ds.column_names,
+        num_proc=_procs(d.preprocessing_num_workers, len(ds)),
+        load_from_cache_file=not d.overwrite_cache,
+        desc=f"Tokenizing {what}",
+    )
+    return ds.filter(_has_label, desc=f"Checking {what} blocks")
+
+
+def _keep_valid(ds):
+    return ds.filter(lambda valid: valid, input_columns=["_valid"], batched=True).remove_columns("_valid")
 
 
 def _process(cfg: RunConfig, tokenizer, template: Template) -> DatasetBundle:
-    d, t = cfg.data, cfg.train
+    d, t, stage = cfg.data, cfg.train, cfg.finetuning.stage
+    source = (
+        (lambda names, what: _align_sources(names, cfg))
+        if stage == "pt"
+        else (lambda names, what: _encode_sources(names, cfg, tokenizer, template, what))
+    )
     parts = {}
     if d.dataset:
-        attrs = get_dataset_attrs(d.dataset, d.dataset_dir)
-        parts["train"] = load_aligned(attrs, d, t.seed, cfg.model.cache_dir)
-        if d.val_size > 1e-6:
+        parts["train"] = source(d.dataset, "train")
+        if d.val_size > 1e-6:  # split by record, before dropping anything, exactly as LLaMA-Factory splits
             size = int(d.val_size) if d.val_size > 1 else d.val_size
             n = len(parts["train"])
             if (size if isinstance(size, int) else max(1, round(size * n))) >= n:
@@ -88,13 +123,27 @@ def _process(cfg: RunConfig, tokenizer, template: Template) -> DatasetBundle:
             split = parts["train"].train_test_split(test_size=size, seed=t.seed)
             parts["train"], parts["eval"] = split["train"], split["test"]
     if d.eval_dataset:
-        parts["eval"] = load_aligned(get_dataset_attrs(d.eval_dataset, d.dataset_dir), d, t.seed, cfg.model.cache_dir)
-    parts = _drop_malformed(parts, cfg.finetuning.stage, d.preprocessing_num_workers)
+        parts["eval"] = source(d.eval_dataset, "eval")
+    counts = {}
     for name, ds in parts.items():
-        if len(ds) == 0:
+        before = len(ds)
+        parts[name] = _pretrain_tokenize(ds, cfg, tokenizer, name) if stage == "pt" else _keep_valid(ds)
+        counts[name] = (before - len(parts[name]), before) if stage != "pt" else (0, before)
+        if len(parts[name]) == 0:
             names = d.dataset if name == "train" else (d.eval_dataset or d.dataset)
-            raise UserError(f"dataset '{names}': no valid {name} examples left")
-        parts[name] = _tokenize(ds, cfg, tokenizer, template, name)
+            raise UserError(
+                f"dataset '{names}': no valid {name} examples left (malformed, or nothing to learn "
+                f"within cutoff_len {d.cutoff_len})"
+            )
+    dropped = sum(c[0] for c in counts.values())
+    if dropped:
+        detail = ", ".join(f"{n} of {total} {name}" for name, (n, total) in counts.items())
+        logger.warning(
+            f"dropped {dropped} examples that are malformed (role order, empty or missing response, bad "
+            f"kto_tag) or have nothing to learn within cutoff_len: {detail}"
+        )
+    if d.packing and stage != "pt":
+        parts = {name: pack_dataset(ds, d.cutoff_len) for name, ds in parts.items()}
     return DatasetBundle(parts.get("train"), parts.get("eval"))
 
 
@@ -131,8 +180,20 @@ def _cache_dir(cfg: RunConfig, tokenizer, template: Template) -> Path:
             for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
                 if f.is_file():
                     files.append((str(f), f.stat().st_size, f.stat().st_mtime_ns))
-    key = json.dumps([asdict(cfg.data), cfg.finetuning.stage, cfg.train.seed, repr(template), files,
-                      tokenizer.name_or_path, len(tokenizer), str(tokenizer.chat_template)], sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            asdict(cfg.data),
+            cfg.finetuning.stage,
+            cfg.train.seed,
+            repr(template),
+            files,
+            tokenizer.name_or_path,
+            len(tokenizer),
+            str(tokenizer.chat_template),
+        ],
+        sort_keys=True,
+        default=str,
+    )
     root = Path(os.environ.get("LF_DIST_CACHE", Path.home() / ".cache" / "lf_dist")) / "tokenized"
     return root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -149,11 +210,24 @@ def build_datasets(cfg: RunConfig, tokenizer, template: Template, world_size: in
             save_bundle(bundle, path)
             logger.info(f"tokenized data saved to {path}")
         return bundle
+    path = path or _cache_dir(cfg, tokenizer, template)
+    if prepare_shared(path, lambda: save_bundle(_process(cfg, tokenizer, template), path)):
+        logger.info(f"tokenized data prepared for all ranks at {path}")
+    return load_bundle(path)
+
+
+def prepare_shared(path: Path, build) -> bool:
+    """Run `build` (which must create `path`) in exactly one of the processes that share `path`.
+
+    The first process to take the file lock builds; the others block on the lock — not on a collective, so a
+    preprocessing that takes hours cannot trip the process group's timeout — and find the result done. If the
+    builder dies, the lock is released and the next process builds. Returns whether this process built.
+    """
     from filelock import FileLock
 
-    path = path or _cache_dir(cfg, tokenizer, template)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # the first rank here preprocesses; the others block, then load
-        if not _is_saved(path):
-            save_bundle(_process(cfg, tokenizer, template), path)
-    return load_bundle(path)
+    with FileLock(str(path) + ".lock"):
+        if _is_saved(path):
+            return False
+        build()
+        return True

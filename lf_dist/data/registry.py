@@ -95,9 +95,12 @@ def _parse_entry(name: str, entry: dict, dataset_dir: str | Path) -> DatasetAttr
         raise UserError(f"dataset_info.json: entry '{name}' must be an object")
     if "file_name" not in entry:
         hub = next((k for k in _HUB_KEYS if k in entry), None)
-        if hub is not None:
+        if hub is None:
+            raise UserError(f"dataset_info.json: entry '{name}' has no file_name")
+        local = next((p for p in (Path(dataset_dir) / entry[hub], Path(entry[hub])) if p.exists()), None)
+        if local is None:
             raise UserError(f"dataset '{name}' uses {hub}: lf-dist has no hub access; download it and use file_name")
-        raise UserError(f"dataset_info.json: entry '{name}' has no file_name")
+        entry = {**entry, "file_name": str(local.resolve())}  # already downloaded to that path: use it
     unknown = set(entry) - _KNOWN - set(_HUB_KEYS)
     if unknown:
         raise UserError(f"dataset_info.json: entry '{name}' has unknown attribute(s) {', '.join(sorted(unknown))}")

@@ -72,8 +72,9 @@ class Template:
         match = re.search(f"{re.escape(opened)}(.*?){re.escape(closed)}", content, re.DOTALL)
         if match is not None:
             return content.replace(match.group(0), "") + format_calls(self.tool_format, parse_calls(match.group(1)))
-        thought = re.search(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", content,
-                            re.DOTALL)
+        thought = re.search(
+            f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", content, re.DOTALL
+        )
         json_part = content.replace(thought.group(0), "") if thought else content
         text = format_calls(self.tool_format, parse_calls(json_part))
         return thought.group(0) + text if thought else text
@@ -102,8 +103,13 @@ class Template:
             rendered.append(elements)
         return rendered
 
-    def encode_pairs(self, messages: list[dict], system: str | None = None, tools: str | None = None,
-                     discard_history_thought: bool = False) -> list[tuple[list, list]]:
+    def encode_pairs(
+        self,
+        messages: list[dict],
+        system: str | None = None,
+        tools: str | None = None,
+        discard_history_thought: bool = False,
+    ) -> list[tuple[list, list]]:
         """(prompt elements, response elements) per turn; reasoning templates add the empty think block."""
         if self.kind != "reasoning":
             rendered = self.render(messages, system, tools)

@@ -11,30 +11,55 @@ logger = get_logger(__name__)
 _IM_USER = ("<|im_start|>user\n" + CONTENT + "<|im_end|>\n<|im_start|>assistant\n",)
 _IM_ASSISTANT = (CONTENT + "<|im_end|>\n",)
 _IM_SYSTEM = ("<|im_start|>system\n" + CONTENT + "<|im_end|>\n",)
-_QWEN_OBS = ("<|im_start|>user\n<tool_response>\n" + CONTENT + "\n</tool_response><|im_end|>\n<|im_start|>assistant\n",)
+_QWEN_OBS = (
+    "<|im_start|>user\n<tool_response>\n" + CONTENT + "\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+)
 _QWEN = dict(
-    user=_IM_USER, assistant=_IM_ASSISTANT, system=_IM_SYSTEM, observation=_QWEN_OBS,
-    function=(CONTENT + "<|im_end|>\n",), tool_format="qwen", stop_words=("<|im_end|>",), replace_eos=True,
+    user=_IM_USER,
+    assistant=_IM_ASSISTANT,
+    system=_IM_SYSTEM,
+    observation=_QWEN_OBS,
+    function=(CONTENT + "<|im_end|>\n",),
+    tool_format="qwen",
+    stop_words=("<|im_end|>",),
+    replace_eos=True,
 )
 _GEMMA = dict(
     user=("<start_of_turn>user\n" + CONTENT + "<end_of_turn>\n<start_of_turn>model\n",),
     assistant=(CONTENT + "<end_of_turn>\n",),
     system=(CONTENT + "\n\n",),
     observation=("<start_of_turn>tool\n" + CONTENT + "<end_of_turn>\n<start_of_turn>model\n",),
-    prefix=(BOS,), stop_words=("<end_of_turn>",), replace_eos=True, kind="llama2",
+    prefix=(BOS,),
+    stop_words=("<end_of_turn>",),
+    replace_eos=True,
+    kind="llama2",
 )
 _L3 = "<|start_header_id|>{}<|end_header_id|>\n\n"
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
     for t in [
-        Template("default", user=("Human: " + CONTENT, EOS, "\nAssistant:"), assistant=(CONTENT, EOS, "\n"),
-                 system=("System: " + CONTENT, EOS, "\n"), replace_jinja_template=True),
+        Template(
+            "default",
+            user=("Human: " + CONTENT, EOS, "\nAssistant:"),
+            assistant=(CONTENT, EOS, "\n"),
+            system=("System: " + CONTENT, EOS, "\n"),
+            replace_jinja_template=True,
+        ),
         Template("empty", assistant=(CONTENT,)),
-        Template("chatml", user=_IM_USER, assistant=_IM_ASSISTANT, system=_IM_SYSTEM,
-                 observation=("<|im_start|>tool\n" + CONTENT + "<|im_end|>\n<|im_start|>assistant\n",),
-                 stop_words=("<|im_end|>", "<|im_start|>"), replace_eos=True, replace_jinja_template=True),
-        Template("qwen", **_QWEN, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
+        Template(
+            "chatml",
+            user=_IM_USER,
+            assistant=_IM_ASSISTANT,
+            system=_IM_SYSTEM,
+            observation=("<|im_start|>tool\n" + CONTENT + "<|im_end|>\n<|im_start|>assistant\n",),
+            stop_words=("<|im_end|>", "<|im_start|>"),
+            replace_eos=True,
+            replace_jinja_template=True,
+        ),
+        Template(
+            "qwen", **_QWEN, default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        ),
         Template("qwen3", **_QWEN, kind="reasoning"),
         Template("qwen3_nothink", **_QWEN),
         Template("yi", user=_IM_USER, assistant=_IM_ASSISTANT, system=_IM_SYSTEM, stop_words=("<|im_end|>",)),
@@ -45,10 +70,17 @@ TEMPLATES: dict[str, Template] = {
             system=(_L3.format("system") + CONTENT + "<|eot_id|>",),
             function=(CONTENT + "<|eot_id|>",),
             observation=(_L3.format("ipython") + CONTENT + "<|eot_id|>" + _L3.format("assistant"),),
-            tool_format="llama3", prefix=(BOS,), stop_words=("<|eot_id|>", "<|eom_id|>"), replace_eos=True,
+            tool_format="llama3",
+            prefix=(BOS,),
+            stop_words=("<|eot_id|>", "<|eom_id|>"),
+            replace_eos=True,
         ),
-        Template("llama2", user=(BOS, "[INST] " + CONTENT + " [/INST]"),
-                 system=("<<SYS>>\n" + CONTENT + "\n<</SYS>>\n\n",), kind="llama2"),
+        Template(
+            "llama2",
+            user=(BOS, "[INST] " + CONTENT + " [/INST]"),
+            system=("<<SYS>>\n" + CONTENT + "\n<</SYS>>\n\n",),
+            kind="llama2",
+        ),
         Template(
             "mistral",
             user=("[INST] " + CONTENT + "[/INST]",),
@@ -56,7 +88,9 @@ TEMPLATES: dict[str, Template] = {
             system=(CONTENT + "\n\n",),
             function=("[TOOL_CALLS] " + CONTENT, EOS),
             observation=('[TOOL_RESULTS] {"content": ' + CONTENT + "}[/TOOL_RESULTS]",),
-            tool_format="mistral", prefix=(BOS,), kind="llama2",
+            tool_format="mistral",
+            prefix=(BOS,),
+            kind="llama2",
         ),
         Template("gemma", **_GEMMA),
         Template("gemma3", **_GEMMA),
@@ -65,7 +99,8 @@ TEMPLATES: dict[str, Template] = {
             user=("<|im_start|>user<|im_sep|>" + CONTENT + "<|im_end|><|im_start|>assistant<|im_sep|>",),
             assistant=(CONTENT + "<|im_end|>",),
             system=("<|im_start|>system<|im_sep|>" + CONTENT + "<|im_end|>",),
-            stop_words=("<|im_end|>",), replace_eos=True,
+            stop_words=("<|im_end|>",),
+            replace_eos=True,
         ),
         Template("deepseek3", user=("<｜User｜>" + CONTENT + "<｜Assistant｜>",), prefix=(BOS,)),
         Template(
@@ -75,7 +110,9 @@ TEMPLATES: dict[str, Template] = {
             system=("<|system|>\n" + CONTENT,),
             function=(CONTENT,),
             observation=("<|observation|>\n" + CONTENT + "<|assistant|>",),
-            tool_format="glm4", prefix=("[gMASK]<sop>",), stop_words=("<|user|>", "<|observation|>"),
+            tool_format="glm4",
+            prefix=("[gMASK]<sop>",),
+            stop_words=("<|user|>", "<|observation|>"),
             efficient_eos=True,
         ),
     ]
@@ -111,9 +148,15 @@ def parse_template(tokenizer) -> Template:
         default_system = find_diff(user_empty_system, user_slot)
         user_slot = user_slot[len(system_slot.replace(CONTENT, default_system, 1)) :]
     return Template(
-        "tokenizer", user=(user_slot,), assistant=(assistant_slot,), system=(system_slot,),
-        observation=(user_slot,), function=(assistant_slot,), prefix=(prefix,) if prefix else (),
-        default_system=default_system, kind=kind,
+        "tokenizer",
+        user=(user_slot,),
+        assistant=(assistant_slot,),
+        system=(system_slot,),
+        observation=(user_slot,),
+        function=(assistant_slot,),
+        prefix=(prefix,) if prefix else (),
+        default_system=default_system,
+        kind=kind,
     )
 
 
@@ -138,7 +181,9 @@ def get_template(name: str | None, tokenizer, data_args=None) -> Template:
         raise UserError(f"train_on_prompt: template '{template.name}' does not support it (efficient_eos)")
     changes = {"default_system": data_args.default_system}
     if data_args.tool_format is not None:
-        changes.update(tool_format=data_args.tool_format, function=(CONTENT,) if template.efficient_eos else (CONTENT, EOS))
+        changes.update(
+            tool_format=data_args.tool_format, function=(CONTENT,) if template.efficient_eos else (CONTENT, EOS)
+        )
     if template.kind == "reasoning":
         changes.update(enable_thinking=data_args.enable_thinking, preserve_thinking=data_args.preserve_thinking)
     return template.with_options(**changes)
@@ -158,8 +203,9 @@ def fix_tokenizer(template: Template, tokenizer) -> list[str]:
         tokenizer.pad_token = tokenizer.eos_token
     if stop_words:
         try:
-            tokenizer.add_special_tokens({"additional_special_tokens": stop_words},
-                                         replace_additional_special_tokens=False)
+            tokenizer.add_special_tokens(
+                {"additional_special_tokens": stop_words}, replace_additional_special_tokens=False
+            )
         except TypeError:
             tokenizer.add_special_tokens({"additional_special_tokens": stop_words})
     added = tokenizer.convert_ids_to_tokens(list(range(vocab_before, len(tokenizer))))

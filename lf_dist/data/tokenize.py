@@ -27,10 +27,20 @@ class ElementTokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None)
+        # The Rust tokenizer's batch encoder without offsets: the same ids as tokenizer(...), about 2x faster.
+        fast = hasattr(backend, "encode_batch_fast") and not getattr(tokenizer, "split_special_tokens", False)
+        self._encode = self._fast if fast else self._slow
+
+    def _fast(self, strings: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer._tokenizer.encode_batch_fast(strings, add_special_tokens=False)]
+
+    def _slow(self, strings: list[str]) -> list[list[int]]:
+        return self.tokenizer(strings, add_special_tokens=False)["input_ids"]
 
     def __call__(self, element_lists: list[list]) -> list[list[int]]:
         strings = [e for elements in element_lists for e in elements if isinstance(e, str) and e not in (BOS, EOS, "")]
-        encoded = iter(self.tokenizer(strings, add_special_tokens=False)["input_ids"]) if strings else iter(())
+        encoded = iter(self._encode(strings)) if strings else iter(())
         out = []
         for elements in element_lists:
             ids = []
@@ -47,8 +57,9 @@ class ElementTokenizer:
         return out
 
 
-def encode_turns(template: Template, tokenizer, prompts, responses, systems, tools,
-                 discard_history_thought: bool = False) -> list[list[tuple]]:
+def encode_turns(
+    template: Template, tokenizer, prompts, responses, systems, tools, discard_history_thought: bool = False
+) -> list[list[tuple]]:
     """Token id pairs (prompt, response) per turn for a batch of examples."""
     per_example = [
         template.encode_pairs(prompt + response[:1], system, tool, discard_history_thought)
@@ -93,8 +104,9 @@ def preprocess_supervised(
     batch: dict, template: Template, tokenizer, cutoff_len: int, train_on_prompt: bool, mask_history: bool
 ) -> dict:
     discard = mask_history and not template.preserve_thinking
-    turns = encode_turns(template, tokenizer, batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"],
-                         discard)
+    turns = encode_turns(
+        template, tokenizer, batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"], discard
+    )
     out = {"input_ids": [], "attention_mask": [], "labels": []}
     for pairs in turns:
         ids, labels = build_supervised(
@@ -106,7 +118,9 @@ def preprocess_supervised(
     return out
 
 
-def preprocess_pretrain(batch: dict, tokenizer, cutoff_len: int, packing: bool, template_name: str | None = None) -> dict:
+def preprocess_pretrain(
+    batch: dict, tokenizer, cutoff_len: int, packing: bool, template_name: str | None = None
+) -> dict:
     """Texts + eos; with packing they are joined and cut into cutoff_len blocks (LLaMA-Factory's pt rule)."""
     eos = "<|end_of_text|>" if template_name == "llama3" else tokenizer.eos_token
     texts = [messages[0]["content"] + eos for messages in batch["_prompt"]]
@@ -129,3 +143,55 @@ def is_valid(example: dict, stage: str) -> bool:
     if stage == "pt":
         return bool(prompt) and bool(prompt[0]["content"])
     return len(prompt) % 2 == 1 and len(response) == 1 and bool(response[0]["content"])
+
+
+def encode_records(
+    batch: dict,
+    attr,
+    stage: str,
+    template: Template,
+    tokenizer,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    mask_history: bool,
+) -> dict:
+    """Raw records → aligned → tokenized, in one pass and one row per record (so splits match LLaMA-Factory's).
+
+    Records that are malformed, or left with nothing to learn after truncation, come out empty with
+    `_valid` False; the pipeline drops them after splitting and reports how many.
+    """
+    from lf_dist.data.converters import convert
+
+    n = len(next(iter(batch.values())))
+    aligned = [convert({k: v[i] for k, v in batch.items()}, attr) for i in range(n)]
+    keep = [i for i, a in enumerate(aligned) if is_valid(a, stage)]
+    columns = {k: [aligned[i][k] for i in keep] for k in ("_prompt", "_response", "_system", "_tools")}
+    encoded = preprocess_supervised(columns, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
+    input_ids, labels, valid = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
+    for j, i in enumerate(keep):
+        input_ids[i], labels[i] = encoded["input_ids"][j], encoded["labels"][j]
+        valid[i] = any(x != IGNORE_INDEX for x in labels[i])
+    return _as_table(input_ids, labels, valid)
+
+
+def _as_table(input_ids: list[list[int]], labels: list[list[int]], valid: list[bool]):
+    """Columns built from flat buffers: several times cheaper than datasets' per-row conversion of lists."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    total = int(lengths.sum())
+
+    def column(rows, dtype):
+        flat = np.fromiter(chain.from_iterable(rows), dtype=dtype, count=total)
+        return pa.ListArray.from_arrays(offsets, pa.array(flat))
+
+    return pa.table(
+        {
+            "input_ids": column(input_ids, np.int32),
+            "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(np.ones(total, dtype=np.int8))),
+            "labels": column(labels, np.int64),
+            "_valid": pa.array(valid),
+        }
+    )

@@ -54,9 +54,13 @@ def _default_tools(tools: list[dict]) -> str:
         for name, param in tool["parameters"]["properties"].items():
             required = ", required" if name in tool["parameters"].get("required", []) else ""
             enum = ", should be one of [{}]".format(", ".join(param["enum"])) if param.get("enum") else ""
-            items = ", where each item should be {}".format(param["items"].get("type", "")) if param.get("items") else ""
+            items = (
+                ", where each item should be {}".format(param["items"].get("type", "")) if param.get("items") else ""
+            )
             params += f"  - {name} ({param.get('type', '')}{required}): {param.get('description', '')}{enum}{items}\n"
-        tool_text += f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n{params}\n"
+        tool_text += (
+            f"> Tool Name: {tool['name']}\nTool Description: {tool.get('description', '')}\nTool Args:\n{params}\n"
+        )
         names.append(tool["name"])
     return DEFAULT_TOOL_PROMPT.format(tool_text=tool_text, tool_names=", ".join(names))
 
@@ -79,7 +83,9 @@ def _mistral_tools(tools: list[dict]) -> str:
 
 
 def _qwen_tools(tools: list[dict]) -> str:
-    return QWEN_TOOL_PROMPT.format(tool_text="".join("\n" + json.dumps(_wrapped(t), ensure_ascii=False) for t in tools))
+    return QWEN_TOOL_PROMPT.format(
+        tool_text="".join("\n" + json.dumps(_wrapped(t), ensure_ascii=False) for t in tools)
+    )
 
 
 def _default_calls(calls: list[Call]) -> str:

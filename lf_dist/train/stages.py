@@ -15,8 +15,11 @@ from lf_dist.data.tokenize import IGNORE_INDEX
 def model_inputs(batch: dict, neat_packing: bool) -> dict:
     """What the model sees. Neat-packed rows go without an attention mask: transformers then builds a
     block-diagonal mask from the restarting position_ids (varlen kernels with flash-attention)."""
-    keys = ("input_ids", "position_ids") if neat_packing and "position_ids" in batch else (
-        "input_ids", "attention_mask", "position_ids")
+    keys = (
+        ("input_ids", "position_ids")
+        if neat_packing and "position_ids" in batch
+        else ("input_ids", "attention_mask", "position_ids")
+    )
     return {k: batch[k] for k in keys if k in batch}
 
 

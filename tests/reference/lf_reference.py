@@ -19,10 +19,9 @@ from pathlib import Path
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.data import template as lf_template
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
-
-    from llamafactory.data import template as lf_template
 
     pristine = copy.deepcopy(lf_template.TEMPLATES)  # LLaMA-Factory edits its global templates in place
     out = Path(spec["out"])
@@ -31,11 +30,21 @@ def main() -> None:
         lf_template.TEMPLATES.update(copy.deepcopy(pristine))
         shutil.rmtree(out / job["name"], ignore_errors=True)  # else LLaMA-Factory loads the old one
         args = {
-            "model_name_or_path": spec["model"], "stage": job.get("stage", "sft"), "do_train": True,
-            "finetuning_type": "lora", "dataset": job["dataset"], "dataset_dir": spec["dataset_dir"],
-            "template": job["template"], "cutoff_len": job["cutoff_len"], "output_dir": str(out / "run"),
-            "overwrite_output_dir": True, "tokenized_path": str(out / job["name"]), "report_to": "none",
-            "per_device_train_batch_size": 1, "use_cpu": True, **job.get("extra", {}),
+            "model_name_or_path": spec["model"],
+            "stage": job.get("stage", "sft"),
+            "do_train": True,
+            "finetuning_type": "lora",
+            "dataset": job["dataset"],
+            "dataset_dir": spec["dataset_dir"],
+            "template": job["template"],
+            "cutoff_len": job["cutoff_len"],
+            "output_dir": str(out / "run"),
+            "overwrite_output_dir": True,
+            "tokenized_path": str(out / job["name"]),
+            "report_to": "none",
+            "per_device_train_batch_size": 1,
+            "use_cpu": True,
+            **job.get("extra", {}),
         }
         args = {k: v for k, v in args.items() if v is not None}
         model_args, data_args, training_args, _, _ = get_train_args(args)

@@ -57,8 +57,12 @@ def create() -> int:
             log.write("pip install of llamafactory failed\n")
             return 0
         run(python_path(), "-m", "pip", "uninstall", "-y", "-q", "torchvision")
-        site = subprocess.run([str(python_path()), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=False).stdout.strip()
+        site = subprocess.run(
+            [str(python_path()), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         for lib in Path(site, "torchaudio").rglob("*.so"):
             lib.rename(lib.with_name(lib.name + ".disabled"))
         ok, why = ready()
