@@ -40,7 +40,10 @@ class ElementTokenizer:
 
     def __call__(self, element_lists: list[list]) -> list[list[int]]:
         strings = [e for elements in element_lists for e in elements if isinstance(e, str) and e not in (BOS, EOS, "")]
-        encoded = iter(self._encode(strings)) if strings else iter(())
+        # Template pieces (a default system prompt, role headers) repeat across a batch: encode each once.
+        unique = list(dict.fromkeys(strings))
+        ids_of = dict(zip(unique, self._encode(unique))) if unique else {}
+        encoded = (ids_of[s] for s in strings)
         out = []
         for elements in element_lists:
             ids = []
@@ -52,7 +55,7 @@ class ElementTokenizer:
                 elif isinstance(e, Token):
                     ids.append(self.tokenizer.convert_tokens_to_ids(e.name))
                 elif e:
-                    ids += next(encoded)
+                    ids += next(encoded)  # extends this fresh list; shared encodings stay untouched
             out.append(ids)
         return out
 
