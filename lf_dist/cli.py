@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if cfg.ignored:
             get_logger().info("notice: these keys have no effect in lf-dist: " + ", ".join(sorted(cfg.ignored)))
-        from lf_dist.worker import run
+        from lf_dist.launchers import launch
 
-        run(cfg)
+        return launch(args.config, args.overrides, cfg)
     except UserError as err:
         print(f"lf-dist: error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ checked before the first byte goes to output_dir.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,11 @@ def plan_output_dir(cfg: RunConfig) -> Path | None:
     resume = t.resume_from_checkpoint
     if not t.do_train:
         return None
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun restarted the group after a fault
+        found = ckpt.list_checkpoints(out)
+        if found:
+            logger.info(f"restart after a failure: resuming from {found[-1].name}")
+            return found[-1]
     if resume in (None, False) and out.is_dir() and any(out.iterdir()) and not t.overwrite_output_dir:
         if ckpt.list_checkpoints(out) and resume is None:
             resume = True
@@ -49,12 +55,27 @@ def _clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _model_factory(cfg: RunConfig, tokenizer, dtype):
+    """Build the fine-tuning model; `meta=True` builds it on the meta device (no memory, weights come later)."""
+    import torch
+
+    from lf_dist.model import apply_finetuning, load_model
+
+    def build(meta: bool):
+        if not meta:
+            return apply_finetuning(load_model(cfg, tokenizer, dtype=dtype), cfg)
+        with torch.device("meta"):
+            return apply_finetuning(load_model(cfg, tokenizer, dtype=dtype, meta=True), cfg)
+
+    return build
+
+
 def run(cfg: RunConfig) -> dict:
     from transformers import set_seed
 
     from lf_dist.data import Collator, build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
-    from lf_dist.model import apply_finetuning, load_model, load_tokenizer
+    from lf_dist.model import load_tokenizer
     from lf_dist.parallel import build_strategy
     from lf_dist.train.loop import Trainer
     from lf_dist.train.stages import build_stage
@@ -65,10 +86,10 @@ def run(cfg: RunConfig) -> dict:
         tokenizer = load_tokenizer(cfg)
         template = get_template(cfg.data.template, tokenizer, cfg.data)
         fix_tokenizer(template, tokenizer)
-        datasets = build_datasets(cfg, tokenizer, template)
+        datasets = build_datasets(cfg, tokenizer, template, world_size=strategy.world_size)
         resume_from = plan_output_dir(cfg)
         set_seed(cfg.train.seed)
-        model = apply_finetuning(load_model(cfg, tokenizer), cfg)
+        model = strategy.create_model(_model_factory(cfg, tokenizer, strategy.load_dtype()))
         trainer = Trainer(
             cfg, strategy, build_stage(cfg), model, tokenizer, datasets, Collator(tokenizer.pad_token_id)
         )
@@ -77,9 +98,8 @@ def run(cfg: RunConfig) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             if cfg.train.overwrite_output_dir and resume_from is None:
                 _clear_previous_run(out)
-            (out / "lf_dist_config.json").write_text(
-                json.dumps(cfg.to_dict(), indent=2, default=str) + "\n", encoding="utf-8"
-            )
+            config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
+            (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
         strategy.barrier()
         if not cfg.train.do_train:
             results = {"eval_loss": trainer.evaluate()} if datasets.eval is not None else {}
@@ -87,7 +107,7 @@ def run(cfg: RunConfig) -> dict:
             if resume_from is not None:
                 logger.info(f"resuming from {resume_from}")
             results = trainer.fit(resume_from)
-            strategy.save_model(trainer.model, tokenizer, out)
+            strategy.export(trainer.model, tokenizer, out)
             if cfg.finetuning.plot_loss:
                 trainer.tracker.plot()
         if strategy.is_main:

@@ -108,6 +108,12 @@ class TrainArgs:
     eval_strategy: str = "no"
     eval_steps: float | None = None
     disable_tqdm: bool = False
+    strategy: str = "auto"
+    deepspeed: str | dict | None = None
+    fsdp_shard_size: int | None = None
+    fsdp_cpu_offload: bool = False
+    fsdp_reshard_after_forward: bool = True
+    save_shard_size: str = "5GB"
     gradient_checkpointing: bool | None = None
     gradient_checkpointing_kwargs: dict | None = None
     optim: str = "adamw_torch"

@@ -35,6 +35,12 @@ def validate(cfg: RunConfig) -> None:
     _choice("eval_strategy", t.eval_strategy, EVAL_STRATEGIES)
     _choice("save_strategy", t.save_strategy, SAVE_STRATEGIES)
     _choice("logging_strategy", t.logging_strategy, EVAL_STRATEGIES)
+    _choice("strategy", t.strategy, ("auto", "single", "ddp", "fsdp2", "deepspeed"))
+    if t.deepspeed and t.strategy not in ("auto", "deepspeed"):
+        raise UserError(f"deepspeed: a DeepSpeed config is set but strategy is '{t.strategy}'; drop one of them")
+    if isinstance(t.deepspeed, str) and not Path(t.deepspeed).is_file():
+        raise UserError(f"deepspeed: config file not found: {t.deepspeed}")
+    _positive("fsdp_shard_size", t.fsdp_shard_size)
     if not m.model_name_or_path:
         raise UserError("model_name_or_path: required (a local Hugging Face checkpoint directory)")
     if t.do_train and not d.dataset:

@@ -59,19 +59,29 @@ def attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
-def load_model(cfg: RunConfig, tokenizer, device: torch.device | str = "cpu"):
-    """The base model in the compute dtype, with the tokenizer's vocabulary and no KV cache."""
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: RunConfig, tokenizer, dtype: torch.dtype | None = None, meta: bool = False):
+    """The base model (compute dtype unless `dtype`), with the tokenizer's vocabulary and no KV cache.
+
+    `meta=True` builds the architecture only (call under `torch.device("meta")`): sharded strategies load the
+    weights on one rank and scatter them after sharding.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
-    kwargs = {"dtype": compute_dtype(cfg), "trust_remote_code": m.trust_remote_code, "cache_dir": m.cache_dir}
+    kwargs = {"dtype": dtype or compute_dtype(cfg), "trust_remote_code": m.trust_remote_code}
     attn = attn_implementation(m.flash_attn)
     if attn is not None:
         kwargs["attn_implementation"] = attn
-    model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, **kwargs)
+    if meta:
+        config = AutoConfig.from_pretrained(
+            m.model_name_or_path, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir
+        )
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         logger.info(f"resizing token embeddings {vocab} -> {len(tokenizer)} for added special tokens")
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    return model.to(device)
+    return model

@@ -10,13 +10,14 @@ import torch
 
 
 class Strategy(ABC):
-    """Owns device placement, wrapping, backward/step, reductions and (sharded) save/load.
+    """Owns processes, device placement, wrapping, backward/step, reductions and checkpoint formats.
 
     Knows nothing about losses: stages compute losses, the loop calls `backward` and `step`.
     """
 
     name = "base"
     rank = 0
+    local_rank = 0
     world_size = 1
 
     def __init__(self, cfg):
@@ -27,6 +28,23 @@ class Strategy(ABC):
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # -- model creation and wrapping --------------------------------------------------------------------
+    def load_dtype(self) -> torch.dtype | None:
+        """dtype to load weights in; None keeps the config's compute dtype."""
+        return None
+
+    def create_model(self, factory):
+        """`factory(meta: bool)` builds the fine-tuning model; sharded strategies build it on meta on most ranks."""
+        return factory(False)
+
+    @abstractmethod
+    def setup(self, model) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Place and wrap the model, and build its optimizer (over trainable parameters only)."""
+
+    def unwrap(self, model) -> torch.nn.Module:
+        return model
+
+    # -- one step -----------------------------------------------------------------------------------
     def autocast(self):
         """bf16/fp16 autocast for the forward pass when the config asks for it."""
         t = self.cfg.train
@@ -35,45 +53,49 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def no_sync(self, model, last_micro_batch: bool):
-        """Skip gradient reduction on all but the last micro-batch of a step (DDP-like strategies)."""
+        """Skip gradient reduction on all but the last micro-batch of a step (where the backend allows)."""
         return contextlib.nullcontext()
 
     @abstractmethod
-    def wrap(self, model) -> torch.nn.Module: ...
-
-    @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is already normalized by the step's global label-token count."""
 
     @abstractmethod
     def step(self, model, optimizer, max_grad_norm: float) -> float:
         """Clip gradients, apply the optimizer, zero the gradients; returns the pre-clip grad norm."""
 
+    # -- collectives ----------------------------------------------------------------------------------
     def all_reduce_sum(self, value):
         return value
 
-    def barrier(self) -> None:
+    def gather(self, value: float) -> list[float]:
+        """One number from every rank, in rank order."""
+        return [value]
+
+    def barrier(self) -> None:  # noqa: B027 - a no-op on one process
         pass
 
-    def unwrap(self, model) -> torch.nn.Module:
-        return model
+    # -- checkpoints and export ---------------------------------------------------------------------------
+    @abstractmethod
+    def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path: Path, save_only_model: bool) -> None:
+        """Everything needed to resume, written by every rank that holds a part of it."""
 
     @abstractmethod
-    def save_model(self, model, tokenizer, path: Path) -> None:
-        """Hugging Face format: adapter or full weights, plus the tokenizer."""
+    def load_checkpoint(self, model, optimizer, scheduler, path: Path) -> None: ...
 
     @abstractmethod
-    def save_train_state(self, optimizer, scheduler, path: Path) -> None: ...
-
-    @abstractmethod
-    def load_model_weights(self, model, path: Path) -> None: ...
-
-    @abstractmethod
-    def load_train_state(self, optimizer, scheduler, path: Path) -> None: ...
+    def export(self, model, tokenizer, path: Path) -> None:
+        """The final model in Hugging Face format (adapter or full weights) plus the tokenizer."""
 
     def max_memory_allocated(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        return 0
+        try:
+            import resource
 
-    def teardown(self) -> None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS on CPU
+        except ImportError:  # Windows
+            return 0
+
+    def teardown(self) -> None:  # noqa: B027 - a no-op on one process
         pass

@@ -63,9 +63,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     strategy.barrier()
-    strategy.save_model(model, tokenizer, tmp)
+    strategy.save_checkpoint(model, optimizer, scheduler, tokenizer, tmp, save_only_model)
     if not save_only_model:
-        strategy.save_train_state(optimizer, scheduler, tmp)
         torch.save(rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
     strategy.barrier()
     if strategy.is_main:

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from lf_dist.data.tokenize import IGNORE_INDEX
 from lf_dist.train import checkpoint as ckpt
-from lf_dist.train.optim import build_optimizer, build_scheduler
+from lf_dist.train.optim import build_scheduler
 from lf_dist.train.schedule import StepSchedule, resolve_steps
 from lf_dist.train.tracker import Tracker
 
@@ -21,7 +22,7 @@ class Trainer:
         self.strategy, self.stage, self.tokenizer, self.collator = strategy, stage, tokenizer, collator
         self.train_ds, self.eval_ds = datasets.train, datasets.eval
         self.output_dir = Path(self.t.output_dir)
-        self.model = strategy.wrap(model)
+        self.model, self.optimizer = strategy.setup(model)
         self.schedule = StepSchedule(
             len(self.train_ds),
             self.t.per_device_train_batch_size,
@@ -31,7 +32,6 @@ class Trainer:
             strategy.world_size,
         )
         self.total_steps = self.schedule.total_steps(self.t.num_train_epochs, self.t.max_steps)
-        self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.log_every = resolve_steps(self.t.logging_steps, self.total_steps)
         self.save_every = (
@@ -81,19 +81,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Token-weighted eval loss. Every rank runs the same number of batches (sharded models need all ranks
+        in every forward); a rank short of examples repeats one with its labels masked, which adds nothing."""
         self.model.eval()
-        bs = self.t.per_device_eval_batch_size
-        idx = list(range(self.strategy.rank, len(self.eval_ds), self.strategy.world_size))
+        bs, rank, world = self.t.per_device_eval_batch_size, self.strategy.rank, self.strategy.world_size
+        per_rank = -(-len(self.eval_ds) // world)
+        idx = list(range(rank, len(self.eval_ds), world))
+        idx += [-1] * (per_rank - len(idx))
         total = torch.zeros((), device=self.strategy.device, dtype=torch.float64)
         tokens = 0
         for i in range(0, len(idx), bs):
-            batch = self.collator([self.eval_ds[j] for j in idx[i : i + bs]])
-            batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
+            rows = [self.eval_ds[j] if j >= 0 else self._masked(self.eval_ds[0]) for j in idx[i : i + bs]]
+            batch = {k: v.to(self.strategy.device) for k, v in self.collator(rows).items()}
             with self.strategy.autocast():
                 loss, _ = self.stage.loss(self.model, batch)
             total += loss.double()
             tokens += self.stage.num_tokens(batch)
         return float(self.strategy.all_reduce_sum(total)) / max(self.strategy.all_reduce_sum(tokens), 1)
+
+    @staticmethod
+    def _masked(row: dict) -> dict:
+        return {**row, "labels": [IGNORE_INDEX] * len(row["labels"])}
 
     # -- the run --------------------------------------------------------------------------------------
     def _state(self, tracker: Tracker) -> dict:
@@ -133,8 +141,7 @@ class Trainer:
         tracker = Tracker(self.output_dir, self.total_steps, 0, self.strategy.is_main, not self.t.disable_tqdm)
         if resume_from is not None:
             state = ckpt.load_state(resume_from)
-            self.strategy.load_model_weights(self.model, resume_from)
-            self.strategy.load_train_state(self.optimizer, self.scheduler, resume_from)
+            self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
             ckpt.restore_rng(resume_from, self.strategy.rank)
             self.step = state["global_step"]
             tracker = Tracker(
@@ -148,13 +155,16 @@ class Trainer:
             self.step += 1
             losses.append(loss)
             run_tokens += n_tokens
-            if self.step == fail_at:
-                raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {self.step}")
+            _inject_fault(self.step, fail_at, self.strategy.rank)
             epoch = self.step / self.schedule.steps_per_epoch
             epoch_end = self.step % self.schedule.steps_per_epoch == 0
             log_now = self._log_now(epoch_end)
             lr = self.scheduler.get_last_lr()[0]
-            tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now)
+            extra = None
+            if log_now and self.strategy.world_size > 1:
+                peaks = self.strategy.gather(self.strategy.max_memory_allocated() / 2**30)
+                extra = {"peak_memory_gb_per_rank": [round(x, 3) for x in peaks], "world_size": len(peaks)}
+            tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra)
             if self.eval_ds is not None and (
                 (self.eval_every and self.step % self.eval_every == 0)
                 or (self.t.eval_strategy == "epoch" and epoch_end)
@@ -185,3 +195,16 @@ class Trainer:
             results["peak_memory_gb"] = round(mem / 2**30, 3)
         self.tracker = tracker
         return results
+
+
+def _inject_fault(step: int, fail_at: int, rank: int) -> None:
+    """Test hooks: LF_DIST_FAIL_AT_STEP raises after that step; LF_DIST_KILL_AT_STEP SIGKILLs rank
+    LF_DIST_KILL_RANK (default 1) after that step, on the first attempt of a torchrun job only."""
+    if step == fail_at:
+        raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
+    kill_at = int(os.environ.get("LF_DIST_KILL_AT_STEP", "0"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if step == kill_at and first_attempt and rank == int(os.environ.get("LF_DIST_KILL_RANK", "1")):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

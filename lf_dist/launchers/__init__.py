@@ -1,0 +1,30 @@
+"""Launchers: how the worker processes are started. Every launcher ends in `lf_dist.worker.run` on every rank.
+
+- in-process: one process (CPU or one GPU), or already inside a torchrun-started rank;
+- torchrun: `torch.distributed.run` on this node, single- or multi-node, static or elastic (LLaMA-Factory's
+  environment contract: FORCE_TORCHRUN, NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID,
+  MIN_NNODES, MAX_NNODES, MAX_RESTARTS).
+"""
+
+from __future__ import annotations
+
+import os
+
+from lf_dist.launchers.torchrun import launch_torchrun, wants_torchrun
+
+
+def inside_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def launch(config_path: str, overrides: list[str], cfg) -> int:
+    """Run training for a validated config; returns the exit code."""
+    if not inside_torchrun() and wants_torchrun():
+        return launch_torchrun(config_path, overrides, cfg)
+    from lf_dist.worker import run
+
+    run(cfg)
+    return 0
+
+
+__all__ = ["inside_torchrun", "launch", "launch_torchrun", "wants_torchrun"]

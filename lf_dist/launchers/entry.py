@@ -1,0 +1,31 @@
+"""What torchrun starts on every rank: `python -m lf_dist.launchers.entry train cfg.yaml [overrides]`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lf_dist.errors import UserError
+
+
+def main(argv: list[str]) -> int:
+    from lf_dist.config import load_config
+    from lf_dist.worker import run
+
+    _, config_path, *overrides = argv
+    try:
+        run(load_config(config_path, overrides))
+    except UserError as err:
+        error_file = os.environ.get("LF_DIST_ERROR_FILE")
+        if error_file:  # the launcher prints it once; the first rank to fail writes it
+            if not Path(error_file).exists():
+                Path(error_file).write_text(str(err), encoding="utf-8")
+        elif os.environ.get("RANK", "0") == "0":
+            print(f"lf-dist: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

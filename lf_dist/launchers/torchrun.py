@@ -1,0 +1,139 @@
+"""Start `torch.distributed.run` with an argument list (no shell) and pass its exit code back.
+
+Errors a user can cause inside the ranks (a bad dataset, say) are reported once: the failing rank writes the
+message to LF_DIST_ERROR_FILE and exits 2; this launcher prints that one line and hides torchrun's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from lf_dist.errors import UserError
+from lf_dist.log import get_logger
+
+logger = get_logger(__name__)
+USER_ERROR_EXIT = 2
+
+
+def device_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def wants_torchrun() -> bool:
+    """torchrun when FORCE_TORCHRUN is set or more than one GPU is visible (LLaMA-Factory's rule)."""
+    return os.environ.get("FORCE_TORCHRUN", "0").lower() in ("1", "true", "yes") or device_count() > 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _int_env(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def torchrun_args(config_path: str, overrides: list[str]) -> list[str]:
+    """The torchrun command line for this node, from the environment contract."""
+    nnodes, node_rank = _int_env("NNODES", 1), _int_env("NODE_RANK", 0)
+    nproc = _int_env("NPROC_PER_NODE", max(device_count(), 1))
+    master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    master_port = os.environ.get("MASTER_PORT") or str(free_port())
+    if not 0 <= node_rank < nnodes:
+        raise UserError(f"NODE_RANK: must be in [0, {nnodes}), got {node_rank}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if os.environ.get("RDZV_ID"):  # elastic: nodes may join and leave between MIN_NNODES and MAX_NNODES
+        min_n, max_n = _int_env("MIN_NNODES", nnodes), _int_env("MAX_NNODES", nnodes)
+        cmd += [
+            "--nnodes",
+            f"{min_n}:{max_n}",
+            "--rdzv-id",
+            os.environ["RDZV_ID"],
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"{master_addr}:{master_port}",
+        ]
+    else:
+        cmd += [
+            "--nnodes",
+            str(nnodes),
+            "--node-rank",
+            str(node_rank),
+            "--master-addr",
+            master_addr,
+            "--master-port",
+            str(master_port),
+        ]
+    if os.environ.get("MAX_RESTARTS"):
+        cmd += ["--max-restarts", str(_int_env("MAX_RESTARTS", 0))]
+    return cmd + ["-m", "lf_dist.launchers.entry", "train", str(config_path), *overrides]
+
+
+def wait_for_master(addr: str, port: int, timeout: float) -> None:
+    """Nodes other than 0 check that the master answers before starting, and fail in one line if it never does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise UserError(
+                    f"cannot reach the master at {addr}:{port} within ddp_timeout ({timeout:.0f} s); "
+                    "check MASTER_ADDR / MASTER_PORT and that node 0 is running"
+                ) from None
+            time.sleep(1)
+
+
+def _pump(stream, error_file: Path) -> None:
+    """Forward torchrun's stderr live; once a rank reported a user error, drop torchrun's traceback dump."""
+    suppress = False
+    for line in iter(stream.readline, ""):
+        if (
+            not suppress
+            and error_file.exists()
+            and ("Traceback" in line or "ChildFailedError" in line or line.startswith("====="))
+        ):
+            suppress = True
+        if not suppress:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def launch_torchrun(config_path: str, overrides: list[str], cfg) -> int:
+    cmd = torchrun_args(config_path, overrides)
+    node_rank = _int_env("NODE_RANK", 0)
+    if node_rank > 0 and not os.environ.get("RDZV_ID"):
+        wait_for_master(
+            os.environ.get("MASTER_ADDR", "127.0.0.1"), _int_env("MASTER_PORT", 29500), float(cfg.train.ddp_timeout)
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        error_file = Path(tmp) / "user_error.txt"
+        env = {**os.environ, "LF_DIST_ERROR_FILE": str(error_file)}
+        logger.info("launching: " + " ".join(cmd[1:]))
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+        pump = threading.Thread(target=_pump, args=(proc.stderr, error_file), daemon=True)
+        pump.start()
+        code = proc.wait()
+        pump.join(5)
+        if error_file.exists():
+            raise UserError(error_file.read_text(encoding="utf-8").strip())
+    return code

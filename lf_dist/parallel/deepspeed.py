@@ -1,0 +1,151 @@
+"""DeepSpeed ZeRO (stages 0-3, optional offload) from a LLaMA-Factory style ds_config.json.
+
+"auto" values are filled from the run config, as the Hugging Face integration does. DeepSpeed runs in its
+unmanaged gradient-accumulation mode: `backward` only accumulates locally and `step` reduces and updates once
+per optimizer step, so it follows the same loop (and the same token normalization) as every other strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from lf_dist.errors import UserError
+from lf_dist.parallel.distributed import DistributedStrategy
+from lf_dist.parallel.single import is_peft
+from lf_dist.train.optim import build_optimizer
+
+TAG = "ds"
+
+
+def read_ds_config(value) -> dict:
+    if isinstance(value, dict):
+        return json.loads(json.dumps(value))
+    path = Path(value)
+    if not path.is_file():
+        raise UserError(f"deepspeed: config file not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"deepspeed: {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+
+
+def fill_auto(ds: dict, cfg, world_size: int, hidden_size: int) -> dict:
+    """Replace "auto" with values from the run config (Hugging Face's rules for the same keys)."""
+    t = cfg.train
+    fills = {
+        "train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    for key, enabled in (("bf16", t.bf16), ("fp16", t.fp16)):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled", "auto") == "auto":
+            ds[key]["enabled"] = enabled
+    zero = ds.setdefault("zero_optimization", {"stage": 0})
+    sizes = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise UserError(f"deepspeed: cannot fill 'auto' for {', '.join(leftover)}")
+    ds["managed_gradient_accumulation"] = False
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+class DeepSpeedStrategy(DistributedStrategy):
+    name = "deepspeed"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.ds_config = read_ds_config(cfg.train.deepspeed or {"zero_optimization": {"stage": 2}})
+        self.engine = None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed casts the module itself when bf16/fp16 is enabled
+
+    def setup(self, model):
+        import deepspeed
+
+        hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
+        config = fill_auto(self.ds_config, self.cfg, self.world_size, hidden)
+        optimizer = build_optimizer(model, self.cfg)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # The LR schedule acts on the wrapped torch optimizer's param groups, which DeepSpeed reads each step.
+        return self.engine, optimizer
+
+    def unwrap(self, model):
+        return model.module if hasattr(model, "module") else model
+
+    def backward(self, loss):
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+
+    def step(self, model, optimizer, max_grad_norm):
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path, save_only_model):
+        self.engine.save_checkpoint(
+            str(path), tag=TAG, client_state={"world_size": self.world_size}, exclude_frozen_parameters=True
+        )
+        if self.is_main:
+            tokenizer.save_pretrained(path)
+            torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
+
+    def load_checkpoint(self, model, optimizer, scheduler, path):
+        if not (Path(path) / TAG).is_dir():
+            raise UserError(f"resume_from_checkpoint: {path} was not written by DeepSpeed; resume with its strategy")
+        _, client = self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False)
+        saved = (client or {}).get("world_size", self.world_size)
+        if saved != self.world_size:
+            raise UserError(
+                f"resume_from_checkpoint: DeepSpeed checkpoint of {saved} ranks cannot resume on "
+                f"{self.world_size}; use the same world size, or fsdp2/ddp (DCP) to change it"
+            )
+        scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
+
+    def export(self, model, tokenizer, path):
+        import deepspeed
+
+        inner = self.unwrap(model)
+        adapter = is_peft(inner)
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad or not adapter]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.zero_stage == 3):
+            state = {n: p.detach().to("cpu", copy=True) for n, p in named} if self.is_main else {}
+        if self.is_main:
+            if not adapter:  # buffers and tied weights as the module reports them
+                state = {**{k: v.cpu() for k, v in inner.state_dict().items() if k not in state}, **state}
+            inner.save_pretrained(
+                path,
+                state_dict=state,
+                safe_serialization=True,
+                **({} if adapter else {"max_shard_size": self.cfg.train.save_shard_size}),
+            )
+            tokenizer.save_pretrained(path)
+        self.barrier()

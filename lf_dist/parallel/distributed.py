@@ -1,0 +1,160 @@
+"""Shared machinery of multi-process strategies (process group, reductions, DCP checkpoints, export) and DDP.
+
+Checkpoints use torch.distributed.checkpoint (DCP): every rank writes its own shards of the trainable model
+state and of the optimizer state, so a checkpoint can be resumed on another world size, or even with another
+of the DCP strategies (ddp ↔ fsdp2). The final model is gathered to rank 0 in CPU memory only
+(`full_state_dict` + `cpu_offload`), and written by `save_pretrained` in size-limited shards.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from lf_dist.errors import UserError
+from lf_dist.parallel.base import Strategy
+from lf_dist.parallel.single import is_peft
+from lf_dist.train.optim import build_optimizer
+
+DCP_DIR = "dcp"
+
+
+class DistributedStrategy(Strategy):
+    """Base of the strategies that run one process per device under torchrun."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.train.fp16 and self.device.type != "cuda":
+            raise UserError("fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU")
+        if not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.train.ddp_timeout))
+
+    # -- collectives --------------------------------------------------------------------------------------
+    def all_reduce_sum(self, value):
+        tensor = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64)
+        tensor = tensor.to(self.device)
+        dist.all_reduce(tensor)
+        if torch.is_tensor(value):
+            return tensor
+        return int(tensor.item()) if isinstance(value, int) else float(tensor.item())
+
+    def gather(self, value: float) -> list[float]:
+        out = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        out[self.rank] = value
+        dist.all_reduce(out)
+        return out.tolist()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()  # nobody leaves while a peer still needs it (an explicit, clean shutdown)
+            dist.destroy_process_group()
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def backward(self, loss):
+        # The loss is normalized by the *global* token count; the backends average gradients over ranks,
+        # so scale by the world size to get the sum the single-process run computes.
+        (loss * self.world_size).backward()
+
+    def step(self, model, optimizer, max_grad_norm):
+        params = [p for p in model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # -- checkpoints (DCP) -------------------------------------------------------------------------------------
+    def _state_options(self, model, **kw) -> StateDictOptions:
+        # LoRA / freeze: only the trainable weights change, so only they are saved (the base stays on disk).
+        frozen = any(not p.requires_grad for p in model.parameters())
+        return StateDictOptions(ignore_frozen_params=frozen, **kw)
+
+    def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path, save_only_model):
+        inner = self.unwrap(model)
+        if save_only_model:
+            state = {"model": get_model_state_dict(inner, options=self._state_options(inner))}
+        else:
+            model_sd, optim_sd = get_state_dict(inner, optimizer, options=self._state_options(inner))
+            state = {"model": model_sd, "optim": optim_sd}
+        dcp.save(state, checkpoint_id=str(Path(path) / DCP_DIR))
+        if self.is_main:
+            tokenizer.save_pretrained(path)
+            if not save_only_model:
+                torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
+
+    def load_checkpoint(self, model, optimizer, scheduler, path):
+        path = Path(path)
+        if not (path / DCP_DIR).is_dir():
+            raise UserError(
+                f"resume_from_checkpoint: {path} has no DCP shards (written by a single-process run or "
+                "DeepSpeed); resume it with the same kind of launch"
+            )
+        inner = self.unwrap(model)
+        model_sd, optim_sd = get_state_dict(inner, optimizer, options=self._state_options(inner))
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        set_state_dict(
+            inner,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self._state_options(inner),
+        )
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+    def export(self, model, tokenizer, path):
+        inner = self.unwrap(model)
+        adapter = is_peft(inner)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
+        state = get_model_state_dict(inner, options=options)  # full tensors on rank 0 only, in CPU memory
+        if self.is_main:
+            inner.save_pretrained(
+                path,
+                state_dict=state,
+                safe_serialization=True,
+                **({} if adapter else {"max_shard_size": self.cfg.train.save_shard_size}),
+            )
+            tokenizer.save_pretrained(path)
+        self.barrier()
+
+
+class DDPStrategy(DistributedStrategy):
+    """Data parallel: a full replica per rank, gradients all-reduced (DistributedDataParallel)."""
+
+    name = "ddp"
+
+    def setup(self, model):
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = model.to(self.device)
+        ids = [self.local_rank] if self.device.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids)
+        return ddp, build_optimizer(ddp, self.cfg)
+
+    def unwrap(self, model):
+        return model.module if hasattr(model, "module") else model
+
+    def no_sync(self, model, last_micro_batch):
+        import contextlib
+
+        return contextlib.nullcontext() if last_micro_batch else model.no_sync()

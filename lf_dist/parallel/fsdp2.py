@@ -1,0 +1,114 @@
+"""FSDP2 (`fully_shard`), torchtitan style: parallelism is applied to the model from outside, in `parallelize`.
+
+Order (each step is a small `apply_*`):
+  1. activation checkpointing — already on the decoder layers (`model/adapter.py`), so it wraps what FSDP shards;
+  2. `fully_shard` on every decoder layer (the model's `_no_split_modules` classes);
+  3. `fully_shard` on the input embeddings (unless tied to the output layer);
+  4. `fully_shard` on the root, which groups the final norm with lm_head.
+A 1-D mesh shards over all ranks; a 2-D mesh (`fsdp_shard_size` < world size) is HSDP: shard within a group
+of ranks (a node), replicate across groups — gradients cross the slow link once per step, weights never.
+
+Large models never exist in full on every rank: rank 0 loads the checkpoint, the other ranks build the model
+on the meta device; after sharding, rank 0 broadcasts the weights and each rank keeps only its shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from lf_dist.errors import UserError
+from lf_dist.parallel.distributed import DistributedStrategy
+from lf_dist.train.optim import build_optimizer
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    names = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError("strategy fsdp2: cannot find the decoder layers of this model (no _no_split_modules)")
+    return layers
+
+
+def _hf_model(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def build_mesh(device_type: str, world_size: int, shard_size: int | None):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not shard_size or shard_size >= world_size:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+    if world_size % shard_size:
+        raise UserError(f"fsdp_shard_size: {shard_size} must divide the world size {world_size}")
+    return init_device_mesh(
+        device_type, (world_size // shard_size, shard_size), mesh_dim_names=("dp_replicate", "dp_shard")
+    )
+
+
+def apply_fsdp(model, mesh, mp_policy, reshard_after_forward: bool, offload: bool) -> None:
+    kwargs = {"mesh": mesh, "mp_policy": mp_policy, "reshard_after_forward": reshard_after_forward}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    hf = _hf_model(model)
+    if not getattr(hf.config, "tie_word_embeddings", False):
+        fully_shard(hf.get_input_embeddings(), **kwargs)
+    fully_shard(model, **kwargs)  # root: final norm + lm_head (+ tied embeddings)
+
+
+def parallelize(model, mesh, cfg) -> torch.nn.Module:
+    """Apply the parallelisms in the documented order; the model code is untouched."""
+    t = cfg.train
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if t.bf16
+        else (MixedPrecisionPolicy())
+    )
+    apply_fsdp(model, mesh, mp, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
+    return model
+
+
+class FSDP2Strategy(DistributedStrategy):
+    name = "fsdp2"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.mesh = build_mesh(self.device.type, self.world_size, cfg.train.fsdp_shard_size)
+        self._full_state = None
+
+    def load_dtype(self):
+        # fp32 master weights; bf16 compute comes from the MixedPrecisionPolicy, not from casting the weights.
+        return torch.float32
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def create_model(self, factory):
+        if self.rank == 0:
+            model = factory(False)
+            self._full_state = dict(model.state_dict())  # the one full copy, broadcast after sharding
+            return model
+        return factory(True)
+
+    def setup(self, model):
+        model = parallelize(model, self.mesh, self.cfg)
+        if self.rank != 0:
+            model.to_empty(device=self.device)
+        elif self.device.type == "cuda":
+            model.to(self.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, self._full_state or {}, options=options)
+        for buf in model.buffers():  # non-persistent buffers (rotary tables) are not in the state dict
+            dist.broadcast(buf.data, src=0)
+        self._full_state = None
+        return model, build_optimizer(model, self.cfg)
+
+    def no_sync(self, model, last_micro_batch):
+        model.set_requires_gradient_sync(last_micro_batch)  # reduce-scatter once per step
+        return contextlib.nullcontext()
