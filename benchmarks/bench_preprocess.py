@@ -40,33 +40,34 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
     ]
 
 
-def ours(args, data_dir: Path) -> dict:
+def _build(args, data_dir: Path, *extra: str) -> tuple[object, float]:
+    """lf-dist's train split for the synthetic data, and the seconds `build_datasets` took."""
     from transformers import AutoTokenizer
 
     from lf_dist.config import load_config
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
 
-    workers = [f"preprocessing_num_workers={args.workers}"] if args.workers else []
-    cfg = load_config(
-        None,
-        [
-            f"model_name_or_path={MODEL}",
-            "dataset=synthetic",
-            f"dataset_dir={data_dir}",
-            f"template={args.template}",
-            f"cutoff_len={args.cutoff_len}",
-            "output_dir=unused",
-            "overwrite_cache=true",
-            *workers,
-        ],
-    )
+    keys = {
+        "model_name_or_path": MODEL,
+        "dataset": "synthetic",
+        "dataset_dir": data_dir,
+        "template": args.template,
+        "cutoff_len": args.cutoff_len,
+        "output_dir": "unused",
+    }
+    cfg = load_config(None, [f"{k}={v}" for k, v in keys.items()] + list(extra))
     tok = AutoTokenizer.from_pretrained(MODEL)
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
     start = time.perf_counter()
     train = build_datasets(cfg, tok, template).train
-    seconds = time.perf_counter() - start
+    return train, time.perf_counter() - start
+
+
+def ours(args, data_dir: Path) -> dict:
+    workers = [f"preprocessing_num_workers={args.workers}"] if args.workers else []
+    train, seconds = _build(args, data_dir, "overwrite_cache=true", *workers)
     return {"seconds": seconds, "tokens": sum(len(r) for r in train["input_ids"]), "rows": len(train)}
 
 
@@ -110,40 +111,15 @@ def llamafactory(args, data_dir: Path, work: Path) -> dict | None:
 
 def padding_report(args, data_dir: Path) -> dict:
     """Padding share of shuffled batches, unpacked vs. packed, on the same tokenized data."""
-    from transformers import AutoTokenizer
-
-    from lf_dist.config import load_config
-    from lf_dist.data import build_datasets
-    from lf_dist.data.templates import fix_tokenizer, get_template
-
     out = {}
     for packing in (False, True):
-        cfg = load_config(
-            None,
-            [
-                f"model_name_or_path={MODEL}",
-                "dataset=synthetic",
-                f"dataset_dir={data_dir}",
-                f"template={args.template}",
-                f"cutoff_len={args.cutoff_len}",
-                "output_dir=unused",
-                f"packing={packing}",
-                f"neat_packing={packing}",
-            ],
-        )
-        tok = AutoTokenizer.from_pretrained(MODEL)
-        template = get_template(cfg.data.template, tok, cfg.data)
-        fix_tokenizer(template, tok)
-        lengths = [len(r) for r in build_datasets(cfg, tok, template).train["input_ids"]]
+        train, _ = _build(args, data_dir, f"packing={packing}", f"neat_packing={packing}")
+        lengths = [len(r) for r in train["input_ids"]]
         random.Random(0).shuffle(lengths)
-        slots = sum(
-            max(lengths[i : i + args.batch_size]) * len(lengths[i : i + args.batch_size])
-            for i in range(0, len(lengths), args.batch_size)
-        )
-        out["packed" if packing else "unpacked"] = {
-            "rows": len(lengths),
-            "padding_ratio": round(1 - sum(lengths) / slots, 4),
-        }
+        bs = args.batch_size
+        slots = sum(max(lengths[i : i + bs]) * len(lengths[i : i + bs]) for i in range(0, len(lengths), bs))
+        name = "packed" if packing else "unpacked"
+        out[name] = {"rows": len(lengths), "padding_ratio": round(1 - sum(lengths) / slots, 4)}
     return out
 
 

@@ -103,19 +103,22 @@ def wait_for_master(addr: str, port: int, timeout: float) -> None:
             time.sleep(1)
 
 
-def _pump(stream, error_file: Path) -> None:
-    """Forward torchrun's stderr live; once a rank reported a user error, drop torchrun's traceback dump."""
-    suppress = False
-    for line in iter(stream.readline, ""):
-        if (
-            not suppress
-            and error_file.exists()
-            and ("Traceback" in line or "ChildFailedError" in line or line.startswith("====="))
-        ):
-            suppress = True
-        if not suppress:
-            sys.stderr.write(line)
-            sys.stderr.flush()
+def _pump(fd: int, error_file: Path) -> None:
+    """Forward torchrun's stderr as it comes (progress bars included); once a rank reported a user error,
+    drop torchrun's traceback dump that follows."""
+    markers = ("Traceback", "ChildFailedError", "=====")
+    while chunk := os.read(fd, 65536):
+        text = chunk.decode("utf-8", errors="replace")
+        if error_file.exists():
+            cut = min((i for i in (text.find(m) for m in markers) if i >= 0), default=-1)
+            if cut >= 0:
+                sys.stderr.write(text[:cut])
+                sys.stderr.flush()
+                while os.read(fd, 65536):  # keep draining so torchrun never blocks on a full pipe
+                    pass
+                return
+        sys.stderr.write(text)
+        sys.stderr.flush()
 
 
 def launch_torchrun(config_path: str, overrides: list[str], cfg) -> int:
@@ -129,8 +132,8 @@ def launch_torchrun(config_path: str, overrides: list[str], cfg) -> int:
         error_file = Path(tmp) / "user_error.txt"
         env = {**os.environ, "LF_DIST_ERROR_FILE": str(error_file)}
         logger.info("launching: " + " ".join(cmd[1:]))
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
-        pump = threading.Thread(target=_pump, args=(proc.stderr, error_file), daemon=True)
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        pump = threading.Thread(target=_pump, args=(proc.stderr.fileno(), error_file), daemon=True)
         pump.start()
         code = proc.wait()
         pump.join(5)

@@ -138,14 +138,6 @@ class DeepSpeedStrategy(DistributedStrategy):
         named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad or not adapter]
         with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.zero_stage == 3):
             state = {n: p.detach().to("cpu", copy=True) for n, p in named} if self.is_main else {}
-        if self.is_main:
-            if not adapter:  # buffers and tied weights as the module reports them
-                state = {**{k: v.cpu() for k, v in inner.state_dict().items() if k not in state}, **state}
-            inner.save_pretrained(
-                path,
-                state_dict=state,
-                safe_serialization=True,
-                **({} if adapter else {"max_shard_size": self.cfg.train.save_shard_size}),
-            )
-            tokenizer.save_pretrained(path)
-        self.barrier()
+        if self.is_main and not adapter:  # buffers and tied weights as the module reports them
+            state = {**{k: v.cpu() for k, v in inner.state_dict().items() if k not in state}, **state}
+        self.write_hf(inner, state, tokenizer, path)

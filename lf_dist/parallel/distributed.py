@@ -30,6 +30,25 @@ from lf_dist.train.optim import build_optimizer
 DCP_DIR = "dcp"
 
 
+def _attempt_store(rank: int, world_size: int, timeout):
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    With static rendezvous torchrun keeps one store across restarts; without a per-attempt namespace a
+    restarted group reads the previous attempt's (dead) peer addresses and cannot connect.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_hosts,
+        timeout=timeout,
+        multi_tenant=not agent_hosts,
+    )
+    return dist.PrefixStore(f"lf_dist/attempt_{attempt}", store)
+
+
 class DistributedStrategy(Strategy):
     """Base of the strategies that run one process per device under torchrun."""
 
@@ -45,7 +64,14 @@ class DistributedStrategy(Strategy):
             raise UserError("fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU")
         if not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.train.ddp_timeout))
+            timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
+            dist.init_process_group(
+                backend,
+                timeout=timeout,
+                store=_attempt_store(self.rank, self.world_size, timeout),
+                rank=self.rank,
+                world_size=self.world_size,
+            )
 
     # -- collectives --------------------------------------------------------------------------------------
     def all_reduce_sum(self, value):
@@ -113,12 +139,9 @@ class DistributedStrategy(Strategy):
         model_sd, optim_sd = get_state_dict(inner, optimizer, options=self._state_options(inner))
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        frozen_ok = self._state_options(inner, strict=False)  # the frozen base is not in the checkpoint
         set_state_dict(
-            inner,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-            options=self._state_options(inner),
+            inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=frozen_ok
         )
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
 
@@ -127,13 +150,13 @@ class DistributedStrategy(Strategy):
         adapter = is_peft(inner)
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
         state = get_model_state_dict(inner, options=options)  # full tensors on rank 0 only, in CPU memory
+        self.write_hf(inner, state, tokenizer, path)
+
+    def write_hf(self, inner, state: dict, tokenizer, path) -> None:
+        """Rank 0 writes a gathered state dict as a Hugging Face model or adapter (size-limited shards)."""
         if self.is_main:
-            inner.save_pretrained(
-                path,
-                state_dict=state,
-                safe_serialization=True,
-                **({} if adapter else {"max_shard_size": self.cfg.train.save_shard_size}),
-            )
+            shards = {} if is_peft(inner) else {"max_shard_size": self.cfg.train.save_shard_size}
+            inner.save_pretrained(path, state_dict=state, safe_serialization=True, **shards)
             tokenizer.save_pretrained(path)
         self.barrier()
 
