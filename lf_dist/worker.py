@@ -6,6 +6,7 @@ checked before the first byte goes to output_dir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -70,10 +71,44 @@ def _model_factory(cfg: RunConfig, tokenizer, dtype):
     return build
 
 
+def _reference(cfg: RunConfig, strategy, tokenizer):
+    """The reference of dpo (sigmoid / hinge / ipo) and kto: LoRA's own base with adapters disabled, else a
+    frozen model from `ref_model` or the starting checkpoint, placed by the strategy."""
+    import torch
+
+    from lf_dist.model import load_model
+    from lf_dist.train.preference import Reference
+    from lf_dist.train.stages import needs_reference
+
+    f = cfg.finetuning
+    if not needs_reference(cfg):
+        return None
+    if f.finetuning_type == "lora" and f.ref_model is None:
+        return Reference(None, strategy.unwrap)
+
+    def build(meta: bool):
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            return load_model(cfg, tokenizer, dtype=strategy.load_dtype(), meta=meta, path=f.ref_model)
+
+    return Reference(strategy.prepare_reference(build))
+
+
+def _collator(cfg: RunConfig, tokenizer):
+    from lf_dist.data import Collator
+    from lf_dist.data.collator import FeedbackCollator, PairwiseCollator
+
+    stage = cfg.finetuning.stage
+    if stage in ("rm", "dpo"):
+        return PairwiseCollator(tokenizer.pad_token_id)
+    if stage == "kto":
+        return FeedbackCollator(tokenizer.pad_token_id, cfg.data.cutoff_len)
+    return Collator(tokenizer.pad_token_id)
+
+
 def run(cfg: RunConfig) -> dict:
     from transformers import set_seed
 
-    from lf_dist.data import Collator, build_datasets
+    from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
     from lf_dist.model import load_tokenizer
     from lf_dist.parallel import build_strategy
@@ -90,9 +125,8 @@ def run(cfg: RunConfig) -> dict:
         resume_from = plan_output_dir(cfg)
         set_seed(cfg.train.seed)
         model = strategy.create_model(_model_factory(cfg, tokenizer, strategy.load_dtype()))
-        trainer = Trainer(
-            cfg, strategy, build_stage(cfg), model, tokenizer, datasets, Collator(tokenizer.pad_token_id)
-        )
+        stage = build_stage(cfg, _reference(cfg, strategy, tokenizer))
+        trainer = Trainer(cfg, strategy, stage, model, tokenizer, datasets, _collator(cfg, tokenizer))
         out = Path(cfg.train.output_dir)
         if strategy.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +136,7 @@ def run(cfg: RunConfig) -> dict:
             (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
         strategy.barrier()
         if not cfg.train.do_train:
-            results = {"eval_loss": trainer.evaluate()} if datasets.eval is not None else {}
+            results = trainer.eval_results() if datasets.eval is not None else {}
         else:
             if resume_from is not None:
                 logger.info(f"resuming from {resume_from}")

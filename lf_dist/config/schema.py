@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 STAGES = ("pt", "sft", "rm", "dpo", "kto")
-IMPLEMENTED_STAGES = ("pt", "sft")
+IMPLEMENTED_STAGES = STAGES
 FINETUNING_TYPES = ("full", "freeze", "lora")
 FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -68,6 +68,15 @@ class FinetuningArgs:
     freeze_extra_modules: str | None = None
     plot_loss: bool = False
     disable_gradient_checkpointing: bool = False
+    # preference stages (rm, dpo, kto): LLaMA-Factory's RLHF arguments
+    pref_beta: float = 0.1
+    pref_ftx: float = 0.0
+    pref_loss: str = "sigmoid"
+    dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    kto_chosen_weight: float = 1.0
+    kto_rejected_weight: float = 1.0
+    ref_model: str | None = None
 
 
 @dataclass

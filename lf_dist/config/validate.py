@@ -80,6 +80,7 @@ def validate(cfg: RunConfig) -> None:
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
     _validate_data(cfg)
+    _validate_preference(cfg)
     if f.disable_gradient_checkpointing is False and t.gradient_checkpointing is False:
         f.disable_gradient_checkpointing = True
     if isinstance(t.resume_from_checkpoint, str) and t.resume_from_checkpoint.lower() in ("true", "false"):
@@ -105,9 +106,31 @@ def _validate_data(cfg: RunConfig) -> None:
         raise UserError("val_size: cannot be set together with eval_dataset")
     if d.mask_history and d.train_on_prompt:
         raise UserError("mask_history: incompatible with train_on_prompt")
-    if stage != "sft" and (d.neat_packing or d.train_on_prompt or d.mask_history):
-        raise UserError("neat_packing / train_on_prompt / mask_history: only for stage sft")
+    if stage != "sft" and (d.train_on_prompt or d.mask_history):
+        raise UserError("train_on_prompt / mask_history: only for stage sft")
+    if d.neat_packing and stage not in ("sft", "rm", "dpo"):
+        raise UserError("neat_packing: only for stages sft, rm and dpo")
     if d.neat_packing:
         d.packing = True
     if d.packing is None:
         d.packing = stage == "pt"
+
+
+def _validate_preference(cfg: RunConfig) -> None:
+    from lf_dist.train.pref_losses import PREF_LOSSES
+
+    f, d = cfg.finetuning, cfg.data
+    if f.pref_loss in ("kto_pair", "bco"):
+        raise UserError(
+            f"pref_loss: '{f.pref_loss}' is not implemented by lf-dist (available: {', '.join(PREF_LOSSES)})"
+        )
+    _choice("pref_loss", f.pref_loss, PREF_LOSSES)
+    _positive("pref_beta", f.pref_beta)
+    for key in ("pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight"):
+        _positive(key, getattr(f, key), allow_zero=True)
+    if not 0.0 <= f.dpo_label_smoothing < 0.5:
+        raise UserError(f"dpo_label_smoothing: must be in [0, 0.5), got {f.dpo_label_smoothing}")
+    if f.ref_model is not None and not (Path(f.ref_model) / "config.json").is_file():
+        raise UserError(f"ref_model: {f.ref_model} is not a local Hugging Face checkpoint (no config.json)")
+    if f.stage == "kto" and d.packing:
+        raise UserError("packing: not supported for stage kto (pairs pack for rm and dpo)")

@@ -50,3 +50,38 @@ def pack_dataset(ds, cutoff_len: int):
     return index.map(
         _gather, fn_kwargs={"source": ds}, batched=True, remove_columns=["members"], desc="Packing sequences"
     )
+
+
+def _gather_pairs(batch: dict, source) -> dict:
+    out = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+    for members in batch["members"]:
+        rows = source[members]
+        ids, labels, positions, lens = [], [], [], []
+        for k in range(len(members)):  # chosen then rejected, pair after pair: a pair never spans two rows
+            for side in ("chosen", "rejected"):
+                seq = rows[f"{side}_input_ids"][k]
+                ids += seq
+                labels += rows[f"{side}_labels"][k]
+                positions += range(len(seq))
+                lens.append(len(seq))
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["position_ids"].append(positions)
+        out["seq_lens"].append(lens)
+    return out
+
+
+def pack_pairs(ds, cutoff_len: int):
+    """Preference pairs packed whole into rows of 2 x cutoff_len tokens (the most one pair can take).
+
+    Rows carry `seq_lens` (chosen, rejected, chosen, ...) and restarting `position_ids`; they are always fed
+    without an attention mask, so no sequence attends to another.
+    """
+    import datasets
+
+    lengths = [len(c) + len(r) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"])]
+    bins = best_fit_decreasing(lengths, 2 * cutoff_len)
+    index = datasets.Dataset.from_dict({"members": bins})
+    return index.map(
+        _gather_pairs, fn_kwargs={"source": ds}, batched=True, remove_columns=["members"], desc="Packing pairs"
+    )

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from lf_dist.config import RunConfig
 from lf_dist.data.loader import _procs, align, load_source, merge
-from lf_dist.data.packing import pack_dataset
+from lf_dist.data.packing import pack_dataset, pack_pairs
+from lf_dist.data.preference import PAIRWISE_STAGES, encode_preference_records
 from lf_dist.data.registry import get_dataset_attrs
 from lf_dist.data.template import Template
 from lf_dist.data.tokenize import IGNORE_INDEX, encode_records, is_valid, preprocess_pretrain
@@ -44,18 +45,19 @@ def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, w
     parts = []
     for attr in get_dataset_attrs(names, d.dataset_dir):
         raw = load_source(attr, d, cfg.train.seed, cfg.model.cache_dir)
+        stage = cfg.finetuning.stage
         kwargs = {
             "attr": attr,
-            "stage": cfg.finetuning.stage,
+            "stage": stage,
             "template": template,
             "tokenizer": tokenizer,
             "cutoff_len": d.cutoff_len,
-            "train_on_prompt": d.train_on_prompt,
-            "mask_history": d.mask_history,
         }
+        if stage == "sft":
+            kwargs.update(train_on_prompt=d.train_on_prompt, mask_history=d.mask_history)
         parts.append(
             raw.map(
-                encode_records,
+                encode_records if stage == "sft" else encode_preference_records,
                 fn_kwargs=kwargs,
                 batched=True,
                 batch_size=d.preprocessing_batch_size,
@@ -142,8 +144,10 @@ def _process(cfg: RunConfig, tokenizer, template: Template) -> DatasetBundle:
             f"dropped {dropped} examples that are malformed (role order, empty or missing response, bad "
             f"kto_tag) or have nothing to learn within cutoff_len: {detail}"
         )
-    if d.packing and stage != "pt":
+    if d.packing and stage == "sft":
         parts = {name: pack_dataset(ds, d.cutoff_len) for name, ds in parts.items()}
+    elif d.packing and stage in PAIRWISE_STAGES:
+        parts = {name: pack_pairs(ds, d.cutoff_len) for name, ds in parts.items()}
     return DatasetBundle(parts.get("train"), parts.get("eval"))
 
 

@@ -33,7 +33,7 @@ def _apply_freeze(model, cfg: RunConfig) -> None:
         patterns = [f".{i}." for i in layer_ids]
     else:
         patterns = [f".{i}.{mod}" for i in layer_ids for mod in modules]
-    extra = _split(f.freeze_extra_modules)
+    extra = _split(f.freeze_extra_modules) + (["score"] if f.stage == "rm" else [])  # the new head always trains
     matched = False
     for name, param in model.named_parameters():
         trainable = any(p in name for p in patterns) or any(name.startswith(e) or f".{e}." in name for e in extra)
@@ -51,7 +51,7 @@ def _apply_lora(model, cfg: RunConfig):
         return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
     targets = _split(f.lora_target)
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if f.stage == "rm" else "CAUSAL_LM",  # SEQ_CLS also trains and saves the score head
         r=f.lora_rank,
         lora_alpha=f.lora_alpha,
         lora_dropout=f.lora_dropout,

@@ -59,26 +59,34 @@ def attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
-def load_model(cfg: RunConfig, tokenizer, dtype: torch.dtype | None = None, meta: bool = False):
+def load_model(cfg: RunConfig, tokenizer, dtype: torch.dtype | None = None, meta: bool = False, path=None):
     """The base model (compute dtype unless `dtype`), with the tokenizer's vocabulary and no KV cache.
+    A causal LM, or for stage rm a sequence-classification model; `path` overrides model_name_or_path.
 
     `meta=True` builds the architecture only (call under `torch.device("meta")`): sharded strategies load the
     weights on one rank and scatter them after sharding.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     m = cfg.model
+    path = path or m.model_name_or_path
     kwargs = {"dtype": dtype or compute_dtype(cfg), "trust_remote_code": m.trust_remote_code}
     attn = attn_implementation(m.flash_attn)
     if attn is not None:
         kwargs["attn_implementation"] = attn
+    auto = AutoModelForCausalLM
+    if cfg.finetuning.stage == "rm":  # a reward model: one score per sequence from a new linear head
+        auto = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     if meta:
-        config = AutoConfig.from_pretrained(
-            m.model_name_or_path, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir
+        config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir)
+        if auto is AutoModelForSequenceClassification:
+            config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
+        model = auto.from_config(
+            config, **{k: v for k, v in kwargs.items() if k not in ("num_labels", "pad_token_id")}
         )
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(m.model_name_or_path, cache_dir=m.cache_dir, **kwargs)
+        model = auto.from_pretrained(path, cache_dir=m.cache_dir, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:

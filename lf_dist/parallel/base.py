@@ -44,6 +44,11 @@ class Strategy(ABC):
     def unwrap(self, model) -> torch.nn.Module:
         return model
 
+    def prepare_reference(self, factory) -> torch.nn.Module:
+        """A frozen reference model (dpo, kto) from `factory(meta)`: by default a full copy on every device."""
+        model = factory(False).to(self.device)
+        return model.requires_grad_(False).eval()
+
     # -- one step -----------------------------------------------------------------------------------
     def autocast(self):
         """bf16/fp16 autocast for the forward pass when the config asks for it."""

@@ -102,6 +102,24 @@ class DeepSpeedStrategy(DistributedStrategy):
     def unwrap(self, model):
         return model.module if hasattr(model, "module") else model
 
+    def prepare_reference(self, factory):
+        """Under ZeRO-3 the reference is partitioned by an optimizer-less engine (as TRL prepares it); below
+        stage 3 every rank holds a full frozen copy, as it does of the policy's weights."""
+        if self.zero_stage != 3:
+            return super().prepare_reference(factory)
+        import deepspeed
+
+        model = factory(False).requires_grad_(False)
+        config = {
+            "train_micro_batch_size_per_gpu": self.cfg.train.per_device_train_batch_size,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+            "bf16": {"enabled": self.cfg.train.bf16},
+            "fp16": {"enabled": self.cfg.train.fp16},
+            "steps_per_print": 10**9,
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config)
+        return engine.eval()
+
     def backward(self, loss):
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
 

@@ -96,18 +96,29 @@ class FSDP2Strategy(DistributedStrategy):
             return model
         return factory(True)
 
-    def setup(self, model):
+    def _shard_and_fill(self, model, full_state: dict):
+        """Shard, then give every rank its part of rank 0's weights."""
         model = parallelize(model, self.mesh, self.cfg)
         if self.rank != 0:
             model.to_empty(device=self.device)
         elif self.device.type == "cuda":
             model.to(self.device)
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, self._full_state or {}, options=options)
+        set_model_state_dict(model, full_state, options=options)
         for buf in model.buffers():  # non-persistent buffers (rotary tables) are not in the state dict
             dist.broadcast(buf.data, src=0)
+        return model
+
+    def setup(self, model):
+        model = self._shard_and_fill(model, self._full_state or {})
         self._full_state = None
         return model, build_optimizer(model, self.cfg)
+
+    def prepare_reference(self, factory):
+        """The reference is sharded like the policy: loaded on rank 0 only, never whole on the other ranks."""
+        model = factory(self.rank != 0).requires_grad_(False)
+        full_state = dict(model.state_dict()) if self.rank == 0 else {}
+        return self._shard_and_fill(model, full_state).eval()
 
     def no_sync(self, model, last_micro_batch):
         model.set_requires_gradient_sync(last_micro_batch)  # reduce-scatter once per step

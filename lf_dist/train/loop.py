@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lf_dist.data.tokenize import IGNORE_INDEX
 from lf_dist.train import checkpoint as ckpt
 from lf_dist.train.optim import build_scheduler
 from lf_dist.train.schedule import StepSchedule, resolve_steps
+from lf_dist.train.stages import summarize_metrics
 from lf_dist.train.tracker import Tracker
 
 
@@ -43,23 +43,34 @@ class Trainer:
         self.padded_tokens = 0  # batch slots processed, padding included (for the padding share)
 
     # -- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
-        """Forward/backward every micro-batch, normalized by the step's global label-token count; then step."""
-        n_label = self.strategy.all_reduce_sum(sum(self.stage.num_tokens(b) for b in micro_batches))
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int, dict]:
+        """Forward/backward every micro-batch, normalized by the step's global unit count (label tokens, pairs
+        or examples, as the stage says); then step. Returns loss, grad norm, input tokens and metric sums."""
+        n_units = self.strategy.all_reduce_sum(sum(self.stage.num_units(b) for b in micro_batches))
         loss_sum = torch.zeros((), device=self.strategy.device)
+        metrics: dict = {}
         self.model.train()
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
             with self.strategy.no_sync(self.model, i == len(micro_batches) - 1), self.strategy.autocast():
-                loss, _ = self.stage.loss(self.model, batch)
-            self.strategy.backward(loss / max(n_label, 1))
+                loss, batch_metrics = self.stage.loss(self.model, batch)
+            self.strategy.backward(loss / max(n_units, 1))
             loss_sum += loss.detach()
+            _accumulate(metrics, batch_metrics)
         grad_norm = self.strategy.step(self.model, self.optimizer, self.t.max_grad_norm)
         self.scheduler.step()
-        loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_label, 1)
+        loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_units, 1)
         n_input = int(self.strategy.all_reduce_sum(sum(self.stage.num_input_tokens(b) for b in micro_batches)))
         self.padded_tokens += int(self.strategy.all_reduce_sum(sum(b["input_ids"].numel() for b in micro_batches)))
-        return loss_value, grad_norm, n_input
+        return loss_value, grad_norm, n_input, self._reduce(metrics)
+
+    def _reduce(self, metrics: dict) -> dict:
+        """(sum, count) pairs summed over ranks in one collective (every rank has the same keys)."""
+        if not metrics:
+            return {}
+        keys = sorted(metrics)
+        total = self.strategy.all_reduce_sum(torch.stack([metrics[k] for k in keys]))
+        return {k: total[i].cpu() for i, k in enumerate(keys)}
 
     # -- data -----------------------------------------------------------------------------------------
     def _loader(self, start_step: int):
@@ -80,28 +91,32 @@ class Trainer:
             yield [next(it) for _ in step]
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted eval loss. Every rank runs the same number of batches (sharded models need all ranks
-        in every forward); a rank short of examples repeats one with its labels masked, which adds nothing."""
+    def evaluate(self) -> tuple[float, dict]:
+        """Eval loss per unit, and the stage's metrics. Every rank runs the same number of batches (sharded
+        models need all ranks in every forward)."""
         self.model.eval()
         bs, rank, world = self.t.per_device_eval_batch_size, self.strategy.rank, self.strategy.world_size
         per_rank = -(-len(self.eval_ds) // world)
         idx = list(range(rank, len(self.eval_ds), world))
         idx += [-1] * (per_rank - len(idx))
         total = torch.zeros((), device=self.strategy.device, dtype=torch.float64)
-        tokens = 0
+        units, metrics = 0, {}
         for i in range(0, len(idx), bs):
-            rows = [self.eval_ds[j] if j >= 0 else self._masked(self.eval_ds[0]) for j in idx[i : i + bs]]
+            real = [j for j in idx[i : i + bs] if j >= 0]
+            weight = 1 if real else 0  # a rank with nothing left runs one example and discards it
+            rows = [self.eval_ds[j] for j in real or [0]]
             batch = {k: v.to(self.strategy.device) for k, v in self.collator(rows).items()}
             with self.strategy.autocast():
-                loss, _ = self.stage.loss(self.model, batch)
-            total += loss.double()
-            tokens += self.stage.num_tokens(batch)
-        return float(self.strategy.all_reduce_sum(total)) / max(self.strategy.all_reduce_sum(tokens), 1)
+                loss, batch_metrics = self.stage.loss(self.model, batch)
+            total += weight * loss.double()
+            units += weight * self.stage.num_units(batch)
+            _accumulate(metrics, {k: v * weight for k, v in batch_metrics.items()})
+        loss = float(self.strategy.all_reduce_sum(total)) / max(self.strategy.all_reduce_sum(units), 1)
+        return loss, summarize_metrics(self._reduce(metrics))
 
-    @staticmethod
-    def _masked(row: dict) -> dict:
-        return {**row, "labels": [IGNORE_INDEX] * len(row["labels"])}
+    def eval_results(self) -> dict:
+        loss, metrics = self.evaluate()
+        return {"eval_loss": loss, **{f"eval_{k}": v for k, v in metrics.items()}}
 
     # -- the run --------------------------------------------------------------------------------------
     def _state(self, tracker: Tracker) -> dict:
@@ -151,7 +166,7 @@ class Trainer:
         start, start_time, losses, run_tokens = self.step, time.perf_counter(), [], 0
         fail_at = int(os.environ.get("LF_DIST_FAIL_AT_STEP", "0"))  # fault injection for resume tests
         for micro_batches in self._loader(self.step):
-            loss, grad_norm, n_tokens = self.train_step(micro_batches)
+            loss, grad_norm, n_tokens, metrics = self.train_step(micro_batches)
             self.step += 1
             losses.append(loss)
             run_tokens += n_tokens
@@ -164,12 +179,12 @@ class Trainer:
             if log_now and self.strategy.world_size > 1:
                 peaks = self.strategy.gather(self.strategy.max_memory_allocated() / 2**30)
                 extra = {"peak_memory_gb_per_rank": [round(x, 3) for x in peaks], "world_size": len(peaks)}
-            tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra)
+            tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
             if self.eval_ds is not None and (
                 (self.eval_every and self.step % self.eval_every == 0)
                 or (self.t.eval_strategy == "epoch" and epoch_end)
             ):
-                tracker.on_eval(self.step, self.evaluate(), epoch)
+                tracker.on_eval(self.step, self.eval_results(), epoch)
             if (
                 (self.save_every and self.step % self.save_every == 0)
                 or (self.t.save_strategy == "epoch" and epoch_end)
@@ -188,13 +203,19 @@ class Trainer:
             "total_steps": self.total_steps,
         }
         if self.eval_ds is not None:
-            results["eval_loss"] = self.evaluate()
-            tracker.on_eval(self.step, results["eval_loss"], results["epoch"])
+            evaluated = self.eval_results()
+            results.update(evaluated)
+            tracker.on_eval(self.step, evaluated, results["epoch"])
         mem = self.strategy.max_memory_allocated()
         if mem:
             results["peak_memory_gb"] = round(mem / 2**30, 3)
         self.tracker = tracker
         return results
+
+
+def _accumulate(into: dict, metrics: dict) -> None:
+    for key, value in metrics.items():
+        into[key] = into[key] + value if key in into else value
 
 
 def _inject_fault(step: int, fail_at: int, rank: int) -> None:

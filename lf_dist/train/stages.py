@@ -1,7 +1,8 @@
 """Stage losses. A stage knows how to turn a batch into a summed loss; it knows nothing of backends.
 
-Losses are returned as *sums* over label tokens; the loop divides by the number of label tokens in the whole
-optimizer step (all micro-batches, all ranks), so batch layout never changes the gradient.
+Losses are returned as *sums* over the stage's units — label tokens for pt/sft, pairs for rm/dpo, examples for
+kto; the loop divides by the number of units in the whole optimizer step (all micro-batches, all ranks), so
+batch layout never changes the gradient. Metrics come back as (sum, count) tensors and are logged as means.
 """
 
 from __future__ import annotations
@@ -23,7 +24,36 @@ def model_inputs(batch: dict, neat_packing: bool) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
-class CausalLMStage:
+class Stage:
+    """What the loop needs from a stage."""
+
+    name = "base"
+
+    @staticmethod
+    def num_units(batch: dict) -> int:
+        """What the loss is summed over (the step's loss is divided by the global count)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def num_input_tokens(batch: dict) -> int:
+        """Real (non-padding) tokens the model reads, for throughput."""
+        if "seq_ids" in batch:
+            return int((batch["seq_ids"] >= 0).sum())
+        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+
+def summarize_metrics(sums: dict) -> dict:
+    """Means from reduced (sum, count) pairs; metrics without any count this window are left out."""
+    out = {k: float(v[0] / v[1]) for k, v in sums.items() if float(v[1]) > 0}
+    if "rewards/margins" not in sums and "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]  # unpaired (kto), as TRL logs it
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+class CausalLMStage(Stage):
     """pt and sft: next-token cross-entropy on the label tokens."""
 
     def __init__(self, name: str, neat_packing: bool = False):
@@ -31,12 +61,8 @@ class CausalLMStage:
         self.neat_packing = neat_packing
 
     @staticmethod
-    def num_tokens(batch: dict) -> int:
+    def num_units(batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-    @staticmethod
-    def num_input_tokens(batch: dict) -> int:
-        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logits = model(**model_inputs(batch, self.neat_packing), use_cache=False).logits
@@ -51,8 +77,26 @@ class CausalLMStage:
         return loss, {}
 
 
-def build_stage(cfg) -> CausalLMStage:
-    name = cfg.finetuning.stage
+def build_stage(cfg, reference=None) -> Stage:
+    """The stage's loss; `reference` (a `preference.Reference`) serves dpo's reference losses and kto."""
+    from lf_dist.train import preference
+
+    f, name = cfg.finetuning, cfg.finetuning.stage
     if name in ("pt", "sft"):
         return CausalLMStage(name, neat_packing=cfg.data.neat_packing)
+    if name == "dpo":
+        return preference.DPOStage(
+            f.pref_loss, f.pref_beta, f.pref_ftx, f.dpo_label_smoothing, f.simpo_gamma, reference
+        )
+    if name == "kto":
+        return preference.KTOStage(f.pref_beta, f.pref_ftx, f.kto_chosen_weight, f.kto_rejected_weight, reference)
+    if name == "rm":
+        return preference.RewardStage()
     raise ValueError(f"no loss for stage {name}")
+
+
+def needs_reference(cfg) -> bool:
+    from lf_dist.train.pref_losses import REFERENCE_LOSSES
+
+    f = cfg.finetuning
+    return f.stage == "kto" or (f.stage == "dpo" and f.pref_loss in REFERENCE_LOSSES)

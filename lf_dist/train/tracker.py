@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from lf_dist.train.stages import summarize_metrics
+
 LOG_FILE = "trainer_log.jsonl"
 
 
@@ -21,7 +23,7 @@ class Tracker:
         self.output_dir, self.total_steps, self.enabled = Path(output_dir), total_steps, enabled
         self.start_time = time.perf_counter()
         self.start_step = start_step
-        self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": self.start_time}
+        self.window = self._new_window(self.start_time)
         self.num_tokens = 0
         self.history: list[dict] = []
         self.bar = None
@@ -29,6 +31,10 @@ class Tracker:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    @staticmethod
+    def _new_window(now: float) -> dict:
+        return {"loss": 0.0, "steps": 0, "tokens": 0, "time": now, "metrics": {}}
 
     def restore(self, history: list[dict], num_tokens: int) -> None:
         """On resume: keep the log lines up to the checkpoint, so the file matches an uninterrupted run."""
@@ -68,10 +74,14 @@ class Tracker:
         epoch: float,
         log_now: bool,
         extra: dict | None = None,
+        metrics: dict | None = None,
     ) -> None:
+        """`metrics`: the stage's (sum, count) pairs for this step, logged as means over the logging window."""
         self.num_tokens += tokens
         w = self.window
         w["loss"], w["steps"], w["tokens"] = w["loss"] + loss, w["steps"] + 1, w["tokens"] + tokens
+        for key, value in (metrics or {}).items():
+            w["metrics"][key] = w["metrics"][key] + value if key in w["metrics"] else value
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -86,15 +96,21 @@ class Tracker:
             "epoch": round(epoch, 4),
             "num_tokens": self.num_tokens,
             "tokens_per_second": round(w["tokens"] / max(now - w["time"], 1e-9), 2),
+            **summarize_metrics(w["metrics"]),
             **(extra or {}),
         }
-        self.window = {"loss": 0.0, "steps": 0, "tokens": 0, "time": now}
+        self.window = self._new_window(now)
         self._append(entry)
 
-    def on_eval(self, step: int, eval_loss: float, epoch: float) -> None:
-        self._append({**self._timing(step), "eval_loss": round(eval_loss, 6), "epoch": round(epoch, 4)})
+    def on_eval(self, step: int, results: dict, epoch: float) -> None:
+        """`results`: eval_loss and the stage's eval_* metrics."""
+        rounded = {k: round(v, 6) for k, v in results.items()}
+        self._append({**self._timing(step), **rounded, "epoch": round(epoch, 4)})
         if self.bar is not None:
-            self.bar.write(f"[lf-dist] step {step}: eval_loss {eval_loss:.4f}")
+            shown = ", ".join(
+                f"{k} {v:.4f}" for k, v in rounded.items() if k in ("eval_loss", "eval_rewards/accuracies")
+            )
+            self.bar.write(f"[lf-dist] step {step}: {shown}")
 
     def close(self) -> None:
         if self.bar is not None:
