@@ -72,6 +72,12 @@ def test_training_arguments_without_effect_are_reported_not_rejected():
         ("finetuning_type=qlora", "finetuning_type: 'qlora' is not one of"),
         ("learning_rate=fast", "learning_rate: expected float"),
         ("lr_scheduler_type=warmup", "lr_scheduler_type:"),
+        ("pref_loss=sigmod", "pref_loss: 'sigmod' is not one of sigmoid, hinge, ipo, orpo, simpo"),
+        ("pref_loss=kto_pair", "pref_loss: 'kto_pair' is not implemented by lf-dist"),
+        ("dpo_label_smoothing=0.7", "dpo_label_smoothing: must be in [0, 0.5)"),
+        ("pref_beta=0", "pref_beta: must be > 0"),
+        ("ref_model=/nonexistent", "ref_model: /nonexistent is not a local Hugging Face checkpoint"),
+        ("ref_model_adapters=x", "'ref_model_adapters' is a LLaMA-Factory option that lf-dist does not implement"),
     ],
 )
 def test_user_mistakes_raise_one_line_errors(override, message):

@@ -150,7 +150,7 @@ class KTOStage(Stage):
             "rewards/chosen": _metric(rewards * chosen, chosen.sum()),
             "rewards/rejected": _metric(rewards * rejected, rejected.sum()),
             # desirable answers made likelier than under the reference, undesirable ones less likely
-            "rewards/accuracies": _metric(((rewards > 0) == tags).float(), n),
+            "rewards/accuracies": _metric(torch.where(tags, rewards > 0, rewards < 0).float(), n),
             "logps/chosen": _metric(logps * chosen, chosen.sum()),
             "logps/rejected": _metric(logps * rejected, rejected.sum()),
             "kl": _metric(kl, 1),
