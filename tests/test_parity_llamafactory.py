@@ -90,7 +90,24 @@ JOBS = (
         },
         {"name": "qwen_val_size", "template": "qwen", "dataset": ALL, "cutoff_len": 1024, "extra": {"val_size": 0.25}},
     ]
+    # preference data: pairwise rows (rm / dpo) and kto rows, untruncated and with the budget split
+    + [
+        {"name": f"{t}_{stage}_{cut}", "template": t, "dataset": data, "cutoff_len": cut, "stage": stage}
+        for t in ("chatml", "llama3", "qwen3")
+        for stage, data in (("rm", "ranking_parity,alpaca_ranking_parity"), ("kto", "kto_parity"))
+        for cut in (1024, 24)
+    ]
 )
+PAIR_COLUMNS = tuple(
+    f"{side}_{c}" for side in ("chosen", "rejected") for c in ("input_ids", "attention_mask", "labels")
+)
+
+
+def _columns(job: dict) -> tuple[str, ...]:
+    stage = job.get("stage", "sft")
+    if stage in ("rm", "dpo"):
+        return PAIR_COLUMNS
+    return ("input_ids", "attention_mask", "labels") + (("kto_tags",) if stage == "kto" else ())
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +138,7 @@ def _ours(job: dict, tmp_path: Path) -> dict:
         "output_dir": str(tmp_path / "o"),
         "overwrite_cache": True,
         "tokenized_path": str(tmp_path / "tok"),
+        "stage": job.get("stage", "sft"),
         **job.get("extra", {}),
     }
     if job["template"] is not None:
@@ -131,8 +149,7 @@ def _ours(job: dict, tmp_path: Path) -> dict:
     fix_tokenizer(template, tokenizer)
     bundle = build_datasets(cfg, tokenizer, template)
     splits = {"train": bundle.train, "validation": bundle.eval}
-    cols = ("input_ids", "attention_mask", "labels")
-    return {k: {c: ds[c] for c in cols} for k, ds in splits.items() if ds is not None}
+    return {k: {c: ds[c] for c in _columns(job)} for k, ds in splits.items() if ds is not None}
 
 
 @pytest.mark.parametrize("job", JOBS, ids=[j["name"] for j in JOBS])
@@ -141,7 +158,7 @@ def test_rows_are_token_identical_to_llamafactory(reference, tmp_path, job):
     ours = _ours(job, tmp_path)
     assert ours.keys() == theirs.keys()
     for split in theirs:
-        for col in ("input_ids", "labels", "attention_mask"):
+        for col in _columns(job):
             assert len(ours[split][col]) == len(theirs[split][col]), (split, col)
             for i, (a, b) in enumerate(zip(ours[split][col], theirs[split][col])):
                 assert a == b, f"{split} row {i} {col} differs"

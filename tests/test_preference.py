@@ -288,3 +288,19 @@ def test_dpo_starts_at_log2_because_policy_equals_reference(make_cfg, finetuning
     run(cfg)
     first = _log(cfg.train.output_dir)[0]
     assert first["loss"] == pytest.approx(0.693147, abs=1e-6) and first["rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["dpo_lora", "kto_lora", "rm_lora"])
+def test_example_config_trains(tmp_path, name):
+    """The shipped examples run as they are (a few steps), from the install `make demo` uses."""
+    from lf_dist.cli import main
+
+    from .conftest import ROOT
+
+    out = tmp_path / name
+    config = ROOT / "examples" / "tiny" / f"{name}.yaml"
+    assert main(["train", str(config), f"output_dir={out}", "max_steps=4", "eval_steps=2", "disable_tqdm=true"]) == 0
+    log = _log(out)
+    assert any("eval_rewards/accuracies" in e for e in log)
+    assert all("rewards/accuracies" in e for e in log if "loss" in e)
+    assert (out / "adapter_model.safetensors").is_file()

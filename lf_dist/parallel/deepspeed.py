@@ -118,7 +118,8 @@ class DeepSpeedStrategy(DistributedStrategy):
             "steps_per_print": 10**9,
         }
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        engine.eval()  # DeepSpeedEngine.eval() does not return the engine
+        return engine
 
     def backward(self, loss):
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)

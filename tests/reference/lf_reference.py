@@ -15,6 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+COLUMNS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "kto_tags",
+    *(f"{side}_{c}" for side in ("chosen", "rejected") for c in ("input_ids", "attention_mask", "labels")),
+)
+
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
@@ -63,8 +71,8 @@ def main() -> None:
         for split, key in (("train", "train_dataset"), ("validation", "eval_dataset")):
             ds = module.get(key)
             if ds is not None:
-                cols = [c for c in ("input_ids", "attention_mask", "labels") if c in ds.column_names]
-                rows[split] = {c: [list(x) for x in ds[c]] for c in cols}
+                cols = [c for c in COLUMNS if c in ds.column_names]
+                rows[split] = {c: [x if isinstance(x, bool) else list(x) for x in ds[c]] for c in cols}
         result = {"rows": rows, "seconds": seconds}
         (out / f"{job['name']}.json").write_text(json.dumps(result), encoding="utf-8")
         print(f"done {job['name']} in {seconds:.2f}s", flush=True)
