@@ -207,7 +207,7 @@ def build_datasets(cfg: RunConfig, tokenizer, template: Template, world_size: in
     path = Path(d.tokenized_path) if d.tokenized_path else None
     if path is not None and _is_saved(path):
         logger.info(f"loading tokenized data from {path} (dataset and preprocessing keys are not used)")
-        return load_bundle(path)
+        return _check_layout(load_bundle(path), cfg.finetuning.stage, path)
     if world_size == 1:
         bundle = _process(cfg, tokenizer, template)
         if path is not None:
@@ -218,6 +218,24 @@ def build_datasets(cfg: RunConfig, tokenizer, template: Template, world_size: in
     if prepare_shared(path, lambda: save_bundle(_process(cfg, tokenizer, template), path)):
         logger.info(f"tokenized data prepared for all ranks at {path}")
     return load_bundle(path)
+
+
+def _layout(columns) -> str:
+    if "kto_tags" in columns:
+        return "kto"
+    return "pairwise" if "chosen_input_ids" in columns or "seq_lens" in columns else "supervised"
+
+
+def _check_layout(bundle: DatasetBundle, stage: str, path: Path) -> DatasetBundle:
+    """Data tokenized for one stage cannot feed another (sft rows have no chosen/rejected pairs)."""
+    expected = {"rm": "pairwise", "dpo": "pairwise", "kto": "kto"}.get(stage, "supervised")
+    found = _layout(bundle.train.column_names) if bundle.train is not None else expected
+    if found != expected:
+        raise UserError(
+            f"tokenized_path: {path} holds {found} rows but stage {stage} needs {expected} rows; "
+            "use another tokenized_path or delete this one"
+        )
+    return bundle
 
 
 def prepare_shared(path: Path, build) -> bool:
