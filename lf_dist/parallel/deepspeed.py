@@ -81,6 +81,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         super().__init__(cfg)
         self.ds_config = read_ds_config(cfg.train.deepspeed or {"zero_optimization": {"stage": 2}})
         self.engine = None
+        self.ref_engine = None
 
     @property
     def zero_stage(self) -> int:
@@ -119,7 +120,20 @@ class DeepSpeedStrategy(DistributedStrategy):
         }
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
         engine.eval()  # DeepSpeedEngine.eval() does not return the engine
+        self.ref_engine = engine
         return engine
+
+    def teardown(self) -> None:
+        """Engines release their ZeRO hooks and buffers before the process group goes: left to interpreter
+        shutdown, a rank sometimes aborted after finishing ("terminate called without an active exception")."""
+        import gc
+
+        for engine in (self.ref_engine, self.engine):
+            if engine is not None and hasattr(engine, "destroy"):
+                engine.destroy()
+        self.engine = self.ref_engine = None
+        gc.collect()
+        super().teardown()
 
     def backward(self, loss):
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
