@@ -44,8 +44,8 @@ def _build(args, data_dir: Path, *extra: str) -> tuple[object, float]:
     """lf-dist's train split for the synthetic data, and the seconds `build_datasets` took."""
     from transformers import AutoTokenizer
 
-    from lf_dist.config import load_config
-    from lf_dist.data import build_datasets
+    from lf_dist.configure import load_config
+    from lf_dist.data import SUPERVISED, build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
 
     keys = {
@@ -61,7 +61,7 @@ def _build(args, data_dir: Path, *extra: str) -> tuple[object, float]:
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
     start = time.perf_counter()
-    train = build_datasets(cfg, tok, template).train
+    train = build_datasets(cfg, tok, template, SUPERVISED).train
     return train, time.perf_counter() - start
 
 

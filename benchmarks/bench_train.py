@@ -108,7 +108,7 @@ def run_baseline(cfg) -> dict:
     """The same batches through a minimal loop: HF loss (mean per micro-batch), AdamW, no logging."""
     from transformers import AutoTokenizer, set_seed
 
-    from lf_dist.data import Collator, build_datasets
+    from lf_dist.data import SUPERVISED, Collator, build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
     from lf_dist.model import apply_finetuning, load_model
     from lf_dist.train.schedule import StepSchedule
@@ -117,13 +117,13 @@ def run_baseline(cfg) -> dict:
     tok = AutoTokenizer.from_pretrained(cfg.model.model_name_or_path)
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
-    ds = build_datasets(cfg, tok, template).train
+    ds = build_datasets(cfg, tok, template, SUPERVISED).train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = apply_finetuning(load_model(cfg, tok), cfg).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.learning_rate)
     sched = StepSchedule(len(ds), cfg.train.per_device_train_batch_size, 1, cfg.train.seed)
     collate = Collator(tok.pad_token_id)
-    batches = [collate([ds[i] for i in sched.step(s)[1][0]]) for s in range(cfg.train.max_steps)]
+    batches = [collate([ds[i] for i in sched.step(s)[0]]) for s in range(cfg.train.max_steps)]
     dtype = torch.bfloat16 if cfg.train.bf16 else None
     tokens, start = 0, time.perf_counter()
     for batch in batches:
@@ -175,7 +175,7 @@ def main() -> None:
         )
         return
 
-    from lf_dist.config import load_config
+    from lf_dist.configure import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(args.model, Path(tmp))

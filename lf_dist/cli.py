@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lf-dist {__version__}")
         return 0
     try:
-        from lf_dist.config import load_config
+        from lf_dist.configure import load_config
         from lf_dist.log import get_logger
 
         cfg = load_config(args.config, args.overrides)

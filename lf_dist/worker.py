@@ -1,7 +1,8 @@
 """The worker entry point: every launcher ends here, on every rank.
 
-Order matters for "nothing half-written": everything a user can get wrong (config, data, model path) is
-checked before the first byte goes to output_dir.
+Order matters for "fail early" and "nothing half-written": the model setup is checked on the meta device
+before any data is preprocessed, and everything a user can get wrong (config, model, resume checkpoint,
+data) is checked before the first byte goes to output_dir.
 """
 
 from __future__ import annotations
@@ -56,7 +57,18 @@ def _clear_previous_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _model_factory(cfg: RunConfig, tokenizer, dtype):
+def check_model(cfg: RunConfig, stage, tokenizer) -> None:
+    """Build the fine-tuning model on the meta device (no weights, no memory) so that a freeze, lora_target or
+    head mistake fails in one line before any data is preprocessed."""
+    import torch
+
+    from lf_dist.model import apply_finetuning, load_model
+
+    with torch.device("meta"):
+        apply_finetuning(load_model(cfg, tokenizer, stage.head, meta=True), cfg, stage.head, quiet=True)
+
+
+def _model_factory(cfg: RunConfig, head, tokenizer, dtype):
     """Build the fine-tuning model; `meta=True` builds it on the meta device (no memory, weights come later)."""
     import torch
 
@@ -64,45 +76,33 @@ def _model_factory(cfg: RunConfig, tokenizer, dtype):
 
     def build(meta: bool):
         if not meta:
-            return apply_finetuning(load_model(cfg, tokenizer, dtype=dtype), cfg)
+            return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype), cfg, head)
         with torch.device("meta"):
-            return apply_finetuning(load_model(cfg, tokenizer, dtype=dtype, meta=True), cfg)
+            return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype, meta=True), cfg, head)
 
     return build
 
 
-def _reference(cfg: RunConfig, strategy, tokenizer):
-    """The reference of dpo (sigmoid / hinge / ipo) and kto: LoRA's own base with adapters disabled, else a
-    frozen model from `ref_model` or the starting checkpoint, placed by the strategy."""
+def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
+    """The frozen models the stage asks for, by role, as `Frozen` handles: the policy with its adapters
+    disabled, or a model loaded and placed by the strategy like the policy."""
     import torch
 
     from lf_dist.model import load_model
-    from lf_dist.train.preference import Reference
-    from lf_dist.train.stages import needs_reference
+    from lf_dist.train.losses import Frozen
 
-    f = cfg.finetuning
-    if not needs_reference(cfg):
-        return None
-    if f.finetuning_type == "lora" and f.ref_model is None:
-        return Reference(None, strategy.unwrap)
+    frozen = {}
+    for need in stage.frozen(cfg):
+        if need.path is None:
+            frozen[need.role] = Frozen(None, strategy.unwrap)
+            continue
 
-    def build(meta: bool):
-        with torch.device("meta") if meta else contextlib.nullcontext():
-            return load_model(cfg, tokenizer, dtype=strategy.load_dtype(), meta=meta, path=f.ref_model)
+        def build(meta: bool, need=need):
+            with torch.device("meta") if meta else contextlib.nullcontext():
+                return load_model(cfg, tokenizer, need.head, dtype=strategy.load_dtype(), meta=meta, path=need.path)
 
-    return Reference(strategy.prepare_reference(build))
-
-
-def _collator(cfg: RunConfig, tokenizer):
-    from lf_dist.data import Collator
-    from lf_dist.data.collator import FeedbackCollator, PairwiseCollator
-
-    stage = cfg.finetuning.stage
-    if stage in ("rm", "dpo"):
-        return PairwiseCollator(tokenizer.pad_token_id)
-    if stage == "kto":
-        return FeedbackCollator(tokenizer.pad_token_id, cfg.data.cutoff_len)
-    return Collator(tokenizer.pad_token_id)
+        frozen[need.role] = Frozen(strategy.prepare_frozen(build))
+    return frozen
 
 
 def run(cfg: RunConfig) -> dict:
@@ -113,20 +113,24 @@ def run(cfg: RunConfig) -> dict:
     from lf_dist.model import load_tokenizer
     from lf_dist.parallel import build_strategy
     from lf_dist.train.loop import Trainer
-    from lf_dist.train.stages import build_stage
+    from lf_dist.train.stages import get_stage
 
+    stage = get_stage(cfg.finetuning.stage)
     strategy = build_strategy(cfg)
     try:
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg)
         template = get_template(cfg.data.template, tokenizer, cfg.data)
         fix_tokenizer(template, tokenizer)
-        datasets = build_datasets(cfg, tokenizer, template, world_size=strategy.world_size)
+        check_model(cfg, stage, tokenizer)
         resume_from = plan_output_dir(cfg)
+        if resume_from is not None:
+            strategy.check_resumable(resume_from)
+        datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
         set_seed(cfg.train.seed)
-        model = strategy.create_model(_model_factory(cfg, tokenizer, strategy.load_dtype()))
-        stage = build_stage(cfg, _reference(cfg, strategy, tokenizer))
-        trainer = Trainer(cfg, strategy, stage, model, tokenizer, datasets, _collator(cfg, tokenizer))
+        model = strategy.create_model(_model_factory(cfg, stage.head, tokenizer, strategy.load_dtype()))
+        loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
+        trainer = Trainer(cfg, strategy, stage, loss, model, tokenizer, datasets)
         out = Path(cfg.train.output_dir)
         if strategy.is_main:
             out.mkdir(parents=True, exist_ok=True)

@@ -51,9 +51,16 @@ def base_overrides(output_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def stage_data(cfg):
+    """The data kind of the config's stage (what `build_datasets` produces for it)."""
+    from lf_dist.train.stages import get_stage
+
+    return get_stage(cfg.finetuning.stage).data
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
-    from lf_dist.config import load_config
+    from lf_dist.configure import load_config
 
     def _make(name: str = "run", **extra):
         return load_config(None, base_overrides(tmp_path / name, **extra))

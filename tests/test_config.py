@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from lf_dist.cli import main
-from lf_dist.config import load_config
+from lf_dist.configure import load_config
 from lf_dist.errors import UserError
 
 from .conftest import DATA_DIR, ROOT, TINY_MODEL, base_overrides

@@ -13,7 +13,7 @@ from lf_dist.data.templates import TEMPLATES, fix_tokenizer, get_template
 from lf_dist.data.tokenize import IGNORE_INDEX, build_supervised, infer_seqlen
 from lf_dist.errors import UserError
 
-from .conftest import DATA_DIR, TINY_MODEL
+from .conftest import DATA_DIR, TINY_MODEL, stage_data
 
 REQUIRED_TEMPLATES = [
     "default",
@@ -43,7 +43,7 @@ def _build(make_cfg, tokenizer, **kw):
     cfg = make_cfg(**kw)
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
-    return build_datasets(cfg, tokenizer, template), cfg
+    return build_datasets(cfg, tokenizer, template, stage_data(cfg)), cfg
 
 
 def _split(tokenizer, row):

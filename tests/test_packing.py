@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lf_dist.data import Collator, build_datasets
 from lf_dist.data.packing import best_fit_decreasing
 from lf_dist.data.templates import fix_tokenizer, get_template
-from lf_dist.train.stages import build_stage
+from lf_dist.train.stages import build_loss
 from lf_dist.worker import run
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, stage_data
 
 
 def test_best_fit_decreasing_places_every_item_once_within_capacity():
@@ -33,7 +33,7 @@ def _data(make_cfg, packing: bool, neat: bool, **kw):
     tok = AutoTokenizer.from_pretrained(TINY_MODEL)
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
-    return cfg, tok, build_datasets(cfg, tok, template).train
+    return cfg, tok, build_datasets(cfg, tok, template, stage_data(cfg)).train
 
 
 def _loss_and_grads(model, stage, batch):
@@ -51,9 +51,9 @@ def test_neat_packed_batch_has_the_loss_and_gradients_of_the_unpacked_examples(m
     assert 1 < len(packed) < len(unpacked)  # several examples per row, several rows per batch
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=attn, dtype=torch.float32)
     collate = Collator(tok.pad_token_id)
-    loss_u, grads_u = _loss_and_grads(model, build_stage(cfg_u), collate([unpacked[i] for i in range(len(unpacked))]))
+    loss_u, grads_u = _loss_and_grads(model, build_loss(cfg_u), collate([unpacked[i] for i in range(len(unpacked))]))
     packed_batch = collate([packed[i] for i in range(len(packed))])
-    loss_p, grads_p = _loss_and_grads(model, build_stage(cfg_p), packed_batch)
+    loss_p, grads_p = _loss_and_grads(model, build_loss(cfg_p), packed_batch)
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0)
     for name in grads_u:
         # fp32 sums in another order: elementwise, near-zero entries can differ in their last bits, so the
@@ -61,7 +61,7 @@ def test_neat_packed_batch_has_the_loss_and_gradients_of_the_unpacked_examples(m
         rel = float((grads_p[name] - grads_u[name]).norm() / grads_u[name].norm())
         assert rel < 1e-5, (name, rel)
     # The same rows with cross-attention (plain packing) do see each other: the comparison above is sensitive.
-    loss_x, _ = _loss_and_grads(model, build_stage(cfg_u), packed_batch)
+    loss_x, _ = _loss_and_grads(model, build_loss(cfg_u), packed_batch)
     assert abs(float(loss_x) - float(loss_u)) > 1e-3
 
 
@@ -117,7 +117,7 @@ def test_neat_packing_on_gpu_matches_unpacked(make_cfg, attn):
     collate = Collator(tok.pad_token_id)
     to_cuda = lambda b: {k: v.cuda() for k, v in b.items()}  # noqa: E731
     loss_u, _ = _loss_and_grads(
-        model, build_stage(cfg_u), to_cuda(collate([unpacked[i] for i in range(len(unpacked))]))
+        model, build_loss(cfg_u), to_cuda(collate([unpacked[i] for i in range(len(unpacked))]))
     )
-    loss_p, _ = _loss_and_grads(model, build_stage(cfg_p), to_cuda(collate([packed[i] for i in range(len(packed))])))
+    loss_p, _ = _loss_and_grads(model, build_loss(cfg_p), to_cuda(collate([packed[i] for i in range(len(packed))])))
     torch.testing.assert_close(loss_p.float(), loss_u.float(), rtol=2e-2, atol=0)  # bf16 kernels

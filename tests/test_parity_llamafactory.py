@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from lf_dist.config import load_config
+from lf_dist.configure import load_config
 from lf_dist.data import build_datasets
 from lf_dist.data.templates import fix_tokenizer, get_template
 
-from .conftest import ROOT, TINY_MODEL
+from .conftest import ROOT, TINY_MODEL, stage_data
 from .reference import lf_venv
 
 PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
@@ -147,7 +147,7 @@ def _ours(job: dict, tmp_path: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
-    bundle = build_datasets(cfg, tokenizer, template)
+    bundle = build_datasets(cfg, tokenizer, template, stage_data(cfg))
     splits = {"train": bundle.train, "validation": bundle.eval}
     return {k: {c: ds[c] for c in _columns(job)} for k, ds in splits.items() if ds is not None}
 

@@ -12,7 +12,7 @@ import torch
 
 from lf_dist.worker import run
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, stage_data
 
 WORDS = "dragon basket tiger silver bridge pencil harbor yellow river umbrella garden window candle forest".split()
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -174,7 +174,7 @@ def _dataset(make_cfg, stage: str, name: str, **extra):
 
     cfg = make_cfg(name, stage=stage, dataset="ranking_demo", max_samples=24, cutoff_len=64, **extra)
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
-    train = build_datasets(cfg, tokenizer, get_template("chatml", tokenizer, cfg.data)).train
+    train = build_datasets(cfg, tokenizer, get_template("chatml", tokenizer, cfg.data), stage_data(cfg)).train
     return [train[i] for i in range(len(train))], tokenizer
 
 
@@ -186,7 +186,8 @@ def test_packed_pairs_give_the_unpacked_loss_and_metrics(make_cfg, stage, device
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from lf_dist.data.collator import PairwiseCollator
-    from lf_dist.train.preference import DPOStage, Reference, RewardStage
+    from lf_dist.train.losses import Frozen
+    from lf_dist.train.preference import DPOLoss, RewardLoss
 
     unpacked, tokenizer = _dataset(make_cfg, stage, "unpacked")
     packed, _ = _dataset(make_cfg, stage, "packed", packing=True)
@@ -199,14 +200,14 @@ def test_packed_pairs_give_the_unpacked_loss_and_metrics(make_cfg, stage, device
         model = AutoModelForSequenceClassification.from_pretrained(
             TINY_MODEL, num_labels=1, pad_token_id=tokenizer.pad_token_id
         )
-        loss_fn = RewardStage()
+        loss_fn = RewardLoss()
     else:
         model = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
         ref = AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-        loss_fn = DPOStage("sigmoid", 0.1, 0.0, 0.0, 0.5, Reference(ref.to(device)))
+        loss_fn = DPOLoss("sigmoid", 0.1, 0.0, 0.0, 0.5, Frozen(ref.to(device)))
     model.to(device).train()
     tol = 1e-5 if device == "cpu" else 1e-4  # GPU kernels for masked and block-diagonal attention differ more
 
@@ -233,13 +234,14 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(make_cfg):
     from lf_dist.data.collator import PairwiseCollator
     from lf_dist.model import apply_finetuning, load_model
     from lf_dist.parallel import SingleStrategy
-    from lf_dist.train.pref_losses import sequence_logps
-    from lf_dist.train.stages import model_inputs
-    from lf_dist.worker import _reference
+    from lf_dist.train.losses import model_inputs
+    from lf_dist.train.stages import get_stage
+    from lf_dist.train.token_logps import sequence_logps
+    from lf_dist.worker import build_frozen
 
     cfg = make_cfg(stage="dpo", dataset="ranking_demo", max_samples=8)
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
-    reference = _reference(cfg, SingleStrategy(cfg), tokenizer)
+    reference = build_frozen(cfg, get_stage("dpo"), SingleStrategy(cfg), tokenizer)["reference"]
     assert reference.model is None
     policy = apply_finetuning(load_model(cfg, tokenizer), cfg)
     with torch.no_grad():
@@ -252,10 +254,8 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(make_cfg):
     ref_logps = reference.logps(policy, model_inputs(batch, True), batch["labels"], batch["seq_ids"], n)
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
     with torch.no_grad():
-        base_logps = sequence_logps(base(**model_inputs(batch, True)).logits, batch["labels"], batch["seq_ids"], n)[0]
-        policy_logps = sequence_logps(
-            policy(**model_inputs(batch, True)).logits, batch["labels"], batch["seq_ids"], n
-        )[0]
+        base_logps = sequence_logps(base, model_inputs(batch, True), batch["labels"], batch["seq_ids"], n)[0]
+        policy_logps = sequence_logps(policy, model_inputs(batch, True), batch["labels"], batch["seq_ids"], n)[0]
     assert torch.allclose(ref_logps, base_logps, atol=1e-4)
     assert not torch.allclose(policy_logps, base_logps, atol=1e-2)  # the adapters are on outside the reference
 
@@ -264,7 +264,11 @@ def test_full_finetuning_reference_is_a_frozen_copy_of_ref_model(make_cfg, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lf_dist.parallel import SingleStrategy
-    from lf_dist.worker import _reference
+    from lf_dist.train.stages import get_stage
+    from lf_dist.worker import build_frozen
+
+    def _reference(cfg, strategy, tokenizer):
+        return build_frozen(cfg, get_stage("dpo"), strategy, tokenizer).get("reference")
 
     other = AutoModelForCausalLM.from_pretrained(TINY_MODEL)
     with torch.no_grad():
@@ -318,7 +322,7 @@ def test_tokenized_path_of_another_stage_is_refused_in_one_line(make_cfg, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
     saved = tmp_path / "tokenized"
     sft = make_cfg("sft", tokenized_path=str(saved), max_samples=8)
-    build_datasets(sft, tokenizer, get_template("chatml", tokenizer, sft.data))
+    build_datasets(sft, tokenizer, get_template("chatml", tokenizer, sft.data), stage_data(sft))
     dpo = make_cfg("dpo", stage="dpo", dataset="ranking_demo", tokenized_path=str(saved))
     with pytest.raises(UserError, match="holds supervised rows but stage dpo needs pairwise rows"):
-        build_datasets(dpo, tokenizer, get_template("chatml", tokenizer, dpo.data))
+        build_datasets(dpo, tokenizer, get_template("chatml", tokenizer, dpo.data), stage_data(dpo))

@@ -14,9 +14,10 @@ import torch
 
 from lf_dist.data.collator import FeedbackCollator, PairwiseCollator
 from lf_dist.data.tokenize import IGNORE_INDEX
-from lf_dist.train.preference import DPOStage, KTOStage, Reference, RewardStage
-from lf_dist.train.stages import summarize_metrics
+from lf_dist.train.losses import Frozen
+from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss
 from tests.conftest import TINY_MODEL as MODEL
+from tests.conftest import stage_data
 
 trl = pytest.importorskip("trl")
 TOL = 1e-5
@@ -51,7 +52,7 @@ def _rows(make_cfg, tokenizer, stage: str, dataset: str, n: int) -> list[dict]:
 
     cfg = make_cfg(stage=stage, dataset=dataset, max_samples=n, cutoff_len=256)
     template = get_template("chatml", tokenizer, cfg.data)
-    train = build_datasets(cfg, tokenizer, template).train
+    train = build_datasets(cfg, tokenizer, template, stage_data(cfg)).train
     return [train[i] for i in range(len(train))]
 
 
@@ -72,7 +73,7 @@ def _trl_pairs(rows: list[dict]) -> list[dict]:
 
 def _ours(stage, model, batch) -> tuple[float, dict]:
     loss, metrics = stage.loss(model, batch)
-    return float(loss) / stage.num_units(batch), summarize_metrics(metrics)
+    return float(loss) / stage.num_units(batch), stage.summarize(metrics)
 
 
 def _text_dataset():
@@ -117,7 +118,7 @@ def test_dpo_losses_match_trl(make_cfg, tokenizer, models, tmp_path, loss_type, 
         rows = [r for r, n in zip(rows, lengths) if n == max(set(lengths), key=lengths.count)]
         assert len(rows) >= 2
     beta = 0.1
-    stage = DPOStage(loss_type, beta, ftx, label_smoothing, 0.5, Reference(copy.deepcopy(ref)))
+    stage = DPOLoss(loss_type, beta, ftx, label_smoothing, 0.5, Frozen(copy.deepcopy(ref)))
     loss, metrics = _ours(stage, copy.deepcopy(policy), PairwiseCollator(tokenizer.pad_token_id)(rows))
 
     if label_smoothing:  # TRL 1.x dropped cDPO from "sigmoid"; cDPO = 2(1-e) sigmoid - (1-2e) robust
@@ -169,7 +170,7 @@ def test_simpo_matches_trl_cpo(make_cfg, tokenizer, models, tmp_path):
     policy, _ = models
     rows = _rows(make_cfg, tokenizer, "dpo", "ranking_demo", 6)
     beta, gamma, eps = 2.0, 0.5, 0.1
-    stage = DPOStage("simpo", beta, 0.0, eps, gamma, None)
+    stage = DPOLoss("simpo", beta, 0.0, eps, gamma, None)
     loss, metrics = _ours(stage, copy.deepcopy(policy), PairwiseCollator(tokenizer.pad_token_id)(rows))
     trainer = _trainer(
         CPOTrainer,
@@ -198,7 +199,7 @@ def test_orpo_matches_trl(make_cfg, tokenizer, models, tmp_path):
     policy, _ = models
     rows = _rows(make_cfg, tokenizer, "dpo", "ranking_demo", 6)
     beta = 0.1
-    stage = DPOStage("orpo", beta, 0.0, 0.0, 0.5, None)
+    stage = DPOLoss("orpo", beta, 0.0, 0.0, 0.5, None)
     loss, metrics = _ours(stage, copy.deepcopy(policy), PairwiseCollator(tokenizer.pad_token_id)(rows))
     trainer = _trainer(ORPOTrainer, ORPOConfig, copy.deepcopy(policy), tokenizer, tmp_path, beta=beta)
     trl_loss, theirs = trainer.get_batch_loss_metrics(trainer.model, trainer.data_collator(_legacy_pairs(rows)))
@@ -216,7 +217,7 @@ def test_kto_matches_trl(make_cfg, tokenizer, models, tmp_path):
     rows = _rows(make_cfg, tokenizer, "kto", "kto_demo", 8)
     assert 0 < sum(r["kto_tags"] for r in rows) < len(rows)
     beta, w_good, w_bad = 0.1, 1.0, 1.33
-    stage = KTOStage(beta, 0.0, w_good, w_bad, Reference(copy.deepcopy(ref)))
+    stage = KTOLoss(beta, 0.0, w_good, w_bad, Frozen(copy.deepcopy(ref)))
     batch = FeedbackCollator(tokenizer.pad_token_id, 256)(rows)
     loss, metrics = _ours(stage, copy.deepcopy(policy), batch)
 
@@ -261,7 +262,7 @@ def test_reward_model_loss_matches_trl(make_cfg, tokenizer, tmp_path):
     with torch.no_grad():
         model.score.weight.normal_(std=0.5)  # a head that separates, so the accuracies are not trivial
     rows = _rows(make_cfg, tokenizer, "rm", "ranking_demo", 6)
-    loss, metrics = _ours(RewardStage(), copy.deepcopy(model).train(), PairwiseCollator(tokenizer.pad_token_id)(rows))
+    loss, metrics = _ours(RewardLoss(), copy.deepcopy(model).train(), PairwiseCollator(tokenizer.pad_token_id)(rows))
     trainer = _trainer(RewardTrainer, RewardConfig, copy.deepcopy(model), tokenizer, tmp_path)
     examples = [{"chosen_ids": r["chosen_input_ids"], "rejected_ids": r["rejected_input_ids"]} for r in rows]
     trl_loss = float(trainer.compute_loss(trainer.model, trainer.data_collator(examples)))

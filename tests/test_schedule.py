@@ -8,20 +8,20 @@ from lf_dist.train.schedule import StepSchedule, resolve_steps
 def test_each_epoch_visits_every_example_once_in_a_seeded_order():
     s = StepSchedule(num_examples=23, batch_size=4, accum=2, seed=1)
     assert s.batches_per_epoch == 6 and s.steps_per_epoch == 3
-    seen = [i for step in range(3) for mb in s.step(step)[1] for i in mb]
+    seen = [i for step in range(3) for mb in s.step(step) for i in mb]
     assert sorted(seen) == list(range(23))
     again = StepSchedule(23, 4, 2, seed=1)
     assert [again.step(k) for k in range(6)] == [s.step(k) for k in range(6)]
-    assert s.step(3)[0] == 1 and s.step(3)[1] != s.step(0)[1]  # a new epoch is reshuffled
+    assert s.epoch_of(3) == 1 and s.step(3) != s.step(0)  # a new epoch is reshuffled
 
 
 def test_rank_shards_are_disjoint_and_cover_the_global_batch():
     one = StepSchedule(32, 4, 1, seed=3)
     ranks = [StepSchedule(32, 2, 1, seed=3, rank=r, world=2) for r in range(2)]
     for step in range(8):
-        union = sorted(ranks[0].step(step)[1][0] + ranks[1].step(step)[1][0])
-        assert not set(ranks[0].step(step)[1][0]) & set(ranks[1].step(step)[1][0])
-        assert union == sorted(one.step(step)[1][0])
+        union = sorted(ranks[0].step(step)[0] + ranks[1].step(step)[0])
+        assert not set(ranks[0].step(step)[0]) & set(ranks[1].step(step)[0])
+        assert union == sorted(one.step(step)[0])
 
 
 def test_total_steps_from_epochs_or_max_steps_and_fractional_intervals():

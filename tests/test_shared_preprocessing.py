@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import base_overrides
+from .conftest import base_overrides, stage_data
 
 
 def _free_port() -> int:
@@ -68,7 +68,7 @@ def _build_rank(rank: int, out_dir: str, cache: str, world_size: int = 2) -> Non
     import datasets
     from transformers import AutoTokenizer
 
-    from lf_dist.config import load_config
+    from lf_dist.configure import load_config
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
 
@@ -77,7 +77,7 @@ def _build_rank(rank: int, out_dir: str, cache: str, world_size: int = 2) -> Non
     tok = AutoTokenizer.from_pretrained(cfg.model.model_name_or_path)
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
-    bundle = build_datasets(cfg, tok, template, world_size=world_size)
+    bundle = build_datasets(cfg, tok, template, stage_data(cfg), world_size=world_size)
     rows = {"train": list(map(list, bundle.train["input_ids"])), "eval": list(map(list, bundle.eval["input_ids"]))}
     Path(out_dir, f"rows{rank}.json").write_text(json.dumps(rows), encoding="utf-8")
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from lf_dist.train.checkpoint import list_checkpoints
 from lf_dist.worker import run
 
-from .conftest import TINY_MODEL
+from .conftest import TINY_MODEL, stage_data
 
 
 def _log(out):
@@ -29,18 +29,18 @@ def _eval_loss_of_saved_model(cfg, out, adapter: bool) -> float:
 
     from lf_dist.data import Collator, build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
-    from lf_dist.train.stages import build_stage
+    from lf_dist.train.stages import build_loss
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
-    eval_ds = build_datasets(cfg, tokenizer, template).eval
+    eval_ds = build_datasets(cfg, tokenizer, template, stage_data(cfg)).eval
     if adapter:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), out)
     else:
         model = AutoModelForCausalLM.from_pretrained(out)
     model.eval()
-    stage, collate = build_stage(cfg), Collator(tokenizer.pad_token_id)
+    stage, collate = build_loss(cfg), Collator(tokenizer.pad_token_id)
     total, tokens = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(eval_ds), 8):

@@ -1,6 +1,9 @@
-"""Read LLaMA-Factory style YAML/JSON configs into one typed, validated RunConfig."""
+"""Read LLaMA-Factory style YAML/JSON configs into one typed RunConfig, checked key by key.
 
-from lf_dist.config.loader import load_config
+config/ imports nothing of the package but `lf_dist.errors`: everyone reads the config, it reads no one.
+"""
+
+from lf_dist.config.loader import read_config
 from lf_dist.config.schema import DataArgs, FinetuningArgs, ModelArgs, RunConfig, TrainArgs
 
-__all__ = ["DataArgs", "FinetuningArgs", "ModelArgs", "RunConfig", "TrainArgs", "load_config"]
+__all__ = ["DataArgs", "FinetuningArgs", "ModelArgs", "RunConfig", "TrainArgs", "read_config"]

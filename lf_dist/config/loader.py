@@ -6,7 +6,6 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -119,12 +118,10 @@ def build_config(raw: dict, source: str | None = None) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a config file, apply overrides, fill LLaMA-Factory defaults and validate."""
+def read_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a config file, apply overrides, fill LLaMA-Factory defaults and check the values config/ knows.
+
+    A run's config comes from `lf_dist.configure.load_config`, which adds the stage's own checks."""
     raw = read_file(path) if path is not None else {}
     raw.update(parse_overrides(overrides or []))
     return build_config(raw, source=str(path) if path is not None else None)
-
-
-def section_fields(section: str) -> list[str]:
-    return [f.name for f in fields(SECTIONS[section])]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-STAGES = ("pt", "sft", "rm", "dpo", "kto")
-IMPLEMENTED_STAGES = STAGES
 FINETUNING_TYPES = ("full", "freeze", "lora")
 FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# The values `pref_loss` may take (what each means is the dpo stage's business, in train/pref_losses.py).
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 
 
 @dataclass
@@ -147,10 +147,6 @@ class RunConfig:
     # Keys accepted for compatibility that change nothing in lf-dist: reported once, never silently dropped.
     ignored: dict = field(default_factory=dict)
     source: str | None = None
-
-    @property
-    def stage(self) -> str:
-        return self.finetuning.stage
 
     def to_dict(self) -> dict:
         out = {}

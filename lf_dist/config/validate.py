@@ -1,10 +1,14 @@
-"""Every check of a config's values, in one place. Each failure is one UserError line naming the key."""
+"""Every check of a config's own values, in one place. Each failure is one UserError line naming the key.
+
+What depends on the stage (which keys it reads, what packing means for it) is the stage's own check, run
+right after these by `lf_dist.configure.load_config`; config/ itself knows no stage.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lf_dist.config.schema import FINETUNING_TYPES, FLASH_ATTN, IMPLEMENTED_STAGES, SCHEDULERS, STAGES, RunConfig
+from lf_dist.config.schema import FINETUNING_TYPES, FLASH_ATTN, PREF_LOSSES, SCHEDULERS, RunConfig
 from lf_dist.errors import UserError
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -24,11 +28,6 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
 
 def validate(cfg: RunConfig) -> None:
     m, d, f, t = cfg.model, cfg.data, cfg.finetuning, cfg.train
-    _choice("stage", f.stage, STAGES + ("ppo",))
-    if f.stage not in IMPLEMENTED_STAGES:
-        raise UserError(
-            f"stage: '{f.stage}' is not implemented by lf-dist yet (available: {', '.join(IMPLEMENTED_STAGES)})"
-        )
     _choice("finetuning_type", f.finetuning_type, FINETUNING_TYPES)
     _choice("flash_attn", m.flash_attn, FLASH_ATTN)
     _choice("lr_scheduler_type", t.lr_scheduler_type, SCHEDULERS)
@@ -90,11 +89,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 def _validate_data(cfg: RunConfig) -> None:
-    d, stage = cfg.data, cfg.finetuning.stage
-    from lf_dist.data.tool_formats import TOOL_FORMATS
-
-    if d.tool_format is not None:
-        _choice("tool_format", d.tool_format, tuple(TOOL_FORMATS))
+    d = cfg.data
     _choice("mix_strategy", d.mix_strategy, ("concat", "interleave_under", "interleave_over", "interleave_once"))
     if d.interleave_probs is not None:
         if d.mix_strategy == "concat":
@@ -106,20 +101,14 @@ def _validate_data(cfg: RunConfig) -> None:
         raise UserError("val_size: cannot be set together with eval_dataset")
     if d.mask_history and d.train_on_prompt:
         raise UserError("mask_history: incompatible with train_on_prompt")
-    if stage != "sft" and (d.train_on_prompt or d.mask_history):
-        raise UserError("train_on_prompt / mask_history: only for stage sft")
-    if d.neat_packing and stage not in ("sft", "rm", "dpo"):
-        raise UserError("neat_packing: only for stages sft, rm and dpo")
     if d.neat_packing:
-        d.packing = True
-    if d.packing is None:
-        d.packing = stage == "pt"
+        d.packing = True  # as LLaMA-Factory: neat packing is a kind of packing
 
 
 def _validate_preference(cfg: RunConfig) -> None:
-    from lf_dist.train.pref_losses import PREF_LOSSES
-
-    f, d = cfg.finetuning, cfg.data
+    """The preference keys' values are checked whatever the stage, so a typo never waits for the stage
+    that reads it."""
+    f = cfg.finetuning
     if f.pref_loss in ("kto_pair", "bco"):
         raise UserError(
             f"pref_loss: '{f.pref_loss}' is not implemented by lf-dist (available: {', '.join(PREF_LOSSES)})"
@@ -132,5 +121,3 @@ def _validate_preference(cfg: RunConfig) -> None:
         raise UserError(f"dpo_label_smoothing: must be in [0, 0.5), got {f.dpo_label_smoothing}")
     if f.ref_model is not None and not (Path(f.ref_model) / "config.json").is_file():
         raise UserError(f"ref_model: {f.ref_model} is not a local Hugging Face checkpoint (no config.json)")
-    if f.stage == "kto" and d.packing:
-        raise UserError("packing: not supported for stage kto (pairs pack for rm and dpo)")

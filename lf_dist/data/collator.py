@@ -12,13 +12,11 @@ from lf_dist.data.tokenize import IGNORE_INDEX
 
 
 class Collator:
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.multiple = pad_to_multiple_of
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        length = -(-longest // self.multiple) * self.multiple
+        length = max(len(r["input_ids"]) for r in rows)
         packed = "position_ids" in rows[0]
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
@@ -45,9 +43,9 @@ def _pad(rows: list[list[int]], value: int, length: int) -> torch.Tensor:
     return out
 
 
-def _sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int, multiple: int) -> dict:
+def _sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int) -> dict:
     """One sequence per row: ids, mask, labels, `seq_ids` (the row, -1 on padding), `ends` (flat last index)."""
-    length = -(-max(len(r) for r in ids) // multiple) * multiple
+    length = max(len(r) for r in ids)
     lengths = torch.tensor([len(r) for r in ids])
     seq_ids = torch.where(torch.arange(length) < lengths[:, None], torch.arange(len(ids))[:, None], -1)
     return {
@@ -60,24 +58,24 @@ def _sequences(ids: list[list[int]], labels: list[list[int]], pad_token_id: int,
 
 
 class PairwiseCollator:
-    """Pairs for rm / dpo, chosen and rejected in one batch for one concatenated forward.
+    """Pairs (ranking data), chosen and rejected in one batch for one concatenated forward.
 
     Sequence k is the chosen answer of pair k and sequence P + k its rejected answer (P pairs), whether rows
     hold one sequence (rows: chosen_1..P, rejected_1..P, as TRL concatenates) or packed pairs (`seq_lens`).
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 1):
-        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if "seq_lens" in rows[0]:
             return self._packed(rows)
         ids = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
         labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-        return _sequences(ids, labels, self.pad_token_id, self.multiple)
+        return _sequences(ids, labels, self.pad_token_id)
 
     def _packed(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        length = -(-max(len(r["input_ids"]) for r in rows) // self.multiple) * self.multiple
+        length = max(len(r["input_ids"]) for r in rows)
         n_pairs = sum(len(r["seq_lens"]) for r in rows) // 2
         seq_ids = torch.full((len(rows), length), -1, dtype=torch.long)
         position_ids = torch.arange(length).repeat(len(rows), 1)
@@ -103,15 +101,16 @@ class PairwiseCollator:
 
 
 class FeedbackCollator:
-    """kto rows, plus the mismatched rows of KTO's KL estimate: prompt i with the answer of row i-1 (TRL's rule)."""
+    """Feedback rows (answers tagged desirable or not), plus the mismatched rows of KTO's KL estimate: prompt i
+    with the answer of row i-1 (TRL's rule)."""
 
-    def __init__(self, pad_token_id: int, max_length: int, pad_to_multiple_of: int = 1):
-        self.pad_token_id, self.max_length, self.multiple = pad_token_id, max_length, pad_to_multiple_of
+    def __init__(self, pad_token_id: int, max_length: int):
+        self.pad_token_id, self.max_length = pad_token_id, max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         ids = [r["input_ids"] for r in rows]
         labels = [r["labels"] for r in rows]
-        batch = _sequences(ids, labels, self.pad_token_id, self.multiple)
+        batch = _sequences(ids, labels, self.pad_token_id)
         batch["kto_tags"] = torch.tensor([bool(r["kto_tags"]) for r in rows])
         split = [next(i for i, x in enumerate(lab) if x != IGNORE_INDEX) for lab in labels]
         prompts = [row[:s] for row, s in zip(ids, split)]
@@ -119,6 +118,6 @@ class FeedbackCollator:
         answers = answers[-1:] + answers[:-1]
         kl_ids = [(p + a)[: self.max_length] for p, a in zip(prompts, answers)]
         kl_labels = [([IGNORE_INDEX] * len(p) + a)[: self.max_length] for p, a in zip(prompts, answers)]
-        kl = _sequences(kl_ids, kl_labels, self.pad_token_id, self.multiple)
+        kl = _sequences(kl_ids, kl_labels, self.pad_token_id)
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch

@@ -97,7 +97,7 @@ def align(ds, attr: DatasetAttr, num_proc):
         convert,
         fn_kwargs={"attr": attr},
         remove_columns=ds.column_names,
-        num_proc=_procs(num_proc, len(ds)),
+        num_proc=map_workers(num_proc, len(ds)),
         desc=f"Converting {attr.name}",
     )
 
@@ -131,7 +131,8 @@ def _required_columns(attr: DatasetAttr) -> list[str]:
     return [attr.columns[r] for r in roles if attr.columns.get(r)]
 
 
-def _procs(num_proc: int | None, n: int) -> int | None:
+def map_workers(num_proc: int | None, n: int) -> int | None:
+    """Worker processes for a `datasets.map` over n rows (None: in this process)."""
     # Worker processes only pay off on larger sets; datasets rejects more workers than rows.
     if not num_proc or num_proc <= 1 or n < 1000:
         return None

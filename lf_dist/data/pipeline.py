@@ -17,12 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lf_dist.config import RunConfig
-from lf_dist.data.loader import _procs, align, load_source, merge
-from lf_dist.data.packing import pack_dataset, pack_pairs
-from lf_dist.data.preference import PAIRWISE_STAGES, encode_preference_records
+from lf_dist.data.kinds import DataKind, row_layout
+from lf_dist.data.loader import align, load_source, map_workers, merge
 from lf_dist.data.registry import get_dataset_attrs
 from lf_dist.data.template import Template
-from lf_dist.data.tokenize import IGNORE_INDEX, encode_records, is_valid, preprocess_pretrain
+from lf_dist.data.tokenize import IGNORE_INDEX, is_valid_text, preprocess_pretrain
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 
@@ -39,30 +38,20 @@ def _has_label(example: dict) -> bool:
     return len(example["input_ids"]) > 0 and any(x != IGNORE_INDEX for x in example["labels"])
 
 
-def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, what: str):
-    """Each registered dataset encoded record by record (sft), then merged as LLaMA-Factory merges them."""
+def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, kind: DataKind, what: str):
+    """Each registered dataset encoded record by record, then merged as LLaMA-Factory merges them."""
     d = cfg.data
     parts = []
     for attr in get_dataset_attrs(names, d.dataset_dir):
         raw = load_source(attr, d, cfg.train.seed, cfg.model.cache_dir)
-        stage = cfg.finetuning.stage
-        kwargs = {
-            "attr": attr,
-            "stage": stage,
-            "template": template,
-            "tokenizer": tokenizer,
-            "cutoff_len": d.cutoff_len,
-        }
-        if stage == "sft":
-            kwargs.update(train_on_prompt=d.train_on_prompt, mask_history=d.mask_history)
         parts.append(
             raw.map(
-                encode_records if stage == "sft" else encode_preference_records,
-                fn_kwargs=kwargs,
+                kind.encode,
+                fn_kwargs={"attr": attr, "template": template, "tokenizer": tokenizer, "data_args": d},
                 batched=True,
                 batch_size=d.preprocessing_batch_size,
                 remove_columns=raw.column_names,
-                num_proc=_procs(d.preprocessing_num_workers, len(raw)),
+                num_proc=map_workers(d.preprocessing_num_workers, len(raw)),
                 load_from_cache_file=not d.overwrite_cache,
                 desc=f"Tokenizing {attr.name} ({what})",
             )
@@ -83,9 +72,7 @@ def _pretrain_tokenize(ds, cfg: RunConfig, tokenizer, what: str):
     """pt: texts + eos, joined into cutoff_len blocks when packing; invalid (empty) texts dropped first."""
     d = cfg.data
     ds = ds.map(
-        lambda b: {
-            "_valid": [is_valid({"_prompt": p, "_response": r}, "pt") for p, r in zip(b["_prompt"], b["_response"])]
-        },
+        lambda b: {"_valid": [is_valid_text({"_prompt": p}) for p in b["_prompt"]]},
         batched=True,
     )
     ds = _keep_valid(ds)
@@ -96,7 +83,7 @@ def _pretrain_tokenize(ds, cfg: RunConfig, tokenizer, what: str):
         batched=True,
         batch_size=d.preprocessing_batch_size,
         remove_columns=ds.column_names,
-        num_proc=_procs(d.preprocessing_num_workers, len(ds)),
+        num_proc=map_workers(d.preprocessing_num_workers, len(ds)),
         load_from_cache_file=not d.overwrite_cache,
         desc=f"Tokenizing {what}",
     )
@@ -107,12 +94,13 @@ def _keep_valid(ds):
     return ds.filter(lambda valid: valid, input_columns=["_valid"], batched=True).remove_columns("_valid")
 
 
-def _process(cfg: RunConfig, tokenizer, template: Template) -> DatasetBundle:
-    d, t, stage = cfg.data, cfg.train, cfg.finetuning.stage
+def _process(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) -> DatasetBundle:
+    d, t = cfg.data, cfg.train
+    text = kind.encode is None  # texts are aligned now and tokenized into blocks after the split
     source = (
         (lambda names, what: _align_sources(names, cfg))
-        if stage == "pt"
-        else (lambda names, what: _encode_sources(names, cfg, tokenizer, template, what))
+        if text
+        else (lambda names, what: _encode_sources(names, cfg, tokenizer, template, kind, what))
     )
     parts = {}
     if d.dataset:
@@ -129,8 +117,8 @@ def _process(cfg: RunConfig, tokenizer, template: Template) -> DatasetBundle:
     counts = {}
     for name, ds in parts.items():
         before = len(ds)
-        parts[name] = _pretrain_tokenize(ds, cfg, tokenizer, name) if stage == "pt" else _keep_valid(ds)
-        counts[name] = (before - len(parts[name]), before) if stage != "pt" else (0, before)
+        parts[name] = _pretrain_tokenize(ds, cfg, tokenizer, name) if text else _keep_valid(ds)
+        counts[name] = (before - len(parts[name]), before) if not text else (0, before)
         if len(parts[name]) == 0:
             names = d.dataset if name == "train" else (d.eval_dataset or d.dataset)
             raise UserError(
@@ -144,10 +132,8 @@ def _process(cfg: RunConfig, tokenizer, template: Template) -> DatasetBundle:
             f"dropped {dropped} examples that are malformed (role order, empty or missing response, bad "
             f"kto_tag) or have nothing to learn within cutoff_len: {detail}"
         )
-    if d.packing and stage == "sft":
-        parts = {name: pack_dataset(ds, d.cutoff_len) for name, ds in parts.items()}
-    elif d.packing and stage in PAIRWISE_STAGES:
-        parts = {name: pack_pairs(ds, d.cutoff_len) for name, ds in parts.items()}
+    if d.packing and kind.pack is not None:
+        parts = {name: kind.pack(ds, d.cutoff_len) for name, ds in parts.items()}
     return DatasetBundle(parts.get("train"), parts.get("eval"))
 
 
@@ -175,7 +161,7 @@ def load_bundle(path: Path) -> DatasetBundle:
     return DatasetBundle(saved.get("train"), saved.get("validation"))
 
 
-def _cache_dir(cfg: RunConfig, tokenizer, template: Template) -> Path:
+def _cache_dir(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) -> Path:
     """A content key for the preprocessed data: config, template, tokenizer and the data files' size/mtime."""
     files = []
     for names in (cfg.data.dataset, cfg.data.eval_dataset):
@@ -187,7 +173,7 @@ def _cache_dir(cfg: RunConfig, tokenizer, template: Template) -> Path:
     key = json.dumps(
         [
             asdict(cfg.data),
-            cfg.finetuning.stage,
+            kind.name,
             cfg.train.seed,
             repr(template),
             files,
@@ -202,34 +188,32 @@ def _cache_dir(cfg: RunConfig, tokenizer, template: Template) -> Path:
     return root / hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def build_datasets(cfg: RunConfig, tokenizer, template: Template, world_size: int = 1) -> DatasetBundle:
+def build_datasets(
+    cfg: RunConfig, tokenizer, template: Template, kind: DataKind, world_size: int = 1
+) -> DatasetBundle:
+    """The train / eval rows of `kind` (the stage's data kind) for this config; `world_size` processes share
+    one preprocessing."""
     d = cfg.data
     path = Path(d.tokenized_path) if d.tokenized_path else None
     if path is not None and _is_saved(path):
         logger.info(f"loading tokenized data from {path} (dataset and preprocessing keys are not used)")
-        return _check_layout(load_bundle(path), cfg.finetuning.stage, path)
+        return _check_layout(load_bundle(path), kind, cfg.finetuning.stage, path)
     if world_size == 1:
-        bundle = _process(cfg, tokenizer, template)
+        bundle = _process(cfg, tokenizer, template, kind)
         if path is not None:
             save_bundle(bundle, path)
             logger.info(f"tokenized data saved to {path}")
         return bundle
-    path = path or _cache_dir(cfg, tokenizer, template)
-    if prepare_shared(path, lambda: save_bundle(_process(cfg, tokenizer, template), path)):
+    path = path or _cache_dir(cfg, tokenizer, template, kind)
+    if prepare_shared(path, lambda: save_bundle(_process(cfg, tokenizer, template, kind), path)):
         logger.info(f"tokenized data prepared for all ranks at {path}")
     return load_bundle(path)
 
 
-def _layout(columns) -> str:
-    if "kto_tags" in columns:
-        return "kto"
-    return "pairwise" if "chosen_input_ids" in columns or "seq_lens" in columns else "supervised"
-
-
-def _check_layout(bundle: DatasetBundle, stage: str, path: Path) -> DatasetBundle:
-    """Data tokenized for one stage cannot feed another (sft rows have no chosen/rejected pairs)."""
-    expected = {"rm": "pairwise", "dpo": "pairwise", "kto": "kto"}.get(stage, "supervised")
-    found = _layout(bundle.train.column_names) if bundle.train is not None else expected
+def _check_layout(bundle: DatasetBundle, kind: DataKind, stage: str, path: Path) -> DatasetBundle:
+    """Rows tokenized for one kind of data cannot feed another (supervised rows have no chosen/rejected pairs)."""
+    expected = row_layout(kind)
+    found = row_layout(bundle.train.column_names) if bundle.train is not None else expected
     if found != expected:
         raise UserError(
             f"tokenized_path: {path} holds {found} rows but stage {stage} needs {expected} rows; "

@@ -1,17 +1,18 @@
-"""Tokenize ranking (chosen / rejected) and kto (answer + desirable tag) records, with LLaMA-Factory's rules.
+"""Tokenize ranking (chosen / rejected) and feedback (answer + desirable tag) records, with LLaMA-Factory's rules.
 
-Pairwise rows (rm, dpo): prompt + chosen and prompt + rejected, the prompt truncated once for both (the longer
+Pairwise rows: prompt + chosen and prompt + rejected, the prompt truncated once for both (the longer
 answer sets the budget), labels masking the prompt — LLaMA-Factory's `chosen_*` / `rejected_*` columns.
-Feedback rows (kto): prompt + answer with `kto_tags` (True = desirable). The mismatched pairs that estimate KTO's
+Feedback rows: prompt + answer with `kto_tags` (True = desirable). The mismatched pairs that estimate KTO's
 KL term are formed per batch by the collator (TRL's rule), not here.
 """
 
 from __future__ import annotations
 
-from lf_dist.data.template import Template
-from lf_dist.data.tokenize import IGNORE_INDEX, _as_table, encode_turns, infer_seqlen
+import pyarrow as pa
 
-PAIRWISE_STAGES = ("rm", "dpo")
+from lf_dist.data.converters import convert
+from lf_dist.data.template import Template
+from lf_dist.data.tokenize import IGNORE_INDEX, as_arrow_table, encode_turns, infer_seqlen
 
 
 def _one_turn(template: Template, tokenizer, prompts, answers, systems, tools) -> list[tuple[list, list]]:
@@ -66,45 +67,54 @@ def encode_feedback(columns: dict, template: Template, tokenizer, cutoff_len: in
     return rows
 
 
-def is_valid_preference(example: dict, stage: str) -> bool:
+def is_valid_pairwise(example: dict) -> bool:
     prompt, response = example["_prompt"], example["_response"]
-    if len(prompt) % 2 != 1 or len(response) != 2:
-        return False
-    if stage == "kto":  # exactly one side holds the answer
-        return bool(response[0]["content"]) != bool(response[1]["content"])
-    return bool(response[0]["content"]) and bool(response[1]["content"])
+    return (
+        len(prompt) % 2 == 1 and len(response) == 2 and bool(response[0]["content"]) and bool(response[1]["content"])
+    )
 
 
-def encode_preference_records(batch: dict, attr, stage: str, template: Template, tokenizer, cutoff_len: int):
-    """Raw records → aligned → tokenized, one row per record; invalid ones come out empty with `_valid` False."""
-    import pyarrow as pa
+def is_valid_feedback(example: dict) -> bool:
+    """A kto record: exactly one side holds the answer (the side says whether it is desirable)."""
+    prompt, response = example["_prompt"], example["_response"]
+    return len(prompt) % 2 == 1 and len(response) == 2 and bool(response[0]["content"]) != bool(response[1]["content"])
 
-    from lf_dist.data.converters import convert
 
+def _aligned(batch: dict, attr, is_valid) -> tuple[int, dict, list[int]]:
+    """Raw records aligned; the columns of the valid ones and their positions in the batch."""
     n = len(next(iter(batch.values())))
     aligned = [convert({k: v[i] for k, v in batch.items()}, attr) for i in range(n)]
-    keep = [i for i, a in enumerate(aligned) if is_valid_preference(a, stage)]
-    columns = {k: [aligned[i][k] for i in keep] for k in ("_prompt", "_response", "_system", "_tools")}
-    encode = encode_feedback if stage == "kto" else encode_pairwise
-    encoded = dict(zip(keep, encode(columns, template, tokenizer, cutoff_len)))
-    if stage == "kto":
-        empty = {"input_ids": [], "labels": [], "kto_tags": False}
-        rows = [encoded.get(i, empty) for i in range(n)]
-        valid = [i in encoded and _learnable(rows[i]["labels"]) for i in range(n)]
-        table = _as_table([r["input_ids"] for r in rows], [r["labels"] for r in rows], valid)
-        return table.append_column("kto_tags", pa.array([r["kto_tags"] for r in rows]))
+    keep = [i for i, a in enumerate(aligned) if is_valid(a)]
+    return n, {k: [aligned[i][k] for i in keep] for k in ("_prompt", "_response", "_system", "_tools")}, keep
+
+
+def encode_pairwise_records(batch: dict, attr, template: Template, tokenizer, data_args):
+    """Raw ranking records → chosen/rejected rows, one per record; invalid ones come out empty, `_valid` False."""
+    n, columns, keep = _aligned(batch, attr, is_valid_pairwise)
+    encoded = dict(zip(keep, encode_pairwise(columns, template, tokenizer, data_args.cutoff_len)))
     empty = {k: [] for k in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")}
     rows = [encoded.get(i, empty) for i in range(n)]
     valid = [
         i in encoded and _learnable(rows[i]["chosen_labels"]) and _learnable(rows[i]["rejected_labels"])
         for i in range(n)
     ]
-    chosen = _as_table([r["chosen_input_ids"] for r in rows], [r["chosen_labels"] for r in rows], valid)
-    rejected = _as_table([r["rejected_input_ids"] for r in rows], [r["rejected_labels"] for r in rows], valid)
-    columns = {f"chosen_{k}": chosen[k] for k in ("input_ids", "attention_mask", "labels")}
-    columns.update({f"rejected_{k}": rejected[k] for k in ("input_ids", "attention_mask", "labels")})
-    columns["_valid"] = chosen["_valid"]
-    return pa.table(columns)
+    chosen = as_arrow_table([r["chosen_input_ids"] for r in rows], [r["chosen_labels"] for r in rows], valid)
+    rejected = as_arrow_table([r["rejected_input_ids"] for r in rows], [r["rejected_labels"] for r in rows], valid)
+    out = {f"chosen_{k}": chosen[k] for k in ("input_ids", "attention_mask", "labels")}
+    out.update({f"rejected_{k}": rejected[k] for k in ("input_ids", "attention_mask", "labels")})
+    out["_valid"] = chosen["_valid"]
+    return pa.table(out)
+
+
+def encode_feedback_records(batch: dict, attr, template: Template, tokenizer, data_args):
+    """Raw kto records → rows with `kto_tags`, one per record; invalid ones come out empty, `_valid` False."""
+    n, columns, keep = _aligned(batch, attr, is_valid_feedback)
+    encoded = dict(zip(keep, encode_feedback(columns, template, tokenizer, data_args.cutoff_len)))
+    empty = {"input_ids": [], "labels": [], "kto_tags": False}
+    rows = [encoded.get(i, empty) for i in range(n)]
+    valid = [i in encoded and _learnable(rows[i]["labels"]) for i in range(n)]
+    table = as_arrow_table([r["input_ids"] for r in rows], [r["labels"] for r in rows], valid)
+    return table.append_column("kto_tags", pa.array([r["kto_tags"] for r in rows]))
 
 
 def _learnable(labels: list[int]) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import chain
 
+from lf_dist.data.converters import convert
 from lf_dist.data.template import BOS, EOS, Template, Token
 
 IGNORE_INDEX = -100
@@ -141,43 +142,37 @@ def preprocess_pretrain(
     return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": [list(x) for x in ids]}
 
 
-def is_valid(example: dict, stage: str) -> bool:
+def is_valid_text(example: dict) -> bool:
+    """A pretraining record: a non-empty text."""
+    return bool(example["_prompt"]) and bool(example["_prompt"][0]["content"])
+
+
+def is_valid_supervised(example: dict) -> bool:
+    """A supervised record: user/assistant turns in order, ending with a non-empty answer."""
     prompt, response = example["_prompt"], example["_response"]
-    if stage == "pt":
-        return bool(prompt) and bool(prompt[0]["content"])
     return len(prompt) % 2 == 1 and len(response) == 1 and bool(response[0]["content"])
 
 
-def encode_records(
-    batch: dict,
-    attr,
-    stage: str,
-    template: Template,
-    tokenizer,
-    cutoff_len: int,
-    train_on_prompt: bool,
-    mask_history: bool,
-) -> dict:
+def encode_supervised_records(batch: dict, attr, template: Template, tokenizer, data_args) -> dict:
     """Raw records → aligned → tokenized, in one pass and one row per record (so splits match LLaMA-Factory's).
 
     Records that are malformed, or left with nothing to learn after truncation, come out empty with
     `_valid` False; the pipeline drops them after splitting and reports how many.
     """
-    from lf_dist.data.converters import convert
-
+    d = data_args
     n = len(next(iter(batch.values())))
     aligned = [convert({k: v[i] for k, v in batch.items()}, attr) for i in range(n)]
-    keep = [i for i, a in enumerate(aligned) if is_valid(a, stage)]
+    keep = [i for i, a in enumerate(aligned) if is_valid_supervised(a)]
     columns = {k: [aligned[i][k] for i in keep] for k in ("_prompt", "_response", "_system", "_tools")}
-    encoded = preprocess_supervised(columns, template, tokenizer, cutoff_len, train_on_prompt, mask_history)
+    encoded = preprocess_supervised(columns, template, tokenizer, d.cutoff_len, d.train_on_prompt, d.mask_history)
     input_ids, labels, valid = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
     for j, i in enumerate(keep):
         input_ids[i], labels[i] = encoded["input_ids"][j], encoded["labels"][j]
         valid[i] = any(x != IGNORE_INDEX for x in labels[i])
-    return _as_table(input_ids, labels, valid)
+    return as_arrow_table(input_ids, labels, valid)
 
 
-def _as_table(input_ids: list[list[int]], labels: list[list[int]], valid: list[bool]):
+def as_arrow_table(input_ids: list[list[int]], labels: list[list[int]], valid: list[bool]):
     """Columns built from flat buffers: several times cheaper than datasets' per-row conversion of lists."""
     import numpy as np
     import pyarrow as pa

@@ -10,7 +10,7 @@ from lf_dist.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-    from lf_dist.config import load_config
+    from lf_dist.configure import load_config
     from lf_dist.worker import run
 
     _, config_path, *overrides = argv

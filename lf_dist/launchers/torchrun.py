@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
+from lf_dist.ports import free_port
 
 logger = get_logger(__name__)
 USER_ERROR_EXIT = 2
@@ -34,12 +35,6 @@ def device_count() -> int:
 def wants_torchrun() -> bool:
     """torchrun when FORCE_TORCHRUN is set or more than one GPU is visible (LLaMA-Factory's rule)."""
     return os.environ.get("FORCE_TORCHRUN", "0").lower() in ("1", "true", "yes") or device_count() > 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _int_env(name: str, default: int) -> int:

@@ -9,6 +9,7 @@ import torch
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
+from lf_dist.model.heads import CAUSAL_LM, Head
 
 logger = get_logger(__name__)
 # peft still asks for the pre-5.23 name; the warning is noise for users.
@@ -19,7 +20,7 @@ def _split(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-def _apply_freeze(model, cfg: RunConfig) -> None:
+def _apply_freeze(model, cfg: RunConfig, head: Head) -> None:
     f = cfg.finetuning
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if not n_layers:
@@ -33,7 +34,7 @@ def _apply_freeze(model, cfg: RunConfig) -> None:
         patterns = [f".{i}." for i in layer_ids]
     else:
         patterns = [f".{i}.{mod}" for i in layer_ids for mod in modules]
-    extra = _split(f.freeze_extra_modules) + (["score"] if f.stage == "rm" else [])  # the new head always trains
+    extra = _split(f.freeze_extra_modules) + list(head.new_modules)  # a new head always trains
     matched = False
     for name, param in model.named_parameters():
         trainable = any(p in name for p in patterns) or any(name.startswith(e) or f".{e}." in name for e in extra)
@@ -43,7 +44,7 @@ def _apply_freeze(model, cfg: RunConfig) -> None:
         raise UserError(f"freeze_trainable_modules: no parameter matches {f.freeze_trainable_modules!r}")
 
 
-def _apply_lora(model, cfg: RunConfig):
+def _apply_lora(model, cfg: RunConfig, head: Head):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     f = cfg.finetuning
@@ -51,7 +52,7 @@ def _apply_lora(model, cfg: RunConfig):
         return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
     targets = _split(f.lora_target)
     config = LoraConfig(
-        task_type="SEQ_CLS" if f.stage == "rm" else "CAUSAL_LM",  # SEQ_CLS also trains and saves the score head
+        task_type=head.peft_task,
         r=f.lora_rank,
         lora_alpha=f.lora_alpha,
         lora_dropout=f.lora_dropout,
@@ -66,13 +67,14 @@ def _apply_lora(model, cfg: RunConfig):
         raise UserError(f"lora_target: {str(err).splitlines()[0]}") from None
 
 
-def apply_finetuning(model, cfg: RunConfig):
-    """Set requires_grad per method; trainable parameters are kept in fp32 (as LLaMA-Factory does)."""
+def apply_finetuning(model, cfg: RunConfig, head: Head = CAUSAL_LM, quiet: bool = False):
+    """Set requires_grad per method; trainable parameters are kept in fp32 (as LLaMA-Factory does).
+    Works on a meta-device model too, which is how a bad freeze / lora_target setup fails before any data."""
     kind = cfg.finetuning.finetuning_type
     if kind == "lora":
-        model = _apply_lora(model, cfg)
+        model = _apply_lora(model, cfg, head)
     elif kind == "freeze":
-        _apply_freeze(model, cfg)
+        _apply_freeze(model, cfg, head)
     else:
         model.requires_grad_(True)
     for param in model.parameters():
@@ -89,5 +91,6 @@ def apply_finetuning(model, cfg: RunConfig):
             model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%) [{kind}]")
+    if not quiet:
+        logger.info(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%) [{kind}]")
     return model

@@ -10,6 +10,7 @@ import torch
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
+from lf_dist.model.heads import CAUSAL_LM, Head
 
 logger = get_logger(__name__)
 
@@ -59,14 +60,22 @@ def attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
-def load_model(cfg: RunConfig, tokenizer, dtype: torch.dtype | None = None, meta: bool = False, path=None):
-    """The base model (compute dtype unless `dtype`), with the tokenizer's vocabulary and no KV cache.
-    A causal LM, or for stage rm a sequence-classification model; `path` overrides model_name_or_path.
+def load_model(
+    cfg: RunConfig,
+    tokenizer,
+    head: Head = CAUSAL_LM,
+    dtype: torch.dtype | None = None,
+    meta: bool = False,
+    path=None,
+):
+    """The base model with `head` (compute dtype unless `dtype`), the tokenizer's vocabulary and no KV cache;
+    `path` overrides model_name_or_path.
 
     `meta=True` builds the architecture only (call under `torch.device("meta")`): sharded strategies load the
-    weights on one rank and scatter them after sharding.
+    weights on one rank and scatter them after sharding, and the worker checks the fine-tuning setup on it
+    before any data is read.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     m = cfg.model
     path = path or m.model_name_or_path
@@ -74,22 +83,28 @@ def load_model(cfg: RunConfig, tokenizer, dtype: torch.dtype | None = None, meta
     attn = attn_implementation(m.flash_attn)
     if attn is not None:
         kwargs["attn_implementation"] = attn
-    auto = AutoModelForCausalLM
-    if cfg.finetuning.stage == "rm":  # a reward model: one score per sequence from a new linear head
-        auto = AutoModelForSequenceClassification
-        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    auto, head_config = head.auto(), head.config_values(tokenizer)
     if meta:
         config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir)
-        if auto is AutoModelForSequenceClassification:
-            config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
-        model = auto.from_config(
-            config, **{k: v for k, v in kwargs.items() if k not in ("num_labels", "pad_token_id")}
-        )
+        for key, value in head_config.items():
+            setattr(config, key, value)
+        model = _from_config(auto, config, head, kwargs)
     else:
-        model = auto.from_pretrained(path, cache_dir=m.cache_dir, **kwargs)
+        model = auto.from_pretrained(path, cache_dir=m.cache_dir, **head_config, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         logger.info(f"resizing token embeddings {vocab} -> {len(tokenizer)} for added special tokens")
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        # On meta there are no values to average (and the new rows come from rank 0's weights anyway).
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=not meta)
     return model
+
+
+def _from_config(auto, config, head: Head, kwargs: dict):
+    try:
+        return auto.from_config(config, **kwargs)
+    except ValueError as err:  # transformers names the architectures this Auto class knows
+        raise UserError(
+            f"model_name_or_path: a {config.model_type} model has no {head.name} head ({head.auto_class}); "
+            f"{str(err).splitlines()[0][:200]}"
+        ) from None

@@ -1,7 +1,7 @@
 """Strategies: how a model is placed, wrapped, stepped and checkpointed on one or many processes.
 
 The training loop only talks to a Strategy: single (one process), ddp, fsdp2 (FSDP2 / HSDP) and deepspeed
-(ZeRO 0-3) implement the same interface.
+(ZeRO 0-3) implement the same interface. parallel/ imports nothing of launchers/, data/ or train/.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from lf_dist.errors import UserError
 from lf_dist.parallel.base import Strategy
 from lf_dist.parallel.single import SingleStrategy
+from lf_dist.ports import free_port
 
 
 def resolve_strategy(cfg, world_size: int) -> str:
@@ -31,8 +32,6 @@ def build_strategy(cfg) -> Strategy:
     if name == "single":
         return SingleStrategy(cfg)
     if "RANK" not in os.environ:  # a distributed strategy on one process without torchrun: a group of one
-        from lf_dist.launchers.torchrun import free_port
-
         os.environ.update(
             RANK="0",
             LOCAL_RANK="0",

@@ -8,25 +8,45 @@ from pathlib import Path
 
 import torch
 
+from lf_dist.errors import UserError
+
+
+def add_metrics(into: dict, metrics: dict) -> None:
+    """Sum a micro-batch's (sum, count) metric pairs into `into`."""
+    for key, value in metrics.items():
+        into[key] = into[key] + value if key in into else value
+
 
 class Strategy(ABC):
-    """Owns processes, device placement, wrapping, backward/step, reductions and checkpoint formats.
+    """Owns processes, device placement, wrapping, forward/backward/step, reductions and checkpoint formats.
 
-    Knows nothing about losses: stages compute losses, the loop calls `backward` and `step`.
+    Knows nothing about losses: the loop hands it a step's micro-batches and the stage's loss function.
+    Reductions and data shards are over the data-parallel group (`dp_rank`, `dp_size`), which is the whole
+    world only while there is no tensor or pipeline parallelism.
     """
 
-    name = "base"
     rank = 0
     local_rank = 0
     world_size = 1
+    loss_scaling = True  # fp16 runs get a GradScaler here; DeepSpeed scales losses itself
 
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.device = torch.device("cpu")
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        if cfg.train.fp16 and device.type != "cuda":
+            raise UserError("fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU")
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.fp16 and self.loss_scaling else None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
 
     # -- model creation and wrapping --------------------------------------------------------------------
     def load_dtype(self) -> torch.dtype | None:
@@ -38,14 +58,15 @@ class Strategy(ABC):
         return factory(False)
 
     @abstractmethod
-    def setup(self, model) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Place and wrap the model, and build its optimizer (over trainable parameters only)."""
+    def setup(self, model, build_optimizer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Place and wrap the model; `build_optimizer(model)` makes its optimizer over trainable parameters."""
 
     def unwrap(self, model) -> torch.nn.Module:
         return model
 
-    def prepare_reference(self, factory) -> torch.nn.Module:
-        """A frozen reference model (dpo, kto) from `factory(meta)`: by default a full copy on every device."""
+    def prepare_frozen(self, factory) -> torch.nn.Module:
+        """A frozen, never-trained model (a reference, say) from `factory(meta)`, placed like the policy:
+        by default a full copy on this process's device."""
         model = factory(False).to(self.device)
         return model.requires_grad_(False).eval()
 
@@ -61,20 +82,46 @@ class Strategy(ABC):
         """Skip gradient reduction on all but the last micro-batch of a step (where the backend allows)."""
         return contextlib.nullcontext()
 
-    @abstractmethod
+    def forward_backward(self, model, micro_batches: list[dict], loss_fn, n_units: int):
+        """Forward and backward of every micro-batch of one optimizer step; `loss_fn(model, batch)` returns the
+        batch's summed loss and metrics, each loss is divided by the step's global unit count `n_units`.
+        Returns the summed loss (detached) and metrics. A backend with its own schedule overrides this."""
+        loss_sum = torch.zeros((), device=self.device)
+        metrics: dict = {}
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.no_sync(model, i == len(micro_batches) - 1), self.autocast():
+                loss, batch_metrics = loss_fn(model, batch)
+            self.backward(loss / max(n_units, 1))
+            loss_sum += loss.detach()
+            add_metrics(metrics, batch_metrics)
+        return loss_sum, metrics
+
     def backward(self, loss: torch.Tensor) -> None:
-        """`loss` is already normalized by the step's global label-token count."""
+        """`loss` is already normalized by the step's global unit count."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    @abstractmethod
     def step(self, model, optimizer, max_grad_norm: float) -> float:
-        """Clip gradients, apply the optimizer, zero the gradients; returns the pre-clip grad norm."""
+        """Clip gradients, apply the optimizer (skipped by fp16 loss scaling on overflow), zero the gradients;
+        returns the pre-clip grad norm."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
-    # -- collectives ----------------------------------------------------------------------------------
+    # -- collectives over the data-parallel group --------------------------------------------------------
     def all_reduce_sum(self, value):
         return value
 
     def gather(self, value: float) -> list[float]:
-        """One number from every rank, in rank order."""
+        """One number from every data-parallel rank, in rank order."""
         return [value]
 
     def barrier(self) -> None:  # noqa: B027 - a no-op on one process
@@ -82,11 +129,24 @@ class Strategy(ABC):
 
     # -- checkpoints and export ---------------------------------------------------------------------------
     @abstractmethod
+    def check_resumable(self, path: Path) -> None:
+        """Refuse (UserError) a checkpoint this strategy cannot resume, reading only what is cheap to read;
+        called before anything is written to output_dir."""
+
+    @abstractmethod
     def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path: Path, save_only_model: bool) -> None:
         """Everything needed to resume, written by every rank that holds a part of it."""
 
     @abstractmethod
     def load_checkpoint(self, model, optimizer, scheduler, path: Path) -> None: ...
+
+    def save_scaler(self, path: Path) -> None:
+        if self.scaler and self.is_main:
+            torch.save(self.scaler.state_dict(), Path(path) / "scaler.pt")
+
+    def load_scaler(self, path: Path) -> None:
+        if self.scaler and (Path(path) / "scaler.pt").is_file():
+            self.scaler.load_state_dict(torch.load(Path(path) / "scaler.pt", weights_only=True))
 
     @abstractmethod
     def export(self, model, tokenizer, path: Path) -> None:

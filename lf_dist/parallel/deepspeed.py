@@ -16,9 +16,9 @@ import torch
 from lf_dist.errors import UserError
 from lf_dist.parallel.distributed import DistributedStrategy
 from lf_dist.parallel.single import is_peft
-from lf_dist.train.optim import build_optimizer
 
 TAG = "ds"
+WORLD_FILE = "ds_world_size.txt"  # read before anything is loaded, to refuse another world size early
 
 
 def read_ds_config(value) -> dict:
@@ -33,13 +33,13 @@ def read_ds_config(value) -> dict:
         raise UserError(f"deepspeed: {path} is not valid JSON (line {err.lineno}: {err.msg})") from None
 
 
-def fill_auto(ds: dict, cfg, world_size: int, hidden_size: int) -> dict:
+def fill_auto(ds: dict, cfg, dp_size: int, hidden_size: int) -> dict:
     """Replace "auto" with values from the run config (Hugging Face's rules for the same keys)."""
     t = cfg.train
     fills = {
         "train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size,
+        "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * dp_size,
         "gradient_clipping": t.max_grad_norm,
     }
     for key, value in fills.items():
@@ -75,13 +75,13 @@ def _walk(d: dict, prefix: str = ""):
 
 
 class DeepSpeedStrategy(DistributedStrategy):
-    name = "deepspeed"
+    loss_scaling = False  # DeepSpeed's fp16 config scales the loss itself
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.ds_config = read_ds_config(cfg.train.deepspeed or {"zero_optimization": {"stage": 2}})
         self.engine = None
-        self.ref_engine = None
+        self.frozen_engines: list = []
 
     @property
     def zero_stage(self) -> int:
@@ -90,12 +90,12 @@ class DeepSpeedStrategy(DistributedStrategy):
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts the module itself when bf16/fp16 is enabled
 
-    def setup(self, model):
+    def setup(self, model, build_optimizer):
         import deepspeed
 
         hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
-        config = fill_auto(self.ds_config, self.cfg, self.world_size, hidden)
-        optimizer = build_optimizer(model, self.cfg)
+        config = fill_auto(self.ds_config, self.cfg, self.dp_size, hidden)
+        optimizer = build_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # The LR schedule acts on the wrapped torch optimizer's param groups, which DeepSpeed reads each step.
         return self.engine, optimizer
@@ -103,11 +103,11 @@ class DeepSpeedStrategy(DistributedStrategy):
     def unwrap(self, model):
         return model.module if hasattr(model, "module") else model
 
-    def prepare_reference(self, factory):
-        """Under ZeRO-3 the reference is partitioned by an optimizer-less engine (as TRL prepares it); below
-        stage 3 every rank holds a full frozen copy, as it does of the policy's weights."""
+    def prepare_frozen(self, factory):
+        """Under ZeRO-3 a frozen model is partitioned by an optimizer-less engine (as TRL prepares its
+        reference); below stage 3 every rank holds a full frozen copy, as it does of the policy's weights."""
         if self.zero_stage != 3:
-            return super().prepare_reference(factory)
+            return super().prepare_frozen(factory)
         import deepspeed
 
         model = factory(False).requires_grad_(False)
@@ -120,7 +120,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         }
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
         engine.eval()  # DeepSpeedEngine.eval() does not return the engine
-        self.ref_engine = engine
+        self.frozen_engines.append(engine)
         return engine
 
     def teardown(self) -> None:
@@ -128,15 +128,15 @@ class DeepSpeedStrategy(DistributedStrategy):
         shutdown, a rank sometimes aborted after finishing ("terminate called without an active exception")."""
         import gc
 
-        for engine in (self.ref_engine, self.engine):
+        for engine in (*self.frozen_engines, self.engine):
             if engine is not None and hasattr(engine, "destroy"):
                 engine.destroy()
-        self.engine = self.ref_engine = None
+        self.engine, self.frozen_engines = None, []
         gc.collect()
         super().teardown()
 
     def backward(self, loss):
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
 
     def step(self, model, optimizer, max_grad_norm):
         self.engine.step()
@@ -144,23 +144,26 @@ class DeepSpeedStrategy(DistributedStrategy):
         return float(norm) if norm is not None else 0.0
 
     def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path, save_only_model):
-        self.engine.save_checkpoint(
-            str(path), tag=TAG, client_state={"world_size": self.world_size}, exclude_frozen_parameters=True
-        )
+        self.engine.save_checkpoint(str(path), tag=TAG, exclude_frozen_parameters=True)
         if self.is_main:
             tokenizer.save_pretrained(path)
             torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
+            (Path(path) / WORLD_FILE).write_text(str(self.world_size), encoding="utf-8")
 
-    def load_checkpoint(self, model, optimizer, scheduler, path):
-        if not (Path(path) / TAG).is_dir():
+    def check_resumable(self, path):
+        path = Path(path)
+        if not (path / TAG).is_dir():
             raise UserError(f"resume_from_checkpoint: {path} was not written by DeepSpeed; resume with its strategy")
-        _, client = self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False)
-        saved = (client or {}).get("world_size", self.world_size)
-        if saved != self.world_size:
+        saved = int((path / WORLD_FILE).read_text(encoding="utf-8")) if (path / WORLD_FILE).is_file() else None
+        if saved is not None and saved != self.world_size:
             raise UserError(
                 f"resume_from_checkpoint: DeepSpeed checkpoint of {saved} ranks cannot resume on "
                 f"{self.world_size}; use the same world size, or fsdp2/ddp (DCP) to change it"
             )
+
+    def load_checkpoint(self, model, optimizer, scheduler, path):
+        self.check_resumable(path)
+        self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False)
         scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
 
     def export(self, model, tokenizer, path):

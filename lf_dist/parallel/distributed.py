@@ -8,6 +8,7 @@ of the DCP strategies (ddp ↔ fsdp2). The final model is gathered to rank 0 in 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from pathlib import Path
@@ -25,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (
 from lf_dist.errors import UserError
 from lf_dist.parallel.base import Strategy
 from lf_dist.parallel.single import is_peft
-from lf_dist.train.optim import build_optimizer
 
 DCP_DIR = "dcp"
 
@@ -52,16 +52,18 @@ def _attempt_store(rank: int, world_size: int, timeout):
 class DistributedStrategy(Strategy):
     """Base of the strategies that run one process per device under torchrun."""
 
+    # The data-parallel process group (None: the whole world). Tensor or pipeline parallelism will narrow it;
+    # every reduction of losses, token counts and metrics, and every data shard, goes through it.
+    dp_group = None
+
     def __init__(self, cfg):
-        super().__init__(cfg)
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        if cfg.train.fp16 and self.device.type != "cuda":
-            raise UserError("fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU")
+        device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        super().__init__(cfg, device)
         if not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=cfg.train.ddp_timeout)
@@ -73,19 +75,19 @@ class DistributedStrategy(Strategy):
                 world_size=self.world_size,
             )
 
-    # -- collectives --------------------------------------------------------------------------------------
+    # -- collectives over the data-parallel group ----------------------------------------------------------
     def all_reduce_sum(self, value):
         tensor = value.detach().clone() if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64)
         tensor = tensor.to(self.device)
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.dp_group)
         if torch.is_tensor(value):
             return tensor
         return int(tensor.item()) if isinstance(value, int) else float(tensor.item())
 
     def gather(self, value: float) -> list[float]:
-        out = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
-        out[self.rank] = value
-        dist.all_reduce(out)
+        out = torch.zeros(self.dp_size, dtype=torch.float64, device=self.device)
+        out[self.dp_rank] = value
+        dist.all_reduce(out, group=self.dp_group)
         return out.tolist()
 
     def barrier(self) -> None:
@@ -98,16 +100,9 @@ class DistributedStrategy(Strategy):
 
     # -- steps -------------------------------------------------------------------------------------------
     def backward(self, loss):
-        # The loss is normalized by the *global* token count; the backends average gradients over ranks,
-        # so scale by the world size to get the sum the single-process run computes.
-        (loss * self.world_size).backward()
-
-    def step(self, model, optimizer, max_grad_norm):
-        params = [p for p in model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        # The loss is normalized by the *global* token count; the backends average gradients over the
+        # data-parallel ranks, so scale by their number to get the sum the single-process run computes.
+        super().backward(loss * self.dp_size)
 
     # -- checkpoints (DCP) -------------------------------------------------------------------------------------
     def _state_options(self, model, **kw) -> StateDictOptions:
@@ -127,14 +122,18 @@ class DistributedStrategy(Strategy):
             tokenizer.save_pretrained(path)
             if not save_only_model:
                 torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
+                self.save_scaler(path)
 
-    def load_checkpoint(self, model, optimizer, scheduler, path):
-        path = Path(path)
-        if not (path / DCP_DIR).is_dir():
+    def check_resumable(self, path):
+        if not (Path(path) / DCP_DIR).is_dir():
             raise UserError(
                 f"resume_from_checkpoint: {path} has no DCP shards (written by a single-process run or "
                 "DeepSpeed); resume it with the same kind of launch"
             )
+
+    def load_checkpoint(self, model, optimizer, scheduler, path):
+        path = Path(path)
+        self.check_resumable(path)
         inner = self.unwrap(model)
         model_sd, optim_sd = get_state_dict(inner, optimizer, options=self._state_options(inner))
         state = {"model": model_sd, "optim": optim_sd}
@@ -144,6 +143,7 @@ class DistributedStrategy(Strategy):
             inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=frozen_ok
         )
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        self.load_scaler(path)
 
     def export(self, model, tokenizer, path):
         inner = self.unwrap(model)
@@ -162,22 +162,19 @@ class DistributedStrategy(Strategy):
 
 
 class DDPStrategy(DistributedStrategy):
-    """Data parallel: a full replica per rank, gradients all-reduced (DistributedDataParallel)."""
+    """Data parallel: a full replica per rank, gradients all-reduced (DistributedDataParallel); fp16 with the
+    shared GradScaler."""
 
-    name = "ddp"
-
-    def setup(self, model):
+    def setup(self, model, build_optimizer):
         from torch.nn.parallel import DistributedDataParallel
 
         model = model.to(self.device)
         ids = [self.local_rank] if self.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids)
-        return ddp, build_optimizer(ddp, self.cfg)
+        ddp = DistributedDataParallel(model, device_ids=ids, process_group=self.dp_group)
+        return ddp, build_optimizer(ddp)
 
     def unwrap(self, model):
         return model.module if hasattr(model, "module") else model
 
     def no_sync(self, model, last_micro_batch):
-        import contextlib
-
         return contextlib.nullcontext() if last_micro_batch else model.no_sync()

@@ -23,7 +23,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from lf_dist.errors import UserError
 from lf_dist.parallel.distributed import DistributedStrategy
-from lf_dist.train.optim import build_optimizer
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
@@ -62,20 +61,26 @@ def apply_fsdp(model, mesh, mp_policy, reshard_after_forward: bool, offload: boo
     fully_shard(model, **kwargs)  # root: final norm + lm_head (+ tied embeddings)
 
 
+def mixed_precision(cfg) -> MixedPrecisionPolicy:
+    """Compute in bf16 / fp16 with fp32 master weights and fp32 gradient reduction; fp32 without either."""
+    t = cfg.train
+    if t.bf16 or t.fp16:
+        return MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if t.bf16 else torch.float16, reduce_dtype=torch.float32
+        )
+    return MixedPrecisionPolicy()
+
+
 def parallelize(model, mesh, cfg) -> torch.nn.Module:
     """Apply the parallelisms in the documented order; the model code is untouched."""
     t = cfg.train
-    mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if t.bf16
-        else (MixedPrecisionPolicy())
-    )
-    apply_fsdp(model, mesh, mp, t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
+    apply_fsdp(model, mesh, mixed_precision(cfg), t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
     return model
 
 
 class FSDP2Strategy(DistributedStrategy):
-    name = "fsdp2"
+    """FSDP2 / HSDP. fp16 uses the shared GradScaler: its inf check runs on the sharded (DTensor) gradients
+    and is reduced over the mesh, so every rank skips the same steps."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -109,13 +114,13 @@ class FSDP2Strategy(DistributedStrategy):
             dist.broadcast(buf.data, src=0)
         return model
 
-    def setup(self, model):
+    def setup(self, model, build_optimizer):
         model = self._shard_and_fill(model, self._full_state or {})
         self._full_state = None
-        return model, build_optimizer(model, self.cfg)
+        return model, build_optimizer(model)
 
-    def prepare_reference(self, factory):
-        """The reference is sharded like the policy: loaded on rank 0 only, never whole on the other ranks."""
+    def prepare_frozen(self, factory):
+        """Sharded like the policy: loaded on rank 0 only, never whole on the other ranks."""
         model = factory(self.rank != 0).requires_grad_(False)
         full_state = dict(model.state_dict()) if self.rank == 0 else {}
         return self._shard_and_fill(model, full_state).eval()

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from lf_dist.errors import UserError
 from lf_dist.parallel.base import Strategy
-from lf_dist.train.optim import build_optimizer
 
 
 def is_peft(model) -> bool:
@@ -34,34 +33,12 @@ def load_hf_weights(model, path: Path, device) -> None:
 
 
 class SingleStrategy(Strategy):
-    name = "single"
-
     def __init__(self, cfg):
-        super().__init__(cfg)
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        if cfg.train.fp16 and self.device.type != "cuda":
-            raise UserError("fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU")
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.train.fp16 else None
+        super().__init__(cfg, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
 
-    def setup(self, model):
+    def setup(self, model, build_optimizer):
         model = model.to(self.device)
-        return model, build_optimizer(model, self.cfg)
-
-    def backward(self, loss):
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def step(self, model, optimizer, max_grad_norm):
-        params = [p for p in model.parameters() if p.requires_grad]
-        if self.scaler:
-            self.scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        if self.scaler:
-            self.scaler.step(optimizer)
-            self.scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return model, build_optimizer(model)
 
     def export(self, model, tokenizer, path):
         model.save_pretrained(path, safe_serialization=True)
@@ -73,18 +50,19 @@ class SingleStrategy(Strategy):
             return
         torch.save(optimizer.state_dict(), Path(path) / "optimizer.pt")
         torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
-        if self.scaler:
-            torch.save(self.scaler.state_dict(), Path(path) / "scaler.pt")
+        self.save_scaler(path)
 
-    def load_checkpoint(self, model, optimizer, scheduler, path):
-        path = Path(path)
-        if not (path / "optimizer.pt").is_file():
+    def check_resumable(self, path):
+        if not (Path(path) / "optimizer.pt").is_file():
             raise UserError(
                 f"resume_from_checkpoint: {path} was written by a distributed run; resume it with the "
                 "same kind of launch (or any torchrun world size with fsdp2/ddp)"
             )
+
+    def load_checkpoint(self, model, optimizer, scheduler, path):
+        path = Path(path)
+        self.check_resumable(path)
         load_hf_weights(model, path, self.device)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        if self.scaler and (path / "scaler.pt").is_file():
-            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        self.load_scaler(path)

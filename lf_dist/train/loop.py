@@ -1,4 +1,5 @@
-"""The training loop, shared by every backend: it asks the stage for a loss and the strategy for the rest."""
+"""The training loop, shared by every backend: it hands the stage's loss to the strategy, which runs the
+micro-batches of a step (forward and backward), steps the optimizer and saves."""
 
 from __future__ import annotations
 
@@ -9,27 +10,30 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from lf_dist.parallel.base import add_metrics
 from lf_dist.train import checkpoint as ckpt
-from lf_dist.train.optim import build_scheduler
+from lf_dist.train.optim import build_optimizer, build_scheduler
 from lf_dist.train.schedule import StepSchedule, resolve_steps
-from lf_dist.train.stages import summarize_metrics
 from lf_dist.train.tracker import Tracker
 
 
 class Trainer:
-    def __init__(self, cfg, strategy, stage, model, tokenizer, datasets, collator):
+    """`stage` is the StageSpec (collator, what to show), `loss` its StageLoss built for this run."""
+
+    def __init__(self, cfg, strategy, stage, loss, model, tokenizer, datasets):
         self.cfg, self.t = cfg, cfg.train
-        self.strategy, self.stage, self.tokenizer, self.collator = strategy, stage, tokenizer, collator
+        self.strategy, self.stage, self.loss, self.tokenizer = strategy, stage, loss, tokenizer
+        self.collator = stage.data.make_collator(tokenizer, cfg.data.cutoff_len)
         self.train_ds, self.eval_ds = datasets.train, datasets.eval
         self.output_dir = Path(self.t.output_dir)
-        self.model, self.optimizer = strategy.setup(model)
+        self.model, self.optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg))
         self.schedule = StepSchedule(
             len(self.train_ds),
             self.t.per_device_train_batch_size,
             self.t.gradient_accumulation_steps,
             self.t.data_seed if self.t.data_seed is not None else self.t.seed,
-            strategy.rank,
-            strategy.world_size,
+            strategy.dp_rank,
+            strategy.dp_size,
         )
         self.total_steps = self.schedule.total_steps(self.t.num_train_epochs, self.t.max_steps)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
@@ -46,26 +50,18 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int, dict]:
         """Forward/backward every micro-batch, normalized by the step's global unit count (label tokens, pairs
         or examples, as the stage says); then step. Returns loss, grad norm, input tokens and metric sums."""
-        n_units = self.strategy.all_reduce_sum(sum(self.stage.num_units(b) for b in micro_batches))
-        loss_sum = torch.zeros((), device=self.strategy.device)
-        metrics: dict = {}
+        n_units = self.strategy.all_reduce_sum(sum(self.loss.num_units(b) for b in micro_batches))
         self.model.train()
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
-            with self.strategy.no_sync(self.model, i == len(micro_batches) - 1), self.strategy.autocast():
-                loss, batch_metrics = self.stage.loss(self.model, batch)
-            self.strategy.backward(loss / max(n_units, 1))
-            loss_sum += loss.detach()
-            _accumulate(metrics, batch_metrics)
+        loss_sum, metrics = self.strategy.forward_backward(self.model, micro_batches, self.loss.loss, n_units)
         grad_norm = self.strategy.step(self.model, self.optimizer, self.t.max_grad_norm)
         self.scheduler.step()
         loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_units, 1)
-        n_input = int(self.strategy.all_reduce_sum(sum(self.stage.num_input_tokens(b) for b in micro_batches)))
+        n_input = int(self.strategy.all_reduce_sum(sum(self.loss.num_input_tokens(b) for b in micro_batches)))
         self.padded_tokens += int(self.strategy.all_reduce_sum(sum(b["input_ids"].numel() for b in micro_batches)))
         return loss_value, grad_norm, n_input, self._reduce(metrics)
 
     def _reduce(self, metrics: dict) -> dict:
-        """(sum, count) pairs summed over ranks in one collective (every rank has the same keys)."""
+        """(sum, count) pairs summed over the data-parallel ranks in one collective (every rank has the same keys)."""
         if not metrics:
             return {}
         keys = sorted(metrics)
@@ -75,7 +71,7 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------------
     def _loader(self, start_step: int):
         """Micro-batches from `start_step` on, grouped per optimizer step (the schedule is deterministic)."""
-        steps = [self.schedule.step(s)[1] for s in range(start_step, self.total_steps)]
+        steps = [self.schedule.step(s) for s in range(start_step, self.total_steps)]
         flat = [mb for step in steps for mb in step]
         # Its own generator: creating the iterator must not draw from the global RNG (dropout), or a resumed
         # run would see different random numbers than the uninterrupted one.
@@ -95,7 +91,7 @@ class Trainer:
         """Eval loss per unit, and the stage's metrics. Every rank runs the same number of batches (sharded
         models need all ranks in every forward)."""
         self.model.eval()
-        bs, rank, world = self.t.per_device_eval_batch_size, self.strategy.rank, self.strategy.world_size
+        bs, rank, world = self.t.per_device_eval_batch_size, self.strategy.dp_rank, self.strategy.dp_size
         per_rank = -(-len(self.eval_ds) // world)
         idx = list(range(rank, len(self.eval_ds), world))
         idx += [-1] * (per_rank - len(idx))
@@ -107,12 +103,12 @@ class Trainer:
             rows = [self.eval_ds[j] for j in real or [0]]
             batch = {k: v.to(self.strategy.device) for k, v in self.collator(rows).items()}
             with self.strategy.autocast():
-                loss, batch_metrics = self.stage.loss(self.model, batch)
+                loss, batch_metrics = self.loss.loss(self.model, batch)
             total += weight * loss.double()
-            units += weight * self.stage.num_units(batch)
-            _accumulate(metrics, {k: v * weight for k, v in batch_metrics.items()})
+            units += weight * self.loss.num_units(batch)
+            add_metrics(metrics, {k: v * weight for k, v in batch_metrics.items()})
         loss = float(self.strategy.all_reduce_sum(total)) / max(self.strategy.all_reduce_sum(units), 1)
-        return loss, summarize_metrics(self._reduce(metrics))
+        return loss, self.loss.summarize(self._reduce(metrics))
 
     def eval_results(self) -> dict:
         loss, metrics = self.evaluate()
@@ -152,16 +148,25 @@ class Trainer:
             return True
         return epoch_end if how == "epoch" else self.step % self.log_every == 0
 
+    def _tracker(self) -> Tracker:
+        return Tracker(
+            self.output_dir,
+            self.total_steps,
+            self.step,
+            self.strategy.is_main,
+            not self.t.disable_tqdm,
+            self.loss.summarize,
+            self.stage.shown,
+        )
+
     def fit(self, resume_from: Path | None = None) -> dict:
-        tracker = Tracker(self.output_dir, self.total_steps, 0, self.strategy.is_main, not self.t.disable_tqdm)
         if resume_from is not None:
             state = ckpt.load_state(resume_from)
             self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
             ckpt.restore_rng(resume_from, self.strategy.rank)
             self.step = state["global_step"]
-            tracker = Tracker(
-                self.output_dir, self.total_steps, self.step, self.strategy.is_main, not self.t.disable_tqdm
-            )
+        tracker = self._tracker()
+        if resume_from is not None:
             tracker.restore(state["log_history"], state["num_tokens"])
         start, start_time, losses, run_tokens = self.step, time.perf_counter(), [], 0
         fail_at = int(os.environ.get("LF_DIST_FAIL_AT_STEP", "0"))  # fault injection for resume tests
@@ -176,7 +181,7 @@ class Trainer:
             log_now = self._log_now(epoch_end)
             lr = self.scheduler.get_last_lr()[0]
             extra = None
-            if log_now and self.strategy.world_size > 1:
+            if log_now and self.strategy.dp_size > 1:
                 peaks = self.strategy.gather(self.strategy.max_memory_allocated() / 2**30)
                 extra = {"peak_memory_gb_per_rank": [round(x, 3) for x in peaks], "world_size": len(peaks)}
             tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
@@ -211,11 +216,6 @@ class Trainer:
             results["peak_memory_gb"] = round(mem / 2**30, 3)
         self.tracker = tracker
         return results
-
-
-def _accumulate(into: dict, metrics: dict) -> None:
-    for key, value in metrics.items():
-        into[key] = into[key] + value if key in into else value
 
 
 def _inject_fault(step: int, fail_at: int, rank: int) -> None:

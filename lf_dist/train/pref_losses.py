@@ -10,25 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lf_dist.data.tokenize import IGNORE_INDEX
-
-REFERENCE_LOSSES = ("sigmoid", "hinge", "ipo")  # need a reference model; orpo and simpo do not
-PREF_LOSSES = REFERENCE_LOSSES + ("orpo", "simpo")
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):
-    """Summed log-probs of each sequence's label tokens and their count, from rows that may hold several
-    sequences (packing): token t+1 is scored by position t only when both belong to the same sequence."""
-    shift_labels, target_seq = labels[:, 1:], seq_ids[:, 1:]
-    mask = (shift_labels != IGNORE_INDEX) & (target_seq >= 0) & (seq_ids[:, :-1] == target_seq)
-    picked = logits[:, :-1][mask].float()  # only the scored positions go through log-softmax
-    token_logps = picked.gather(-1, shift_labels[mask].unsqueeze(-1)).squeeze(-1) - picked.logsumexp(-1)
-    seqs = target_seq[mask]
-    sums = torch.zeros(n_seqs, device=logits.device, dtype=token_logps.dtype).index_add(0, seqs, token_logps)
-    counts = torch.zeros(n_seqs, device=logits.device, dtype=token_logps.dtype).index_add(
-        0, seqs, torch.ones_like(token_logps)
-    )
-    return sums, counts
+REFERENCE_LOSSES = ("sigmoid", "hinge", "ipo")  # need a reference model
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 
 
 def _smoothed_sigmoid(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:

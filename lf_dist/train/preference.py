@@ -12,75 +12,48 @@ from __future__ import annotations
 
 import torch
 
+from lf_dist.train.losses import StageLoss, metric, model_inputs
 from lf_dist.train.pref_losses import (
     REFERENCE_LOSSES,
     kto_loss,
     orpo_loss,
     pairwise_reward_loss,
     reference_loss,
-    sequence_logps,
     simpo_loss,
 )
-from lf_dist.train.stages import Stage, model_inputs
-
-
-def _metric(total: torch.Tensor, count) -> torch.Tensor:
-    """A (sum, count) pair, detached, in float64 so sums over many steps stay exact enough."""
-    count = count if torch.is_tensor(count) else torch.tensor(float(count), device=total.device)
-    return torch.stack([total.detach().double().sum(), count.double().to(total.device)])
+from lf_dist.train.token_logps import sequence_logps
 
 
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
     n = chosen_rewards.numel()
     return {
-        "rewards/chosen": _metric(chosen_rewards, n),
-        "rewards/rejected": _metric(rejected_rewards, n),
-        "rewards/accuracies": _metric((chosen_rewards > rejected_rewards).float(), n),
-        "rewards/margins": _metric(chosen_rewards - rejected_rewards, n),
-        "logps/chosen": _metric(chosen_logps, n),
-        "logps/rejected": _metric(rejected_logps, n),
+        "rewards/chosen": metric(chosen_rewards, n),
+        "rewards/rejected": metric(rejected_rewards, n),
+        "rewards/accuracies": metric((chosen_rewards > rejected_rewards).float(), n),
+        "rewards/margins": metric(chosen_rewards - rejected_rewards, n),
+        "logps/chosen": metric(chosen_logps, n),
+        "logps/rejected": metric(rejected_logps, n),
     }
 
 
-class Reference:
-    """Reference log-probs, computed once per batch without gradients.
-
-    With `model` None the policy itself is run with its LoRA adapters disabled (no second copy in memory);
-    otherwise `model` is a frozen copy prepared by the strategy (full / freeze fine-tuning, or `ref_model`).
-    """
-
-    def __init__(self, model=None, unwrap=None):
-        self.model, self.unwrap = model, unwrap
-
-    @torch.no_grad()
-    def logps(self, policy, inputs: dict, labels, seq_ids, n_seqs: int):
-        if self.model is not None:
-            logits = self.model(**inputs, use_cache=False).logits
-        else:
-            with self.unwrap(policy).disable_adapter():
-                logits = policy(**inputs, use_cache=False).logits
-        return sequence_logps(logits, labels, seq_ids, n_seqs)[0]
-
-
-class PairwiseStage(Stage):
+class PairwiseLoss(StageLoss):
     @staticmethod
     def num_units(batch: dict) -> int:
         return batch["ends"].numel() // 2
 
 
-class DPOStage(PairwiseStage):
-    """dpo with `pref_loss` sigmoid / hinge / ipo (against a reference) or orpo / simpo (reference-free)."""
+class DPOLoss(PairwiseLoss):
+    """dpo with `pref_loss` sigmoid / hinge / ipo (against a reference) or orpo / simpo (reference-free);
+    `ref` is the reference (a `Frozen`), None for the reference-free losses."""
 
     def __init__(self, loss_type: str, beta: float, ftx: float, label_smoothing: float, simpo_gamma: float, ref):
-        self.name = "dpo"
         self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
         self.label_smoothing, self.simpo_gamma, self.reference = label_smoothing, simpo_gamma, ref
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = batch["ends"].numel()
         inputs = model_inputs(batch, neat_packing=True)
-        logits = model(**inputs, use_cache=False).logits
-        logps, lens = sequence_logps(logits, batch["labels"], batch["seq_ids"], n)
+        logps, lens = sequence_logps(model, inputs, batch["labels"], batch["seq_ids"], n)
         chosen, rejected = logps.chunk(2)
         chosen_len, rejected_len = lens.chunk(2)
         chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
@@ -103,7 +76,7 @@ class DPOStage(PairwiseStage):
         else:
             if self.loss_type == "orpo":
                 losses, chosen_rewards, rejected_rewards, odds = orpo_loss(self.beta, chosen_avg, rejected_avg)
-                extra["odds_ratio_loss"] = _metric(odds, odds.numel())
+                extra["odds_ratio_loss"] = metric(odds, odds.numel())
             else:
                 losses, chosen_rewards, rejected_rewards = simpo_loss(
                     self.beta, self.simpo_gamma, self.label_smoothing, chosen_avg, rejected_avg
@@ -112,15 +85,14 @@ class DPOStage(PairwiseStage):
         if self.ftx > 0:
             losses = losses + self.ftx * -chosen_avg
         metrics = pair_metrics(chosen_rewards, rejected_rewards, *logged)
-        metrics["sft_loss"] = _metric(-chosen_avg, chosen_avg.numel())
+        metrics["sft_loss"] = metric(-chosen_avg, chosen_avg.numel())
         return losses.sum(), {**metrics, **extra}
 
 
-class KTOStage(Stage):
+class KTOLoss(StageLoss):
     """KTO on single answers tagged desirable or not; the KL term comes from mismatched rows of the batch."""
 
     def __init__(self, beta: float, ftx: float, desirable_weight: float, undesirable_weight: float, ref):
-        self.name = "kto"
         self.beta, self.ftx, self.reference = beta, ftx, ref
         self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
 
@@ -133,10 +105,9 @@ class KTOStage(Stage):
         kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
         kl_inputs = model_inputs(kl_batch, neat_packing=True)
         with torch.no_grad():
-            kl_logits = model(**kl_inputs, use_cache=False).logits
-            kl_logps = sequence_logps(kl_logits, kl_batch["labels"], kl_batch["seq_ids"], n)[0]
+            kl_logps = sequence_logps(model, kl_inputs, kl_batch["labels"], kl_batch["seq_ids"], n)[0]
         inputs = model_inputs(batch, neat_packing=True)
-        logps, lens = sequence_logps(model(**inputs, use_cache=False).logits, batch["labels"], batch["seq_ids"], n)
+        logps, lens = sequence_logps(model, inputs, batch["labels"], batch["seq_ids"], n)
         ref_logps = self.reference.logps(model, inputs, batch["labels"], batch["seq_ids"], n)
         ref_kl = self.reference.logps(model, kl_inputs, kl_batch["labels"], kl_batch["seq_ids"], n)
         kl = (kl_logps - ref_kl).mean().clamp(min=0).detach()
@@ -147,22 +118,27 @@ class KTOStage(Stage):
             losses = losses + self.ftx * torch.where(tags, -logps / lens.clamp(min=1), 0.0)
         chosen, rejected = tags.float(), (~tags).float()
         metrics = {
-            "rewards/chosen": _metric(rewards * chosen, chosen.sum()),
-            "rewards/rejected": _metric(rewards * rejected, rejected.sum()),
+            "rewards/chosen": metric(rewards * chosen, chosen.sum()),
+            "rewards/rejected": metric(rewards * rejected, rejected.sum()),
             # desirable answers made likelier than under the reference, undesirable ones less likely
-            "rewards/accuracies": _metric(torch.where(tags, rewards > 0, rewards < 0).float(), n),
-            "logps/chosen": _metric(logps * chosen, chosen.sum()),
-            "logps/rejected": _metric(logps * rejected, rejected.sum()),
-            "kl": _metric(kl, 1),
+            "rewards/accuracies": metric(torch.where(tags, rewards > 0, rewards < 0).float(), n),
+            "logps/chosen": metric(logps * chosen, chosen.sum()),
+            "logps/rejected": metric(logps * rejected, rejected.sum()),
+            "kl": metric(kl, 1),
         }
         return losses.sum(), metrics
 
+    def means(self, sums: dict) -> dict:
+        out = super().means(sums)
+        if "rewards/chosen" in out and "rewards/rejected" in out:  # unpaired answers: margins as TRL logs them
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
 
-class RewardStage(PairwiseStage):
+
+class RewardLoss(PairwiseLoss):
     """rm: a sequence-classification head scores each sequence at its last token; Bradley-Terry pair loss."""
 
     def __init__(self):
-        self.name = "rm"
         self._head = {}
 
     def _score_head(self, model) -> torch.nn.Module:
@@ -190,8 +166,8 @@ class RewardStage(PairwiseStage):
         losses = pairwise_reward_loss(chosen, rejected)
         n = chosen.numel()
         return losses.sum(), {
-            "rewards/chosen": _metric(chosen, n),
-            "rewards/rejected": _metric(rejected, n),
-            "rewards/accuracies": _metric((chosen > rejected).float(), n),
-            "rewards/margins": _metric(chosen - rejected, n),
+            "rewards/chosen": metric(chosen, n),
+            "rewards/rejected": metric(rejected, n),
+            "rewards/accuracies": metric((chosen > rejected).float(), n),
+            "rewards/margins": metric(chosen - rejected, n),
         }

@@ -40,7 +40,10 @@ class StepSchedule:
             self._cache = (epoch, [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)])
         return self._cache[1]
 
-    def step(self, global_step: int) -> tuple[int, list[list[int]]]:
-        """(epoch, micro-batches of example indices) for 0-based optimizer step `global_step`."""
+    def epoch_of(self, global_step: int) -> int:
+        return global_step // self.steps_per_epoch
+
+    def step(self, global_step: int) -> list[list[int]]:
+        """The micro-batches (lists of example indices) of 0-based optimizer step `global_step`."""
         epoch, j = divmod(global_step, self.steps_per_epoch)
-        return epoch, self.epoch_batches(epoch)[j * self.accum : (j + 1) * self.accum]
+        return self.epoch_batches(epoch)[j * self.accum : (j + 1) * self.accum]

@@ -1,102 +1,125 @@
-"""Stage losses. A stage knows how to turn a batch into a summed loss; it knows nothing of backends.
+"""The stage registry: everything that differs between pt, sft, rm, dpo and kto, one spec per stage.
 
-Losses are returned as *sums* over the stage's units — label tokens for pt/sft, pairs for rm/dpo, examples for
-kto; the loop divides by the number of units in the whole optimizer step (all micro-batches, all ranks), so
-batch layout never changes the gradient. Metrics come back as (sum, count) tensors and are logged as means.
+A spec names its data kind (how records become rows, how they pack and collate), its model head, the frozen
+models it reads, its loss and the metrics it shows, and its config rules. Adding a stage is adding one spec
+here; no other module compares a stage's name.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from lf_dist.data.tokenize import IGNORE_INDEX
+from lf_dist.config import RunConfig
+from lf_dist.data.kinds import FEEDBACK, PAIRWISE, SUPERVISED, TEXT, DataKind
+from lf_dist.errors import UserError
+from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE, Head
+from lf_dist.train.losses import CausalLMLoss, StageLoss
+from lf_dist.train.pref_losses import REFERENCE_LOSSES
+from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss
 
-
-def model_inputs(batch: dict, neat_packing: bool) -> dict:
-    """What the model sees. Neat-packed rows go without an attention mask: transformers then builds a
-    block-diagonal mask from the restarting position_ids (varlen kernels with flash-attention)."""
-    keys = (
-        ("input_ids", "position_ids")
-        if neat_packing and "position_ids" in batch
-        else ("input_ids", "attention_mask", "position_ids")
-    )
-    return {k: batch[k] for k in keys if k in batch}
+REWARD_METRICS = ("eval_loss", "eval_rewards/accuracies")
 
 
-class Stage:
-    """What the loop needs from a stage."""
+@dataclass(frozen=True)
+class FrozenModel:
+    """A model the stage reads but never trains; the strategy places it like the policy.
+    `path` None: the policy itself with its LoRA adapters disabled (no second copy)."""
 
-    name = "base"
-
-    @staticmethod
-    def num_units(batch: dict) -> int:
-        """What the loss is summed over (the step's loss is divided by the global count)."""
-        raise NotImplementedError
-
-    @staticmethod
-    def num_input_tokens(batch: dict) -> int:
-        """Real (non-padding) tokens the model reads, for throughput."""
-        if "seq_ids" in batch:
-            return int((batch["seq_ids"] >= 0).sum())
-        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+    role: str
+    path: str | None
+    head: Head = CAUSAL_LM
 
 
-def summarize_metrics(sums: dict) -> dict:
-    """Means from reduced (sum, count) pairs; metrics without any count this window are left out."""
-    out = {k: float(v[0] / v[1]) for k, v in sums.items() if float(v[1]) > 0}
-    if "rewards/margins" not in sums and "rewards/chosen" in out and "rewards/rejected" in out:
-        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]  # unpaired (kto), as TRL logs it
-    return {k: round(v, 6) for k, v in out.items()}
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    data: DataKind
+    head: Head
+    # (config, frozen models by role: `Frozen` handles) → the loss the loop calls
+    build_loss: Callable[[RunConfig, dict], StageLoss]
+    # the frozen models this config of the stage needs
+    frozen: Callable[[RunConfig], tuple[FrozenModel, ...]] = lambda cfg: ()
+    shown: tuple[str, ...] = ("eval_loss",)  # eval results the console prints after an evaluation
+    packing_default: bool = False  # packing when the config leaves it unset
+    neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
+    prompt_masking: bool = False  # train_on_prompt / mask_history apply
 
 
-class CausalLMStage(Stage):
-    """pt and sft: next-token cross-entropy on the label tokens."""
-
-    def __init__(self, name: str, neat_packing: bool = False):
-        self.name = name
-        self.neat_packing = neat_packing
-
-    @staticmethod
-    def num_units(batch: dict) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits = model(**model_inputs(batch, self.neat_packing), use_cache=False).logits
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = batch["labels"][:, 1:]
-        loss = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return loss, {}
-
-
-def build_stage(cfg, reference=None) -> Stage:
-    """The stage's loss; `reference` (a `preference.Reference`) serves dpo's reference losses and kto."""
-    from lf_dist.train import preference
-
-    f, name = cfg.finetuning, cfg.finetuning.stage
-    if name in ("pt", "sft"):
-        return CausalLMStage(name, neat_packing=cfg.data.neat_packing)
-    if name == "dpo":
-        return preference.DPOStage(
-            f.pref_loss, f.pref_beta, f.pref_ftx, f.dpo_label_smoothing, f.simpo_gamma, reference
-        )
-    if name == "kto":
-        return preference.KTOStage(f.pref_beta, f.pref_ftx, f.kto_chosen_weight, f.kto_rejected_weight, reference)
-    if name == "rm":
-        return preference.RewardStage()
-    raise ValueError(f"no loss for stage {name}")
-
-
-def needs_reference(cfg) -> bool:
-    from lf_dist.train.pref_losses import REFERENCE_LOSSES
-
+def _reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
+    """dpo's reference losses and kto: LoRA's own base with adapters disabled unless `ref_model` is set, else a
+    frozen copy of `ref_model` or of the starting checkpoint."""
     f = cfg.finetuning
-    return f.stage == "kto" or (f.stage == "dpo" and f.pref_loss in REFERENCE_LOSSES)
+    if f.finetuning_type == "lora" and f.ref_model is None:
+        return (FrozenModel("reference", None),)
+    return (FrozenModel("reference", f.ref_model or cfg.model.model_name_or_path),)
+
+
+def _dpo_reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
+    return _reference(cfg) if cfg.finetuning.pref_loss in REFERENCE_LOSSES else ()
+
+
+def _dpo(cfg: RunConfig, frozen: dict) -> DPOLoss:
+    f = cfg.finetuning
+    return DPOLoss(f.pref_loss, f.pref_beta, f.pref_ftx, f.dpo_label_smoothing, f.simpo_gamma, frozen.get("reference"))
+
+
+def _kto(cfg: RunConfig, frozen: dict) -> KTOLoss:
+    f = cfg.finetuning
+    return KTOLoss(f.pref_beta, f.pref_ftx, f.kto_chosen_weight, f.kto_rejected_weight, frozen["reference"])
+
+
+STAGES = {
+    spec.name: spec
+    for spec in (
+        StageSpec(
+            "pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(cfg.data.neat_packing), packing_default=True
+        ),
+        StageSpec(
+            "sft",
+            SUPERVISED,
+            CAUSAL_LM,
+            lambda cfg, frozen: CausalLMLoss(cfg.data.neat_packing),
+            neat_packing=True,
+            prompt_masking=True,
+        ),
+        StageSpec(
+            "rm", PAIRWISE, SEQUENCE_SCORE, lambda cfg, frozen: RewardLoss(), shown=REWARD_METRICS, neat_packing=True
+        ),
+        StageSpec("dpo", PAIRWISE, CAUSAL_LM, _dpo, frozen=_dpo_reference, shown=REWARD_METRICS, neat_packing=True),
+        StageSpec("kto", FEEDBACK, CAUSAL_LM, _kto, frozen=_reference, shown=REWARD_METRICS),
+    )
+}
+NOT_IMPLEMENTED = ("ppo",)  # LLaMA-Factory stages lf-dist does not run yet
+
+
+def get_stage(name: str) -> StageSpec:
+    if name in STAGES:
+        return STAGES[name]
+    available = ", ".join(STAGES)
+    if name in NOT_IMPLEMENTED:
+        raise UserError(f"stage: '{name}' is not implemented by lf-dist yet (available: {available})")
+    raise UserError(f"stage: '{name}' is not one of {available}")
+
+
+def check_stage_config(cfg: RunConfig) -> StageSpec:
+    """The config rules that depend on the stage, read off its spec; fills stage-dependent defaults."""
+    spec, d = get_stage(cfg.finetuning.stage), cfg.data
+    with_rule = [s.name for s in STAGES.values()]
+    if (d.train_on_prompt or d.mask_history) and not spec.prompt_masking:
+        names = [n for n in with_rule if STAGES[n].prompt_masking]
+        raise UserError(f"train_on_prompt / mask_history: only for stage {', '.join(names)}")
+    if d.neat_packing and not spec.neat_packing:
+        names = [n for n in with_rule if STAGES[n].neat_packing]
+        raise UserError(f"neat_packing: only for stages {', '.join(names[:-1])} and {names[-1]}")
+    if d.packing is None:
+        d.packing = spec.packing_default
+    if d.packing and not spec.data.packs:
+        names = [n for n in with_rule if STAGES[n].data.packs and STAGES[n].data is not TEXT]
+        raise UserError(f"packing: not supported for stage {spec.name} (it packs for {', '.join(names)})")
+    return spec
+
+
+def build_loss(cfg: RunConfig, frozen: dict | None = None) -> StageLoss:
+    """The loss of the config's stage; `frozen` holds the `Frozen` handles of the models its spec asks for."""
+    return get_stage(cfg.finetuning.stage).build_loss(cfg, frozen or {})

@@ -5,9 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from lf_dist.train.stages import summarize_metrics
 
 LOG_FILE = "trainer_log.jsonl"
 
@@ -17,10 +16,24 @@ def _hms(seconds: float) -> str:
 
 
 class Tracker:
-    """Lives on the main rank only; other ranks get a no-op via `enabled=False`."""
+    """Lives on the main rank only; other ranks get a no-op via `enabled=False`.
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, show_progress: bool):
+    `summarize` turns the stage's reduced (sum, count) metrics into logged values; `shown` names the eval
+    results the console prints after an evaluation (both come from the stage).
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        show_progress: bool,
+        summarize: Callable[[dict], dict],
+        shown: tuple[str, ...] = ("eval_loss",),
+    ):
         self.output_dir, self.total_steps, self.enabled = Path(output_dir), total_steps, enabled
+        self.summarize, self.shown = summarize, shown
         self.start_time = time.perf_counter()
         self.start_step = start_step
         self.window = self._new_window(self.start_time)
@@ -96,7 +109,7 @@ class Tracker:
             "epoch": round(epoch, 4),
             "num_tokens": self.num_tokens,
             "tokens_per_second": round(w["tokens"] / max(now - w["time"], 1e-9), 2),
-            **summarize_metrics(w["metrics"]),
+            **self.summarize(w["metrics"]),
             **(extra or {}),
         }
         self.window = self._new_window(now)
@@ -107,19 +120,12 @@ class Tracker:
         rounded = {k: round(v, 6) for k, v in results.items()}
         self._append({**self._timing(step), **rounded, "epoch": round(epoch, 4)})
         if self.bar is not None:
-            shown = ", ".join(
-                f"{k} {v:.4f}" for k, v in rounded.items() if k in ("eval_loss", "eval_rewards/accuracies")
-            )
+            shown = ", ".join(f"{k} {rounded[k]:.4f}" for k in self.shown if k in rounded)
             self.bar.write(f"[lf-dist] step {step}: {shown}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-    def write_results(self, results: dict) -> None:
-        if self.enabled:
-            text = json.dumps(results, indent=2) + "\n"
-            (self.output_dir / "all_results.json").write_text(text, encoding="utf-8")
 
     def plot(self) -> Path | None:
         """training_loss.png (and eval_loss.png when evaluated), like LLaMA-Factory's plot_loss."""

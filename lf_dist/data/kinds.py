@@ -1,0 +1,60 @@
+"""Data kinds: how the records of a stage become training rows, and how those rows pack and collate.
+
+A stage names its kind (`lf_dist/train/stages.py`); data/ only ever sees the kind, never a stage name.
+
+- text: plain texts (pt) → input_ids = labels; packing joins texts and cuts cutoff_len blocks.
+- supervised: prompt / answer turns → input_ids, labels with the prompt masked; packs examples into rows.
+- pairwise: prompt, chosen, rejected → chosen_* / rejected_* columns; packs whole pairs into 2 × cutoff_len.
+- feedback: prompt, answer and whether it is desirable → input_ids, labels, kto_tags; does not pack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lf_dist.data.collator import Collator, FeedbackCollator, PairwiseCollator
+from lf_dist.data.packing import pack_dataset, pack_pairs
+from lf_dist.data.preference import encode_feedback_records, encode_pairwise_records
+from lf_dist.data.tokenize import encode_supervised_records
+
+
+@dataclass(frozen=True)
+class DataKind:
+    name: str
+    # datasets.map function (batch, attr, template, tokenizer, data_args) → one row per record with `_valid`;
+    # None for text, which is tokenized after the split (texts are joined into blocks there).
+    encode: Callable | None
+    # (dataset, cutoff_len) → packed dataset; None when this kind's rows do not pack (or pack while encoding).
+    pack: Callable | None
+    # (pad_token_id, cutoff_len) → the collate function of a batch of rows.
+    collator: Callable[[int, int], Callable]
+    # Whether `packing` means anything for this kind.
+    packs: bool
+
+    def make_collator(self, tokenizer, cutoff_len: int):
+        return self.collator(tokenizer.pad_token_id, cutoff_len)
+
+
+def _plain(pad_token_id: int, cutoff_len: int) -> Collator:
+    return Collator(pad_token_id)
+
+
+def _pairs(pad_token_id: int, cutoff_len: int) -> PairwiseCollator:
+    return PairwiseCollator(pad_token_id)
+
+
+TEXT = DataKind("text", encode=None, pack=None, collator=_plain, packs=True)
+SUPERVISED = DataKind("supervised", encode=encode_supervised_records, pack=pack_dataset, collator=_plain, packs=True)
+PAIRWISE = DataKind("pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True)
+FEEDBACK = DataKind("feedback", encode=encode_feedback_records, pack=None, collator=FeedbackCollator, packs=False)
+
+
+def row_layout(kind_or_columns) -> str:
+    """The layout of saved rows (what a tokenized_path holds): text and supervised rows share one."""
+    if isinstance(kind_or_columns, DataKind):
+        return "supervised" if kind_or_columns is TEXT else kind_or_columns.name
+    columns = set(kind_or_columns)
+    if "kto_tags" in columns:
+        return "feedback"
+    return "pairwise" if {"chosen_input_ids", "seq_lens"} & columns else "supervised"

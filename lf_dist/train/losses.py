@@ -1,0 +1,102 @@
+"""What the loop needs from a stage's loss, a handle on frozen models, and the causal-LM loss of pt and sft.
+
+Losses are returned as *sums* over the stage's units — label tokens for pt/sft, pairs for rm/dpo, examples for
+kto; the loop divides by the number of units in the whole optimizer step (all micro-batches, all data-parallel
+ranks), so batch layout never changes the gradient. Metrics come back as (sum, count) tensors; the loop
+reduces them and `summarize` turns them into the logged means. A loss knows nothing of backends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lf_dist.data.tokenize import IGNORE_INDEX
+from lf_dist.train.token_logps import label_logps, sequence_logps
+
+
+def model_inputs(batch: dict, neat_packing: bool) -> dict:
+    """What the model sees. Neat-packed rows go without an attention mask: transformers then builds a
+    block-diagonal mask from the restarting position_ids (varlen kernels with flash-attention)."""
+    keys = (
+        ("input_ids", "position_ids")
+        if neat_packing and "position_ids" in batch
+        else ("input_ids", "attention_mask", "position_ids")
+    )
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def metric(total: torch.Tensor, count) -> torch.Tensor:
+    """A (sum, count) pair, detached, in float64 so sums over many steps stay exact enough."""
+    count = count if torch.is_tensor(count) else torch.tensor(float(count), device=total.device)
+    return torch.stack([total.detach().double().sum(), count.double().to(total.device)])
+
+
+class StageLoss:
+    """The loss of a stage, as the loop calls it."""
+
+    @staticmethod
+    def num_units(batch: dict) -> int:
+        """What the loss is summed over (the step's loss is divided by the global count)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def num_input_tokens(batch: dict) -> int:
+        """Real (non-padding) tokens the model reads, for throughput."""
+        if "seq_ids" in batch:
+            return int((batch["seq_ids"] >= 0).sum())
+        return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(summed loss, metrics as (sum, count) pairs) of one micro-batch."""
+        raise NotImplementedError
+
+    def means(self, sums: dict) -> dict:
+        """Means from reduced (sum, count) pairs; metrics without any count this window are left out."""
+        return {k: float(v[0] / v[1]) for k, v in sums.items() if float(v[1]) > 0}
+
+    def summarize(self, sums: dict) -> dict:
+        """The logged values of reduced (sum, count) pairs."""
+        return {k: round(v, 6) for k, v in self.means(sums).items()}
+
+
+class Frozen:
+    """A model a stage reads but never trains: a frozen copy placed like the policy by the strategy, or —
+    `model` None — the policy itself with its LoRA adapters disabled (no second copy in memory)."""
+
+    def __init__(self, model=None, unwrap=None):
+        self.model, self.unwrap = model, unwrap
+
+    def use(self, policy):
+        """A context giving the module to call."""
+        if self.model is not None:
+            return contextlib.nullcontext(self.model)
+        return _adapters_off(self.unwrap(policy) if self.unwrap else policy, policy)
+
+    @torch.no_grad()
+    def logps(self, policy, inputs: dict, labels, seq_ids, n_seqs: int) -> torch.Tensor:
+        """Summed label log-probs per sequence under this model (once per batch, without gradients)."""
+        with self.use(policy) as model:
+            return sequence_logps(model, inputs, labels, seq_ids, n_seqs)[0]
+
+
+@contextlib.contextmanager
+def _adapters_off(inner, policy):
+    with inner.disable_adapter():
+        yield policy
+
+
+class CausalLMLoss(StageLoss):
+    """pt and sft: next-token cross-entropy on the label tokens."""
+
+    def __init__(self, neat_packing: bool = False):
+        self.neat_packing = neat_packing
+
+    @staticmethod
+    def num_units(batch: dict) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        token_logps, _ = label_logps(model, model_inputs(batch, self.neat_packing), batch["labels"])
+        return -token_logps.sum(), {}
