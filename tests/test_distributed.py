@@ -194,7 +194,7 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(reference, tmp_path):
     assert_same_training(out, reference / "lora")
 
 
-def test_deepspeed_checkpoint_resumes(reference, tmp_path):
+def test_deepspeed_zero3_resumed_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path):
     config, out = _config(tmp_path, "full"), tmp_path / "out"
     ds = f"deepspeed={Path(__file__).parents[1] / 'examples/deepspeed/ds_z3_config.json'}"
     crashed = lf_dist_train(

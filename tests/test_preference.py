@@ -297,7 +297,7 @@ def test_dpo_starts_at_log2_because_policy_equals_reference(make_cfg, finetuning
 
 
 @pytest.mark.parametrize("name", ["dpo_lora", "kto_lora", "rm_lora"])
-def test_example_config_trains(tmp_path, name):
+def test_shipped_preference_examples_train_and_log_reward_metrics(tmp_path, name):
     """The shipped examples run as they are (a few steps), from the install `make demo` uses."""
     from lf_dist.cli import main
 

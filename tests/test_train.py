@@ -205,7 +205,7 @@ def test_sharegpt_sft_learns(make_cfg):
 
 
 @pytest.mark.parametrize("extra", [{"use_dora": True}, {"use_rslora": True}, {"bf16": True}])
-def test_lora_variants_and_bf16_train(make_cfg, extra):
+def test_dora_rslora_and_bf16_lower_the_loss_on_every_linear_layer(make_cfg, extra):
     cfg = make_cfg(max_steps=12, learning_rate=5e-3, **extra)
     run(cfg)
     out = __import__("pathlib").Path(cfg.train.output_dir)

@@ -1,0 +1,123 @@
+"""The layering rules of the README's architecture section, read off the imports of every module.
+
+- config/ imports nothing of the package but `lf_dist.errors`;
+- parallel/ imports nothing of launchers/, data/, train/ (nor the worker);
+- data/ imports nothing of train/, parallel/, model/ or launchers/;
+- model/ imports nothing of train/, parallel/, data/ or launchers/;
+- no import cycle between modules, counting imports inside functions too;
+- no module but the stage registry compares a stage's name.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lf_dist"
+STAGE_NAMES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
+REGISTRY = "lf_dist.train.stages"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _resolve(name: str) -> str:
+    """`lf_dist.a.b` (a module, or a name in module `lf_dist.a`) → the module it loads."""
+    while name not in MODULES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def imports_of(module: str) -> set[str]:
+    """Every lf_dist module `module` imports, at module level or inside functions."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {_resolve(a.name) for a in node.names if a.name.startswith("lf_dist")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lf_dist"):
+            found |= {_resolve(f"{node.module}.{a.name}") for a in node.names}
+    return found - {module}
+
+
+GRAPH = {m: imports_of(m) for m in MODULES}
+
+RULES = {
+    "lf_dist.config": lambda dep: dep.startswith("lf_dist.config") or dep == "lf_dist.errors",
+    "lf_dist.parallel": lambda dep: (
+        not dep.startswith(
+            ("lf_dist.launchers", "lf_dist.data", "lf_dist.train", "lf_dist.worker", "lf_dist.configure")
+        )
+    ),
+    "lf_dist.data": lambda dep: (
+        not dep.startswith(
+            ("lf_dist.train", "lf_dist.parallel", "lf_dist.model", "lf_dist.launchers", "lf_dist.worker")
+        )
+    ),
+    "lf_dist.model": lambda dep: (
+        not dep.startswith(
+            ("lf_dist.train", "lf_dist.parallel", "lf_dist.data", "lf_dist.launchers", "lf_dist.worker")
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(RULES))
+def test_layer_imports_only_what_the_architecture_allows(layer):
+    broken = {
+        m: sorted(d for d in deps if not RULES[layer](d))
+        for m, deps in GRAPH.items()
+        if m == layer or m.startswith(layer + ".")
+    }
+    assert not {m: d for m, d in broken.items() if d}, broken
+
+
+def test_no_import_cycles_even_through_function_level_imports():
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for dep in sorted(GRAPH[m]):
+            if state.get(dep) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
+
+
+def _stage_names_in(node: ast.AST) -> set[str]:
+    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in STAGE_NAMES}
+
+
+def test_only_the_stage_registry_compares_stage_names():
+    found = []
+    for module, path in MODULES.items():
+        if module == REGISTRY:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = set()
+            if isinstance(node, ast.Compare):
+                names = _stage_names_in(node)
+            elif isinstance(node, ast.Dict):  # a lookup table keyed by stage
+                names = {k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in STAGE_NAMES}
+            if names:
+                found.append(f"{module}:{node.lineno} {sorted(names)}")
+    assert not found, found

@@ -1,0 +1,210 @@
+"""The seams later backends and stages plug into: a stage is one spec, the strategy owns forward/backward,
+log-probs come from one function, mistakes fail before data, fp16 is never silently fp32."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lf_dist.cli import main
+from lf_dist.data import SUPERVISED, Collator, build_datasets
+from lf_dist.data.templates import get_template
+from lf_dist.model.heads import CAUSAL_LM
+from lf_dist.parallel import SingleStrategy
+from lf_dist.train import stages
+from lf_dist.train.losses import CausalLMLoss, metric, model_inputs
+from lf_dist.train.token_logps import label_logps
+from lf_dist.worker import run
+
+from .conftest import ROOT, TINY_MODEL, base_overrides
+
+SFT_YAML = ROOT / "examples" / "tiny" / "sft_lora.yaml"
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+class _CountingLoss(CausalLMLoss):
+    """A new stage's loss: sft's cross-entropy plus a metric of its own."""
+
+    def loss(self, model, batch):
+        loss, _ = super().loss(model, batch)
+        labels = (batch["labels"][:, 1:] != -100).sum()
+        return loss, {"toy/label_tokens": metric(labels.float(), batch["input_ids"].size(0))}
+
+
+def test_a_new_stage_is_one_spec_in_the_registry(make_cfg, monkeypatch):
+    """Registering one StageSpec is all it takes: config checks, data, model, loss, metrics and display follow."""
+    spec = stages.StageSpec(
+        "toy",
+        SUPERVISED,
+        CAUSAL_LM,
+        lambda cfg, frozen: _CountingLoss(),
+        shown=("eval_loss", "eval_toy/label_tokens"),
+    )
+    monkeypatch.setitem(stages.STAGES, "toy", spec)
+    cfg = make_cfg("toy", stage="toy", max_steps=8, learning_rate=5e-3, val_size=8)
+    results = run(cfg)
+    train = [e for e in _log(_out(cfg)) if "loss" in e]
+    assert all(e["toy/label_tokens"] > 1 for e in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert results["eval_toy/label_tokens"] > 1 and "eval_loss" in results
+    assert not cfg.data.packing  # the spec's packing default applied by the config check
+
+
+def _out(cfg) -> Path:
+    return Path(cfg.train.output_dir)
+
+
+class _ReversedMicroBatches(SingleStrategy):
+    """A backend with its own schedule overrides one method; here it just runs the micro-batches backwards."""
+
+    calls: list[int] = []
+
+    def forward_backward(self, model, micro_batches, loss_fn, n_units):
+        self.calls.append(len(micro_batches))
+        return super().forward_backward(model, micro_batches[::-1], loss_fn, n_units)
+
+
+def test_the_loop_hands_each_step_to_the_strategys_forward_backward(make_cfg, monkeypatch):
+    import lf_dist.parallel
+
+    common = {"max_steps": 4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}
+    run(reference := make_cfg("default", **common))
+    monkeypatch.setattr(lf_dist.parallel, "build_strategy", _ReversedMicroBatches)
+    _ReversedMicroBatches.calls = []
+    run(custom := make_cfg("custom", **common))
+    assert _ReversedMicroBatches.calls == [2, 2, 2, 2]
+    ours = [e["loss"] for e in _log(_out(custom)) if "loss" in e]
+    theirs = [e["loss"] for e in _log(_out(reference)) if "loss" in e]
+    assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+def test_output_layer_sees_only_label_positions_and_log_probs_equal_the_full_logits(make_cfg):
+    """Prompt and padding positions cost no logits; log-probs and gradients equal the full-logits path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = make_cfg(max_samples=8)
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL)
+    rows = build_datasets(cfg, tokenizer, get_template("chatml", tokenizer, cfg.data), SUPERVISED).train
+    batch = Collator(tokenizer.pad_token_id)([rows[i] for i in range(4)])
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+    inputs, labels = model_inputs(batch, False), batch["labels"]
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    logps, mask = label_logps(model, inputs, labels)
+    grads = torch.autograd.grad(-logps.sum(), list(model.parameters()))
+    handle.remove()
+    n_scored, hidden = int(mask.sum()), model.config.hidden_size
+    assert seen == [(1, n_scored, hidden)] and n_scored < 0.7 * labels.numel()
+    full = model(**inputs, use_cache=False).logits.float().log_softmax(-1)[:, :-1]
+    expected = full.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+    full_grads = torch.autograd.grad(-expected.sum(), list(model.parameters()))
+    for g, f in zip(grads, full_grads):
+        assert float((g - f).abs().max() / f.abs().max().clamp(min=1e-12)) < 1e-5
+
+
+def _cli(tmp_path, capsys, **overrides):
+    out = tmp_path / "out"
+    code = main(["train", str(SFT_YAML), *base_overrides(out, **overrides)])
+    return code, capsys.readouterr().err.strip().splitlines(), out
+
+
+def _broken_data(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text('{"broken": {"file_name": "broken.json"}}', encoding="utf-8")
+    (data / "broken.json").write_text('[{"instruction": "a" "output": 1}]', encoding="utf-8")
+    return {"dataset": "broken", "dataset_dir": str(data)}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"lora_target": "nope_proj"}, "lora_target: "),
+        ({"finetuning_type": "freeze", "freeze_trainable_layers": 99}, "freeze_trainable_layers: "),
+        ({"finetuning_type": "freeze", "freeze_trainable_modules": "nope"}, "freeze_trainable_modules: "),
+    ],
+)
+def test_model_setup_mistakes_fail_before_any_data_is_read(tmp_path, capsys, overrides, message):
+    """The model is checked on the meta device first: the broken dataset is never reached."""
+    code, err, out = _cli(tmp_path, capsys, **_broken_data(tmp_path), **overrides)
+    assert code == 2 and err[-1].startswith(f"lf-dist: error: {message}"), err
+    assert not any("Traceback" in line for line in err) and not out.exists()
+
+
+def test_resuming_another_backends_checkpoint_is_refused_before_output_dir_is_touched(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "checkpoint-4" / "dcp").mkdir(parents=True)  # what fsdp2 / ddp write
+    (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}', encoding="utf-8")
+    (out / "lf_dist_config.json").write_text("the previous run's config", encoding="utf-8")
+    code, err, _ = _cli(tmp_path, capsys, resume_from_checkpoint=True, overwrite_output_dir=False)
+    assert code == 2 and "was written by a distributed run" in err[-1], err
+    assert (out / "lf_dist_config.json").read_text(encoding="utf-8") == "the previous run's config"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "lf_dist_config.json"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp2"])
+def test_fp16_without_a_gpu_is_refused_in_one_line_never_run_in_fp32(tmp_path, strategy):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lf_dist", "train", str(SFT_YAML), *base_overrides(out, fp16=True, strategy=strategy)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == "lf-dist: error: fp16: needs a CUDA GPU (loss scaling); use bf16 on CPU"
+    )
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp2"])
+def test_fp16_computes_in_half_precision_with_loss_scaling_and_tracks_fp32(make_cfg, monkeypatch, strategy):
+    from lf_dist.ports import free_port
+
+    def one_process_group():
+        if strategy != "single":  # a process group of one, as torchrun would set it up
+            env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+            for key, value in {**env, "MASTER_PORT": str(free_port())}.items():
+                monkeypatch.setenv(key, value)
+
+    common = {"strategy": strategy, "max_steps": 6, "save_steps": 3, "learning_rate": 1e-3}
+    dtypes: set = set()
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear) and torch.is_tensor(output):
+            dtypes.add(output.dtype)
+
+    one_process_group()
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run(half := make_cfg("fp16", fp16=True, **common))
+    finally:
+        handle.remove()
+    one_process_group()
+    run(full := make_cfg("fp32", **common))
+    assert torch.float16 in dtypes
+    assert (_out(half) / "checkpoint-3" / "scaler.pt").is_file()
+    half_losses = [e["loss"] for e in _log(_out(half)) if "loss" in e]
+    full_losses = [e["loss"] for e in _log(_out(full)) if "loss" in e]
+    assert half_losses == pytest.approx(full_losses, rel=2e-2)
+
+
+def test_preference_keys_name_the_losses_the_dpo_stage_implements():
+    from lf_dist.config.schema import PREF_LOSSES
+    from lf_dist.train.pref_losses import REFERENCE_FREE_LOSSES, REFERENCE_LOSSES
+
+    assert set(PREF_LOSSES) == set(REFERENCE_LOSSES) | set(REFERENCE_FREE_LOSSES)
