@@ -148,25 +148,24 @@ class Trainer:
             return True
         return epoch_end if how == "epoch" else self.step % self.log_every == 0
 
-    def _tracker(self) -> Tracker:
-        return Tracker(
-            self.output_dir,
-            self.total_steps,
-            self.step,
-            self.strategy.is_main,
-            not self.t.disable_tqdm,
-            self.loss.summarize,
-            self.stage.shown,
-        )
-
     def fit(self, resume_from: Path | None = None) -> dict:
+        state = None
         if resume_from is not None:
             state = ckpt.load_state(resume_from)
             self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
             ckpt.restore_rng(resume_from, self.strategy.rank)
             self.step = state["global_step"]
-        tracker = self._tracker()
-        if resume_from is not None:
+        show = not self.t.disable_tqdm
+        tracker = Tracker(
+            self.output_dir,
+            self.total_steps,
+            self.step,
+            self.strategy.is_main,
+            show,
+            self.loss.summarize,
+            self.stage.shown,
+        )
+        if state is not None:
             tracker.restore(state["log_history"], state["num_tokens"])
         start, start_time, losses, run_tokens = self.step, time.perf_counter(), [], 0
         fail_at = int(os.environ.get("LF_DIST_FAIL_AT_STEP", "0"))  # fault injection for resume tests

@@ -102,21 +102,22 @@ def get_stage(name: str) -> StageSpec:
     raise UserError(f"stage: '{name}' is not one of {available}")
 
 
+def _stages_where(rule) -> str:
+    return ", ".join(name for name, spec in STAGES.items() if rule(spec))
+
+
 def check_stage_config(cfg: RunConfig) -> StageSpec:
     """The config rules that depend on the stage, read off its spec; fills stage-dependent defaults."""
     spec, d = get_stage(cfg.finetuning.stage), cfg.data
-    with_rule = [s.name for s in STAGES.values()]
     if (d.train_on_prompt or d.mask_history) and not spec.prompt_masking:
-        names = [n for n in with_rule if STAGES[n].prompt_masking]
-        raise UserError(f"train_on_prompt / mask_history: only for stage {', '.join(names)}")
+        raise UserError(f"train_on_prompt / mask_history: only for stage {_stages_where(lambda s: s.prompt_masking)}")
     if d.neat_packing and not spec.neat_packing:
-        names = [n for n in with_rule if STAGES[n].neat_packing]
-        raise UserError(f"neat_packing: only for stages {', '.join(names[:-1])} and {names[-1]}")
+        raise UserError(f"neat_packing: only for stages {_stages_where(lambda s: s.neat_packing)}")
     if d.packing is None:
         d.packing = spec.packing_default
     if d.packing and not spec.data.packs:
-        names = [n for n in with_rule if STAGES[n].data.packs and STAGES[n].data is not TEXT]
-        raise UserError(f"packing: not supported for stage {spec.name} (it packs for {', '.join(names)})")
+        where = _stages_where(lambda s: s.data.packs and not s.packing_default)
+        raise UserError(f"packing: not supported for stage {spec.name} (rows pack for {where})")
     return spec
 
 
