@@ -1,8 +1,10 @@
-"""`lf-dist` command line: train (and version). User mistakes end in one line on stderr and exit code 2."""
+"""`lf-dist` command line: train, plan, env (and version). User mistakes end in one line on stderr, exit 2."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from lf_dist import __version__
@@ -15,8 +17,79 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train from a LLaMA-Factory YAML/JSON config")
     train.add_argument("config", help="path to a .yaml/.yml/.json config")
     train.add_argument("overrides", nargs="*", help="key=value overrides (YAML-typed), e.g. learning_rate=5e-4")
+    plan = sub.add_parser("plan", help="print the plan for a config (launcher, strategy, method, memory) and why")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--profile", help="a named hardware profile or a profile YAML file (default: this machine)")
+    plan.add_argument("--nnodes", type=int, help="nodes of the profile")
+    plan.add_argument("--json", action="store_true", help="one JSON object")
+    env = sub.add_parser("env", help="print this machine's hardware profile and the backends that import")
+    env.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
     return p
+
+
+def _plan(args) -> int:
+    from lf_dist.configure import load_config
+    from lf_dist.planner import detect, load_profile, make_plan
+    from lf_dist.train.stages import get_stage
+
+    cfg = load_config(args.config, args.overrides)
+    hw = load_profile(args.profile, args.nnodes) if args.profile else detect()
+    if not args.profile and args.nnodes:
+        hw = hw.with_nodes(args.nnodes)
+    plan = make_plan(cfg, hw, get_stage(cfg.finetuning.stage), launching=not args.profile)
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+        return 0
+    print(plan.summary())
+    print(f"  profile: {hw.name} ({hw.gpu or 'CPU'}, {hw.world_size} device(s), {plan.gpu_memory_gib:.2f} GiB each)")
+    print(f"  parameters: {plan.num_params:,} ({plan.trainable_params:,} trainable)")
+    print("  memory per device (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in plan.memory_gib.items()))
+    for reason in plan.reasons:
+        print(f"  - {reason}")
+    if plan.suggestion:
+        print(f"  - to fit: {plan.suggestion}")
+    return 0
+
+
+def _env(args) -> int:
+    from lf_dist.planner import PROFILES, backends, detect
+
+    hw = detect()
+    info = {
+        "profile": hw.to_dict(),
+        "nnodes": os.environ.get("NNODES", "1"),
+        "node_rank": os.environ.get("NODE_RANK", "0"),
+        "backends": backends(),
+        "named_profiles": sorted(PROFILES),
+    }
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    gpus = f"{hw.gpus_per_node} × {hw.gpu} ({hw.gpu_memory_gib:.2f} GiB, bf16 {'yes' if hw.bf16 else 'no'})"
+    print(f"GPUs: {gpus if hw.on_gpu else 'none'}")
+    print(f"CPU cores: {hw.cpu_cores}; RAM: {hw.ram_gib:.1f} GiB")
+    print(f"NNODES: {info['nnodes']}; NODE_RANK: {info['node_rank']}")
+    for name, version in info["backends"].items():
+        print(f"{name}: {version or 'not installed'}")
+    print(f"named profiles (lf-dist plan --profile NAME): {', '.join(info['named_profiles'])}")
+    return 0
+
+
+def _train(args) -> int:
+    from lf_dist.configure import load_config
+    from lf_dist.launchers import launch
+    from lf_dist.log import get_logger
+    from lf_dist.planner import detect, make_plan, require_fit
+    from lf_dist.train.stages import get_stage
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.ignored:
+        get_logger().info("notice: these keys have no effect in lf-dist: " + ", ".join(sorted(cfg.ignored)))
+    plan = make_plan(cfg, detect(), get_stage(cfg.finetuning.stage))
+    require_fit(plan)  # before anything is loaded or launched
+    return launch(args.config, args.overrides, cfg, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,22 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lf-dist {__version__}")
         return 0
     try:
-        from lf_dist.configure import load_config
-        from lf_dist.log import get_logger
-
-        cfg = load_config(args.config, args.overrides)
-        if cfg.ignored:
-            get_logger().info("notice: these keys have no effect in lf-dist: " + ", ".join(sorted(cfg.ignored)))
-        from lf_dist.launchers import launch
-
-        return launch(args.config, args.overrides, cfg)
+        return {"train": _train, "plan": _plan, "env": _env}[args.command](args)
     except UserError as err:
         print(f"lf-dist: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lf-dist: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

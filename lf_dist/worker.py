@@ -68,15 +68,16 @@ def check_model(cfg: RunConfig, stage, tokenizer) -> None:
         apply_finetuning(load_model(cfg, tokenizer, stage.head, meta=True), cfg, stage.head, quiet=True)
 
 
-def _model_factory(cfg: RunConfig, head, tokenizer, dtype):
-    """Build the fine-tuning model; `meta=True` builds it on the meta device (no memory, weights come later)."""
+def _model_factory(cfg: RunConfig, head, tokenizer, dtype, device):
+    """Build the fine-tuning model; `meta=True` builds it on the meta device (no memory, weights come later).
+    A quantized base is loaded straight onto `device`."""
     import torch
 
     from lf_dist.model import apply_finetuning, load_model
 
     def build(meta: bool):
         if not meta:
-            return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype), cfg, head)
+            return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype, device=device), cfg, head)
         with torch.device("meta"):
             return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype, meta=True), cfg, head)
 
@@ -105,18 +106,26 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
     return frozen
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, plan=None) -> dict:
+    """Train (or evaluate) as `plan` says; without one (a direct call), the plan is made here for this machine."""
     from transformers import set_seed
 
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
     from lf_dist.model import load_tokenizer
     from lf_dist.parallel import build_strategy
+    from lf_dist.planner import PLAN_FILE, detect, make_plan, require_fit
     from lf_dist.train.loop import Trainer
     from lf_dist.train.stages import get_stage
 
     stage = get_stage(cfg.finetuning.stage)
+    if plan is None:
+        plan = make_plan(cfg, detect(), stage)
+        require_fit(plan)
+    plan.apply(cfg)
     strategy = build_strategy(cfg)
+    if strategy.is_main:
+        logger.info(plan.summary())
     try:
         set_seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg)
@@ -128,9 +137,10 @@ def run(cfg: RunConfig) -> dict:
             strategy.check_resumable(resume_from)
         datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
         set_seed(cfg.train.seed)
-        model = strategy.create_model(_model_factory(cfg, stage.head, tokenizer, strategy.load_dtype()))
+        factory = _model_factory(cfg, stage.head, tokenizer, strategy.load_dtype(), strategy.device)
+        model = strategy.create_model(factory)
         loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
-        trainer = Trainer(cfg, strategy, stage, loss, model, tokenizer, datasets)
+        trainer = Trainer(cfg, strategy, stage, loss, model, tokenizer, datasets, plan.expected_peak_gib)
         out = Path(cfg.train.output_dir)
         if strategy.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -138,6 +148,7 @@ def run(cfg: RunConfig) -> dict:
                 _clear_previous_run(out)
             config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
             (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
+            plan.save(out / PLAN_FILE)
         strategy.barrier()
         if not cfg.train.do_train:
             results = trainer.eval_results() if datasets.eval is not None else {}

@@ -101,6 +101,7 @@ def build_config(raw: dict, source: str | None = None) -> RunConfig:
         section = owners.get(key)
         if section is not None:
             setattr(getattr(cfg, section), key, _coerce(key, value, hints[section][key]))
+            cfg.given.add(key)
         elif key in ALWAYS_ON and value in (True, "true", "True", "all", "non_padding"):
             continue
         elif key in LF_NO_EFFECT:

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-FINETUNING_TYPES = ("full", "freeze", "lora")
+# `auto`: the planner picks full, lora or 4-bit qlora, whichever fits first (lf-dist's own value)
+FINETUNING_TYPES = ("full", "freeze", "lora", "auto")
 FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+QUANTIZATION_BITS = (4, 8)
+QUANTIZATION_TYPES = ("nf4", "fp4")
+# `optim` values lf-dist runs: torch's AdamW, or bitsandbytes' 8-bit (paged) AdamW
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 # The values `pref_loss` may take (what each means is the dpo stage's business, in train/pref_losses.py).
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
 
@@ -24,6 +29,12 @@ class ModelArgs:
     use_fast_tokenizer: bool = True
     resize_vocab: bool = False
     cache_dir: str | None = None
+    # QLoRA through bitsandbytes (LLaMA-Factory's names and defaults)
+    quantization_method: str = "bnb"
+    quantization_bit: int | None = None
+    quantization_type: str = "nf4"
+    double_quantization: bool = True
+    upcast_layernorm: bool = False
 
 
 @dataclass
@@ -56,6 +67,7 @@ class DataArgs:
 class FinetuningArgs:
     stage: str = "sft"
     finetuning_type: str = "lora"
+    allow_fallback: bool = False  # the planner may fall back full → lora → qlora when the method does not fit
     lora_rank: int = 8
     lora_alpha: int | None = None
     lora_dropout: float = 0.0
@@ -147,6 +159,8 @@ class RunConfig:
     # Keys accepted for compatibility that change nothing in lf-dist: reported once, never silently dropped.
     ignored: dict = field(default_factory=dict)
     source: str | None = None
+    # The keys the user gave (file or overrides): the planner decides only what the user left unset.
+    given: set = field(default_factory=set)
 
     def to_dict(self) -> dict:
         out = {}

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lf_dist.config.schema import FINETUNING_TYPES, FLASH_ATTN, PREF_LOSSES, SCHEDULERS, RunConfig
+from lf_dist.config.schema import (
+    FINETUNING_TYPES,
+    FLASH_ATTN,
+    OPTIMIZERS,
+    PREF_LOSSES,
+    QUANTIZATION_BITS,
+    QUANTIZATION_TYPES,
+    SCHEDULERS,
+    RunConfig,
+)
 from lf_dist.errors import UserError
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
-_ADAMW = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
 
 
 def _choice(key: str, value, choices) -> None:
@@ -70,8 +78,9 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("bf16 and fp16: choose one")
     if t.eval_strategy == "steps" and t.eval_steps is not None:
         _positive("eval_steps", t.eval_steps)
-    if t.optim not in _ADAMW:
+    if t.optim not in OPTIMIZERS:
         cfg.ignored["optim"] = f"{t.optim} (lf-dist uses torch AdamW)"
+    _validate_quantization(cfg)
     trackers = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
     trackers = [r for r in trackers if r not in ("none", "None", "")]
     if trackers:
@@ -86,6 +95,22 @@ def validate(cfg: RunConfig) -> None:
         t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"
     if isinstance(t.resume_from_checkpoint, str) and not Path(t.resume_from_checkpoint).is_dir():
         raise UserError(f"resume_from_checkpoint: no checkpoint directory at {t.resume_from_checkpoint}")
+
+
+def _validate_quantization(cfg: RunConfig) -> None:
+    m, f = cfg.model, cfg.finetuning
+    if m.quantization_method != "bnb":
+        raise UserError(
+            f"quantization_method: '{m.quantization_method}' is not implemented by lf-dist (available: bnb)"
+        )
+    if m.quantization_bit is not None:
+        _choice("quantization_bit", m.quantization_bit, QUANTIZATION_BITS)
+        if f.finetuning_type in ("full", "freeze"):
+            raise UserError(
+                f"quantization_bit: a quantized base trains only adapters; use finetuning_type lora, not "
+                f"{f.finetuning_type}"
+            )
+    _choice("quantization_type", m.quantization_type, QUANTIZATION_TYPES)
 
 
 def _validate_data(cfg: RunConfig) -> None:

@@ -31,6 +31,8 @@ class DataKind:
     collator: Callable[[int, int], Callable]
     # Whether `packing` means anything for this kind.
     packs: bool
+    # Sequences per example that go through the model with gradients (chosen and rejected for pairs).
+    sequences: int = 1
 
     def make_collator(self, tokenizer, cutoff_len: int):
         return self.collator(tokenizer.pad_token_id, cutoff_len)
@@ -46,7 +48,9 @@ def _pairs(pad_token_id: int, cutoff_len: int) -> PairwiseCollator:
 
 TEXT = DataKind("text", encode=None, pack=None, collator=_plain, packs=True)
 SUPERVISED = DataKind("supervised", encode=encode_supervised_records, pack=pack_dataset, collator=_plain, packs=True)
-PAIRWISE = DataKind("pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True)
+PAIRWISE = DataKind(
+    "pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True, sequences=2
+)
 FEEDBACK = DataKind("feedback", encode=encode_feedback_records, pack=None, collator=FeedbackCollator, packs=False)
 
 

@@ -4,27 +4,28 @@
 - torchrun: `torch.distributed.run` on this node, single- or multi-node, static or elastic (LLaMA-Factory's
   environment contract: FORCE_TORCHRUN, NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID,
   MIN_NNODES, MAX_NNODES, MAX_RESTARTS).
+Which one runs is the plan's decision (`plan.launcher`); the ranks read the parent's plan from LF_DIST_PLAN.
 """
 
 from __future__ import annotations
 
 import os
 
-from lf_dist.launchers.torchrun import launch_torchrun, wants_torchrun
+from lf_dist.launchers.torchrun import launch_torchrun
 
 
 def inside_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def launch(config_path: str, overrides: list[str], cfg) -> int:
-    """Run training for a validated config; returns the exit code."""
-    if not inside_torchrun() and wants_torchrun():
-        return launch_torchrun(config_path, overrides, cfg)
+def launch(config_path: str, overrides: list[str], cfg, plan) -> int:
+    """Run training for a validated config as the plan says (`plan.launcher`); returns the exit code."""
+    if plan.launcher == "torchrun" and not inside_torchrun():
+        return launch_torchrun(config_path, overrides, cfg, plan)
     from lf_dist.worker import run
 
-    run(cfg)
+    run(cfg, plan)
     return 0
 
 
-__all__ = ["inside_torchrun", "launch", "launch_torchrun", "wants_torchrun"]
+__all__ = ["inside_torchrun", "launch", "launch_torchrun"]

@@ -11,11 +11,13 @@ from lf_dist.errors import UserError
 
 def main(argv: list[str]) -> int:
     from lf_dist.configure import load_config
+    from lf_dist.planner import Plan
     from lf_dist.worker import run
 
     _, config_path, *overrides = argv
     try:
-        run(load_config(config_path, overrides))
+        plan_file = os.environ.get("LF_DIST_PLAN")
+        run(load_config(config_path, overrides), Plan.load(Path(plan_file)) if plan_file else None)
     except UserError as err:
         error_file = os.environ.get("LF_DIST_ERROR_FILE")
         if error_file:  # the launcher prints it once; the first rank to fail writes it

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lf_dist.errors import UserError
+from lf_dist.launch_env import int_env
 from lf_dist.log import get_logger
 from lf_dist.ports import free_port
 
@@ -23,39 +24,16 @@ logger = get_logger(__name__)
 USER_ERROR_EXIT = 2
 
 
-def device_count() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # noqa: BLE001
-        return 0
-
-
-def wants_torchrun() -> bool:
-    """torchrun when FORCE_TORCHRUN is set or more than one GPU is visible (LLaMA-Factory's rule)."""
-    return os.environ.get("FORCE_TORCHRUN", "0").lower() in ("1", "true", "yes") or device_count() > 1
-
-
-def _int_env(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
-    try:
-        return int(value)
-    except ValueError:
-        raise UserError(f"{name}: expected an integer, got {value!r}") from None
-
-
-def torchrun_args(config_path: str, overrides: list[str]) -> list[str]:
-    """The torchrun command line for this node, from the environment contract."""
-    nnodes, node_rank = _int_env("NNODES", 1), _int_env("NODE_RANK", 0)
-    nproc = _int_env("NPROC_PER_NODE", max(device_count(), 1))
+def torchrun_args(config_path: str, overrides: list[str], nproc: int) -> list[str]:
+    """The torchrun command line for this node, from the environment contract (`nproc` from the plan)."""
+    nnodes, node_rank = int_env("NNODES", 1), int_env("NODE_RANK", 0)
     master_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     master_port = os.environ.get("MASTER_PORT") or str(free_port())
     if not 0 <= node_rank < nnodes:
         raise UserError(f"NODE_RANK: must be in [0, {nnodes}), got {node_rank}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if os.environ.get("RDZV_ID"):  # elastic: nodes may join and leave between MIN_NNODES and MAX_NNODES
-        min_n, max_n = _int_env("MIN_NNODES", nnodes), _int_env("MAX_NNODES", nnodes)
+        min_n, max_n = int_env("MIN_NNODES", nnodes), int_env("MAX_NNODES", nnodes)
         cmd += [
             "--nnodes",
             f"{min_n}:{max_n}",
@@ -78,7 +56,7 @@ def torchrun_args(config_path: str, overrides: list[str]) -> list[str]:
             str(master_port),
         ]
     if os.environ.get("MAX_RESTARTS"):
-        cmd += ["--max-restarts", str(_int_env("MAX_RESTARTS", 0))]
+        cmd += ["--max-restarts", str(int_env("MAX_RESTARTS", 0))]
     return cmd + ["-m", "lf_dist.launchers.entry", "train", str(config_path), *overrides]
 
 
@@ -116,16 +94,17 @@ def _pump(fd: int, error_file: Path) -> None:
         sys.stderr.flush()
 
 
-def launch_torchrun(config_path: str, overrides: list[str], cfg) -> int:
-    cmd = torchrun_args(config_path, overrides)
-    node_rank = _int_env("NODE_RANK", 0)
+def launch_torchrun(config_path: str, overrides: list[str], cfg, plan) -> int:
+    cmd = torchrun_args(config_path, overrides, plan.nproc_per_node)
+    node_rank = int_env("NODE_RANK", 0)
     if node_rank > 0 and not os.environ.get("RDZV_ID"):
         wait_for_master(
-            os.environ.get("MASTER_ADDR", "127.0.0.1"), _int_env("MASTER_PORT", 29500), float(cfg.train.ddp_timeout)
+            os.environ.get("MASTER_ADDR", "127.0.0.1"), int_env("MASTER_PORT", 29500), float(cfg.train.ddp_timeout)
         )
     with tempfile.TemporaryDirectory() as tmp:
-        error_file = Path(tmp) / "user_error.txt"
-        env = {**os.environ, "LF_DIST_ERROR_FILE": str(error_file)}
+        error_file, plan_file = Path(tmp) / "user_error.txt", Path(tmp) / "plan.json"
+        plan.save(plan_file)  # every rank runs the parent's plan instead of deciding again
+        env = {**os.environ, "LF_DIST_ERROR_FILE": str(error_file), "LF_DIST_PLAN": str(plan_file)}
         logger.info("launching: " + " ".join(cmd[1:]))
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
         pump = threading.Thread(target=_pump, args=(proc.stderr.fileno(), error_file), daemon=True)

@@ -10,6 +10,7 @@ from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 from lf_dist.model.heads import CAUSAL_LM, Head
+from lf_dist.model.loader import is_quantized
 
 logger = get_logger(__name__)
 # peft still asks for the pre-5.23 name; the warning is noise for users.
@@ -67,10 +68,30 @@ def _apply_lora(model, cfg: RunConfig, head: Head):
         raise UserError(f"lora_target: {str(err).splitlines()[0]}") from None
 
 
+def _prepare_quantized(model, cfg: RunConfig) -> None:
+    """The k-bit preparation QLoRA needs: the quantized base frozen, and (`upcast_layernorm`) norms in fp32.
+
+    peft's `prepare_model_for_kbit_training` would also upcast the embeddings and the output layer to fp32
+    (8.4 GB more for a 70B Llama); like LLaMA-Factory, they stay in the compute dtype."""
+    model.requires_grad_(False)
+    if not cfg.finetuning.disable_gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed layers of a frozen base still pass gradients
+
+
+def _upcast_layernorm(model) -> None:
+    for name, param in model.named_parameters():
+        if param.ndim == 1 and ("norm" in name or ".ln" in name):
+            param.data = param.data.float()
+
+
 def apply_finetuning(model, cfg: RunConfig, head: Head = CAUSAL_LM, quiet: bool = False):
     """Set requires_grad per method; trainable parameters are kept in fp32 (as LLaMA-Factory does).
     Works on a meta-device model too, which is how a bad freeze / lora_target setup fails before any data."""
     kind = cfg.finetuning.finetuning_type
+    if is_quantized(model):
+        _prepare_quantized(model, cfg)
+    if cfg.model.upcast_layernorm:
+        _upcast_layernorm(model)
     if kind == "lora":
         model = _apply_lora(model, cfg, head)
     elif kind == "freeze":

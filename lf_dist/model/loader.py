@@ -15,7 +15,8 @@ from lf_dist.model.heads import CAUSAL_LM, Head
 logger = get_logger(__name__)
 
 
-def _check_local(path: str) -> None:
+def check_local(path: str) -> None:
+    """A local checkpoint folder with config.json, or a model already in the Hugging Face cache."""
     if Path(path).is_dir():
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"model_name_or_path: {path} has no config.json (not a Hugging Face checkpoint)")
@@ -34,7 +35,7 @@ def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
     m = cfg.model
-    _check_local(m.model_name_or_path)
+    check_local(m.model_name_or_path)
     return AutoTokenizer.from_pretrained(
         m.model_name_or_path,
         trust_remote_code=m.trust_remote_code,
@@ -60,6 +61,27 @@ def attn_implementation(flash_attn: str) -> str | None:
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
+def quantization_config(cfg: RunConfig):
+    """bitsandbytes 4/8-bit loading (QLoRA): the quantized weights compute in the run's dtype."""
+    from transformers import BitsAndBytesConfig
+
+    m = cfg.model
+    if m.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = compute_dtype(cfg)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=m.quantization_type,
+        bnb_4bit_use_double_quant=m.double_quantization,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,  # a float storage, as FSDP-QLoRA needs
+    )
+
+
+def is_quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
 def load_model(
     cfg: RunConfig,
     tokenizer,
@@ -67,13 +89,16 @@ def load_model(
     dtype: torch.dtype | None = None,
     meta: bool = False,
     path=None,
+    device: torch.device | None = None,
 ):
     """The base model with `head` (compute dtype unless `dtype`), the tokenizer's vocabulary and no KV cache;
     `path` overrides model_name_or_path.
 
     `meta=True` builds the architecture only (call under `torch.device("meta")`): sharded strategies load the
     weights on one rank and scatter them after sharding, and the worker checks the fine-tuning setup on it
-    before any data is read.
+    before any data is read. With `quantization_bit` (and not on meta) the policy's base is loaded quantized by
+    bitsandbytes straight onto `device` (a quantized model cannot be moved afterwards); `path` models (frozen
+    references) load unquantized.
     """
     from transformers import AutoConfig
 
@@ -90,6 +115,9 @@ def load_model(
             setattr(config, key, value)
         model = _from_config(auto, config, head, kwargs)
     else:
+        if m.quantization_bit and path == m.model_name_or_path:
+            device = device or torch.device("cpu")
+            kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
         model = auto.from_pretrained(path, cache_dir=m.cache_dir, **head_config, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
     vocab = model.get_input_embeddings().weight.shape[0]

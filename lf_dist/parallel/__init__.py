@@ -8,27 +8,16 @@ from __future__ import annotations
 
 import os
 
-from lf_dist.errors import UserError
 from lf_dist.parallel.base import Strategy
 from lf_dist.parallel.single import SingleStrategy
 from lf_dist.ports import free_port
 
 
-def resolve_strategy(cfg, world_size: int) -> str:
-    """The strategy key, with `auto` decided: one process → single; DeepSpeed config → deepspeed; else fsdp2."""
+def build_strategy(cfg) -> Strategy:
+    """The strategy the plan chose (`cfg.train.strategy`, decided by the planner, never `auto` here)."""
     name = cfg.train.strategy
     if name == "auto":
-        if cfg.train.deepspeed:
-            return "deepspeed"
-        return "single" if world_size == 1 else "fsdp2"
-    if name == "single" and world_size > 1:
-        raise UserError(f"strategy single: runs one process, but {world_size} were launched; use ddp or fsdp2")
-    return name
-
-
-def build_strategy(cfg) -> Strategy:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    name = resolve_strategy(cfg, world_size)
+        raise ValueError("strategy auto reached build_strategy: the plan decides the strategy before it")
     if name == "single":
         return SingleStrategy(cfg)
     if "RANK" not in os.environ:  # a distributed strategy on one process without torchrun: a group of one
@@ -52,4 +41,4 @@ def build_strategy(cfg) -> Strategy:
     return DeepSpeedStrategy(cfg)
 
 
-__all__ = ["SingleStrategy", "Strategy", "build_strategy", "resolve_strategy"]
+__all__ = ["SingleStrategy", "Strategy", "build_strategy"]

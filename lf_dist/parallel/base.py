@@ -11,6 +11,11 @@ import torch
 from lf_dist.errors import UserError
 
 
+def quantized_params(model) -> set:
+    """The bitsandbytes-quantized weights (4-bit or int8) of a model: they neither move nor shard."""
+    return {p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
+
+
 def add_metrics(into: dict, metrics: dict) -> None:
     """Sum a micro-batch's (sum, count) metric pairs into `into`."""
     for key, value in metrics.items():
@@ -64,10 +69,16 @@ class Strategy(ABC):
     def unwrap(self, model) -> torch.nn.Module:
         return model
 
+    def place(self, model) -> torch.nn.Module:
+        """On this process's device; a quantized (bitsandbytes) model was loaded there and cannot move."""
+        if quantized_params(model):
+            return model
+        return model.to(self.device)
+
     def prepare_frozen(self, factory) -> torch.nn.Module:
         """A frozen, never-trained model (a reference, say) from `factory(meta)`, placed like the policy:
         by default a full copy on this process's device."""
-        model = factory(False).to(self.device)
+        model = self.place(factory(False))
         return model.requires_grad_(False).eval()
 
     # -- one step -----------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ class DDPStrategy(DistributedStrategy):
     def setup(self, model, build_optimizer):
         from torch.nn.parallel import DistributedDataParallel
 
-        model = model.to(self.device)
+        model = self.place(model)
         ids = [self.local_rank] if self.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids, process_group=self.dp_group)
         return ddp, build_optimizer(ddp)

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from lf_dist.errors import UserError
+from lf_dist.parallel.base import quantized_params
 from lf_dist.parallel.distributed import DistributedStrategy
 
 
@@ -51,6 +52,9 @@ def build_mesh(device_type: str, world_size: int, shard_size: int | None):
 
 def apply_fsdp(model, mesh, mp_policy, reshard_after_forward: bool, offload: bool) -> None:
     kwargs = {"mesh": mesh, "mp_policy": mp_policy, "reshard_after_forward": reshard_after_forward}
+    quantized = quantized_params(model)
+    if quantized:  # FSDP2 would unshard them into plain tensors without their quantization state
+        kwargs["ignored_params"] = quantized
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(model):
@@ -95,6 +99,8 @@ class FSDP2Strategy(DistributedStrategy):
         return contextlib.nullcontext()
 
     def create_model(self, factory):
+        if self.cfg.model.quantization_bit:  # quantization state cannot be broadcast: every rank loads its own
+            return factory(False)
         if self.rank == 0:
             model = factory(False)
             self._full_state = dict(model.state_dict())  # the one full copy, broadcast after sharding
@@ -102,7 +108,10 @@ class FSDP2Strategy(DistributedStrategy):
         return factory(True)
 
     def _shard_and_fill(self, model, full_state: dict):
-        """Shard, then give every rank its part of rank 0's weights."""
+        """Shard, then give every rank its part of rank 0's weights (a quantized model: each rank loaded its own,
+        identical weights, and keeps its quantized base whole)."""
+        if quantized_params(model):
+            return parallelize(model, self.mesh, self.cfg)
         model = parallelize(model, self.mesh, self.cfg)
         if self.rank != 0:
             model.to_empty(device=self.device)

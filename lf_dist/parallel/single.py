@@ -37,7 +37,7 @@ class SingleStrategy(Strategy):
         super().__init__(cfg, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
 
     def setup(self, model, build_optimizer):
-        model = model.to(self.device)
+        model = self.place(model)
         return model, build_optimizer(model)
 
     def export(self, model, tokenizer, path):

@@ -18,14 +18,16 @@ from lf_dist.train.tracker import Tracker
 
 
 class Trainer:
-    """`stage` is the StageSpec (collator, what to show), `loss` its StageLoss built for this run."""
+    """`stage` is the StageSpec (collator, what to show), `loss` its StageLoss built for this run;
+    `planned_peak_gb` is the plan's peak-memory estimate, logged next to the measured peak."""
 
-    def __init__(self, cfg, strategy, stage, loss, model, tokenizer, datasets):
+    def __init__(self, cfg, strategy, stage, loss, model, tokenizer, datasets, planned_peak_gb=None):
         self.cfg, self.t = cfg, cfg.train
         self.strategy, self.stage, self.loss, self.tokenizer = strategy, stage, loss, tokenizer
         self.collator = stage.data.make_collator(tokenizer, cfg.data.cutoff_len)
         self.train_ds, self.eval_ds = datasets.train, datasets.eval
         self.output_dir = Path(self.t.output_dir)
+        self.planned_peak_gb = planned_peak_gb
         self.model, self.optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg))
         self.schedule = StepSchedule(
             len(self.train_ds),
@@ -148,6 +150,17 @@ class Trainer:
             return True
         return epoch_end if how == "epoch" else self.step % self.log_every == 0
 
+    def _memory_log(self) -> dict:
+        """The plan's peak estimate next to the measured peak (CUDA allocated, or CPU process RSS), in GiB."""
+        peak = self.strategy.max_memory_allocated() / 2**30
+        out = {"peak_memory_gb": round(peak, 3)}
+        if self.planned_peak_gb is not None:
+            out["planned_peak_memory_gb"] = self.planned_peak_gb
+        if self.strategy.dp_size > 1:
+            peaks = self.strategy.gather(peak)
+            out.update(peak_memory_gb_per_rank=[round(x, 3) for x in peaks], world_size=len(peaks))
+        return out
+
     def fit(self, resume_from: Path | None = None) -> dict:
         state = None
         if resume_from is not None:
@@ -179,10 +192,7 @@ class Trainer:
             epoch_end = self.step % self.schedule.steps_per_epoch == 0
             log_now = self._log_now(epoch_end)
             lr = self.scheduler.get_last_lr()[0]
-            extra = None
-            if log_now and self.strategy.dp_size > 1:
-                peaks = self.strategy.gather(self.strategy.max_memory_allocated() / 2**30)
-                extra = {"peak_memory_gb_per_rank": [round(x, 3) for x in peaks], "world_size": len(peaks)}
+            extra = self._memory_log() if log_now else None
             tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
             if self.eval_ds is not None and (
                 (self.eval_every and self.step % self.eval_every == 0)

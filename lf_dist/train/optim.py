@@ -1,4 +1,5 @@
-"""AdamW over the trainable parameters and the learning-rate schedule (transformers' schedulers)."""
+"""AdamW over the trainable parameters (torch's, or bitsandbytes' 8-bit / paged 8-bit with `optim`) and the
+learning-rate schedule (transformers' schedulers)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,14 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
             # Biases and norm weights (1-D) are not decayed, as in Hugging Face's Trainer.
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
-    )
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
+    if t.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if t.optim.startswith("paged") else bnb.optim.AdamW8bit
+        return cls(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def warmup_steps(cfg, total_steps: int) -> int:

@@ -1,0 +1,125 @@
+"""The memory model: bytes per device of one training setup, term by term.
+
+What each term counts follows what lf-dist builds (not a generic textbook model):
+- trainable parameters are kept in fp32 (as LLaMA-Factory does), frozen ones in the compute dtype — except
+  under FSDP2, which loads fp32 and computes in bf16 through its mixed-precision policy, and DeepSpeed, which
+  keeps bf16/fp16 weights with fp32 master copies in the optimizer;
+- 4-bit weights take 4 bits plus one fp32 absmax per 64 (double quantization: 8-bit absmax with an fp32
+  scale per 256 blocks); only the decoder's linear layers are quantized, and FSDP2 leaves them unsharded;
+- gradients are fp32 like the trainable weights; DDP holds a second copy in its buckets;
+- AdamW keeps two fp32 moments per trainable parameter (8-bit AdamW: two bytes);
+- activations per token and layer are what autograd saves for a Llama-style layer (measured, see
+  `activation_bytes_per_token`); with checkpointing each layer's input is kept and one layer recomputed;
+- logits exist only at label positions (`token_logps`): every token is counted (an upper bound; prompts have
+  none), with cross-entropy's saved log-softmax and its gradient;
+- a frozen reference model is loaded like the policy; its forward without gradients adds its own logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lf_dist.planner.model_size import ModelSize
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Setup:
+    method: str  # full | freeze | lora (quantized when quant_bits is set)
+    trainable: int
+    quant_bits: int | None
+    double_quant: bool
+    compute_bytes: int  # 2 for bf16 / fp16, 4 for fp32
+    strategy: str  # single | ddp | fsdp2 | deepspeed
+    zero_stage: int  # DeepSpeed's ZeRO stage (0 otherwise)
+    dp: int  # data-parallel ranks the sharded state is split over
+    offload: bool  # optimizer state (and with ZeRO-3 / FSDP2 the parameters) in CPU memory
+    checkpointing: bool
+    tokens: int  # tokens through the model with gradients in one micro-batch
+    frozen_copies: int  # frozen models loaded next to the policy (a reference)
+    frozen_forward: bool  # a forward without gradients runs after the policy's (reference, adapters off)
+    optimizer_bytes: int  # per trainable parameter
+    seq_len: int = 0
+    rows: int = 1  # sequences (rows) per micro-batch
+    attention_mask: bool = False  # rows carry a mask (padding, or packed examples kept apart)
+    on_cpu: bool = False  # CPU attention with a mask saves a seq² term per layer
+    graph_layers: int | None = None  # decoder layers autograd records (freeze: from the first trainable one)
+
+
+def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
+    if bits == 8:
+        return n * 1.0
+    absmax = (1 + 4 / 256) / 64 if double_quant else 4 / 64
+    return n * (0.5 + absmax)
+
+
+def activation_bytes_per_token(size: ModelSize, s: Setup) -> float:
+    """What autograd keeps per token through the decoder, measured with saved-tensor hooks on Llama layers
+    (tests/test_planner.py checks the fit): bytes = a·hidden + 2c·kv + 4c·intermediate per layer, where the
+    hidden-size share (norms upcast to fp32, residual stream) is ~34 bytes when every weight trains and ~24
+    when only adapters do. Checkpointing keeps ~1.5 residual-stream values per layer and recomputes one layer."""
+    c, h = s.compute_bytes, size.hidden_size
+    full = s.method in ("full", "freeze")
+    per_layer = (34 if full else 24) * h + 2 * c * size.kv_size + 4 * c * size.intermediate_size
+    if s.attention_mask and s.on_cpu:  # CPU attention with a mask keeps a seq-long row per token
+        per_layer += 3 * c * s.seq_len
+    layers = size.num_layers if s.graph_layers is None else s.graph_layers
+    if not s.checkpointing:
+        return layers * per_layer
+    residual = 4 if (full or c == 4) else 2
+    return layers * 1.5 * residual * h + per_layer
+
+
+def logit_bytes(c: int) -> int:
+    """Per (token, vocabulary entry) at the peak: the output layer's logits and, in bf16, their fp32 copy, then
+    cross-entropy's saved log-softmax and its gradient."""
+    return c + 8 if c < 4 else 8
+
+
+def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
+    """Bytes per device for each term (GiB), plus their total under "total"."""
+    c = s.compute_bytes
+    sharded = s.strategy == "fsdp2" or (s.strategy == "deepspeed" and s.zero_stage == 3)
+    ds = s.strategy == "deepspeed"
+    shard_state = s.dp if (sharded or (ds and s.zero_stage >= 1)) else 1
+    shard_grads = s.dp if (sharded or (ds and s.zero_stage >= 2)) else 1
+    frozen = size.num_params - s.trainable
+    terms: dict[str, float] = {}
+
+    # -- weights ------------------------------------------------------------------------------------------
+    if s.quant_bits:
+        quantized = _quantized_bytes(size.quantizable_params, s.quant_bits, s.double_quant)
+        rest = (frozen - size.quantizable_params) * c  # embeddings, norms, output layer
+        terms["weights"] = quantized + (rest + 4 * s.trainable) / (s.dp if sharded else 1)
+    else:
+        frozen_bytes = 4 if s.strategy == "fsdp2" else c  # FSDP2 keeps fp32 shards, computes in bf16
+        train_bytes = c if ds and c < 4 else 4  # DeepSpeed bf16/fp16 casts the module; fp32 masters below
+        terms["weights"] = (frozen * frozen_bytes + s.trainable * train_bytes) / (s.dp if sharded else 1)
+    if sharded:  # the unsharded copies in flight: the root unit all forward, a layer and the next one prefetched
+        gathered = (size.root_params + 2 * size.largest_layer_params) * c
+        terms["gathered_layers"] = gathered + size.largest_layer_params * 4 * (s.method == "full")
+    if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
+        terms["dequantized_linear"] = size.largest_linear_params * c
+    # -- gradients and optimizer ------------------------------------------------------------------------------
+    grads = s.trainable * (c if ds and c < 4 else 4) / shard_grads
+    terms["gradients"] = grads * (2 if s.strategy == "ddp" else 1)
+    optimizer = s.trainable * s.optimizer_bytes / shard_state
+    if ds and c < 4:
+        optimizer += s.trainable * 4 / shard_state  # fp32 master weights
+    terms["optimizer"] = 0.0 if s.offload else optimizer
+    # -- activations -------------------------------------------------------------------------------------------
+    terms["activations"] = s.tokens * activation_bytes_per_token(size, s) + s.tokens * size.hidden_size * 4 * 2
+    if s.attention_mask:  # a 4-D mask built once per forward (padded rows, or packed rows kept apart)
+        terms["attention_mask"] = s.rows * s.seq_len**2 * c
+    terms["logits"] = s.tokens * size.vocab_size * logit_bytes(c)
+    # -- frozen models --------------------------------------------------------------------------------------
+    if s.frozen_copies:
+        ref_bytes = 4 if s.strategy == "fsdp2" else c
+        terms["reference_model"] = s.frozen_copies * size.num_params * ref_bytes / (s.dp if sharded else 1)
+    if s.frozen_forward:  # its logits and fp32 copy, while the policy's saved activations are alive
+        terms["reference_logits"] = s.tokens * size.vocab_size * (c + (4 if c < 4 else 0))
+    out = {k: v / GIB for k, v in terms.items()}
+    out["runtime"] = runtime_gib
+    out["total"] = sum(out.values())
+    return {k: round(v, 3) for k, v in out.items()}

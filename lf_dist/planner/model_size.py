@@ -1,0 +1,106 @@
+"""Exact model sizes from config.json alone: the architecture is built on the meta device (no weights, no
+memory), so tied embeddings, grouped-query attention and biases are counted as the model really has them."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from lf_dist.errors import UserError
+from lf_dist.model.heads import Head
+from lf_dist.model.loader import check_local
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    num_params: int  # every parameter once (tied embeddings once)
+    quantizable_params: int  # weights of the decoder layers' linear layers: what bitsandbytes quantizes
+    output_params: int  # lm_head / score head when it is not tied to the input embeddings
+    largest_layer_params: int  # the largest decoder layer: what FSDP2 / ZeRO-3 gather at a time
+    largest_linear_params: int  # the largest linear weight in a layer: what a 4/8-bit matmul dequantizes
+    root_params: int  # what the root FSDP unit holds gathered through a forward (final norm, output, tied)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+def read_model_config(path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    check_local(path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise UserError(f"model_name_or_path: cannot read the config of '{path}' ({first})") from None
+
+
+def meta_model(config, head: Head):
+    """The architecture with `head`, on the meta device."""
+    config = copy.deepcopy(config)
+    for key, value in head.config.items():
+        setattr(config, key, value if not isinstance(value, str) else getattr(config, value, None) or 0)
+    with torch.device("meta"):
+        return head.auto().from_config(config)
+
+
+def _layers(model) -> list[torch.nn.Module]:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def _count(params) -> int:
+    return sum(p.numel() for p in {id(p): p for p in params}.values())
+
+
+def measure(config, head: Head) -> ModelSize:
+    model = meta_model(config, head)
+    layers = _layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    embed = model.get_input_embeddings().weight
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    outside = [p for p in model.parameters() if id(p) not in in_layers and p is not embed]
+    quantizable = [
+        m.weight for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear) and m.weight.ndim == 2
+    ]
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return ModelSize(
+        num_params=_count(model.parameters()),
+        quantizable_params=_count(quantizable),
+        output_params=_count(p for p in outside if p.ndim == 2),
+        largest_layer_params=max((_count(layer.parameters()) for layer in layers), default=0),
+        largest_linear_params=max((w.numel() for w in quantizable), default=0),
+        root_params=_count(outside) + (embed.numel() if tied else 0),
+        hidden_size=int(config.hidden_size),
+        num_layers=int(config.num_hidden_layers),
+        num_heads=heads,
+        num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+        head_dim=head_dim,
+        intermediate_size=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+        vocab_size=int(config.vocab_size),
+        max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+    )
+
+
+def trainable_params(config, head: Head, cfg, finetuning_type: str) -> int:
+    """Parameters the method trains, counted on the meta model the run would build (peft's LoRA included)."""
+    from lf_dist.model.adapter import apply_finetuning
+
+    run_cfg = copy.deepcopy(cfg)
+    run_cfg.finetuning.finetuning_type = finetuning_type
+    run_cfg.finetuning.disable_gradient_checkpointing = True
+    run_cfg.model.adapter_name_or_path = None  # an adapter to continue has the shapes the config gives it
+    model = apply_finetuning(meta_model(config, head), run_cfg, head, quiet=True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
