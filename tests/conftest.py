@@ -66,3 +66,31 @@ def make_cfg(tmp_path):
         return load_config(None, base_overrides(tmp_path / name, **extra))
 
     return _make
+
+
+def make_llama(
+    path: Path, hidden: int = 128, layers: int = 2, intermediate: int = 256, vocab: int | None = None
+) -> Path:
+    """A random-weight Llama with the tiny model's tokenizer (dims multiples of 64, as 4-bit CPU kernels need)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab or len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 2),
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -162,6 +163,16 @@ class Strategy(ABC):
     @abstractmethod
     def export(self, model, tokenizer, path: Path) -> None:
         """The final model in Hugging Face format (adapter or full weights) plus the tokenizer."""
+
+    def memory_allocated(self) -> int:
+        """Memory in use now: CUDA's allocated bytes, or the process's RSS on a CPU."""
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            with open("/proc/self/statm", encoding="utf-8") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):  # not Linux
+            return 0
 
     def max_memory_allocated(self) -> int:
         if self.device.type == "cuda":

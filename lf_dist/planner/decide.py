@@ -183,6 +183,7 @@ class _Planner:
             attention_mask=not (self.stage.data.encode is None and d.packing),
             on_cpu=not self.hw.on_gpu,
             graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
+            accumulation=t.gradient_accumulation_steps,
         )
 
     def memory(self, method, bits, checkpointing, cutoff=None, batch=None) -> dict:

@@ -6,13 +6,16 @@ What each term counts follows what lf-dist builds (not a generic textbook model)
   keeps bf16/fp16 weights with fp32 master copies in the optimizer;
 - 4-bit weights take 4 bits plus one fp32 absmax per 64 (double quantization: 8-bit absmax with an fp32
   scale per 256 blocks); only the decoder's linear layers are quantized, and FSDP2 leaves them unsharded;
-- gradients are fp32 like the trainable weights; DDP holds a second copy in its buckets;
+- gradients are fp32 like the trainable weights (DDP holds a second copy in its buckets); they overlap with
+  the activations the backward frees unless micro-batches accumulate;
 - AdamW keeps two fp32 moments per trainable parameter (8-bit AdamW: two bytes);
 - activations per token and layer are what autograd saves for a Llama-style layer (measured, see
   `activation_bytes_per_token`); with checkpointing each layer's input is kept and one layer recomputed;
 - logits exist only at label positions (`token_logps`): every token is counted (an upper bound; prompts have
   none), with cross-entropy's saved log-softmax and its gradient;
-- a frozen reference model is loaded like the policy; its forward without gradients adds its own logits.
+- a frozen reference model is loaded like the policy; its forward without gradients adds its own logits;
+- on a CPU the process's RSS is the measure, and glibc's allocator keeps the blocks a step freed
+  (`cpu_allocator_slack`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Setup:
     attention_mask: bool = False  # rows carry a mask (padding, or packed examples kept apart)
     on_cpu: bool = False  # CPU attention with a mask saves a seq² term per layer
     graph_layers: int | None = None  # decoder layers autograd records (freeze: from the first trainable one)
+    accumulation: int = 1  # micro-batches per optimizer step
 
 
 def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
@@ -54,27 +58,40 @@ def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
     return n * (0.5 + absmax)
 
 
-def activation_bytes_per_token(size: ModelSize, s: Setup) -> float:
-    """What autograd keeps per token through the decoder, measured with saved-tensor hooks on Llama layers
-    (tests/test_planner.py checks the fit): bytes = a·hidden + 2c·kv + 4c·intermediate per layer, where the
-    hidden-size share (norms upcast to fp32, residual stream) is ~34 bytes when every weight trains and ~24
-    when only adapters do. Checkpointing keeps ~1.5 residual-stream values per layer and recomputes one layer."""
+def layer_activation_bytes(size: ModelSize, s: Setup) -> float:
+    """What autograd keeps per token for one decoder layer, measured with saved-tensor hooks on Llama layers:
+    a·hidden + 2c·kv + 4c·intermediate bytes, where the hidden-size share (norms upcast to fp32, the residual
+    stream) is ~34 bytes when every weight trains and ~24 when only adapters do."""
     c, h = s.compute_bytes, size.hidden_size
-    full = s.method in ("full", "freeze")
-    per_layer = (34 if full else 24) * h + 2 * c * size.kv_size + 4 * c * size.intermediate_size
+    per_layer = (
+        (34 if s.method in ("full", "freeze") else 24) * h + 2 * c * size.kv_size + 4 * c * size.intermediate_size
+    )
     if s.attention_mask and s.on_cpu:  # CPU attention with a mask keeps a seq-long row per token
         per_layer += 3 * c * s.seq_len
-    layers = size.num_layers if s.graph_layers is None else s.graph_layers
-    if not s.checkpointing:
-        return layers * per_layer
-    residual = 4 if (full or c == 4) else 2
-    return layers * 1.5 * residual * h + per_layer
+    return per_layer
+
+
+def checkpoint_bytes(size: ModelSize, s: Setup) -> float:
+    """Per token and layer with checkpointing: ~1.5 values of the residual stream (fp32 when the weights train or
+    the run is fp32, else the compute dtype)."""
+    residual = 4 if (s.method in ("full", "freeze") or s.compute_bytes == 4) else 2
+    return 1.5 * residual * size.hidden_size
 
 
 def logit_bytes(c: int) -> int:
     """Per (token, vocabulary entry) at the peak: the output layer's logits and, in bf16, their fp32 copy, then
     cross-entropy's saved log-softmax and its gradient."""
     return c + 8 if c < 4 else 8
+
+
+def cpu_allocator_slack(transient: float, optimizer: float, s: Setup) -> float:
+    """What a CPU process's RSS holds beyond its live tensors. glibc keeps the blocks a step freed in its arenas,
+    measured (tests/test_plan_accuracy.py) at ~0.65x the step's transient tensors, 1.4x with checkpointing (the
+    recompute runs in autograd's own thread and arena), 0.9x / 2.5x with bitsandbytes' 4-bit CPU kernels; the
+    optimizer's states, allocated after the first backward, take about half their size from that space. A GPU's
+    caching allocator reuses freed blocks, and CUDA's peak counts tensors only: no such term there."""
+    factor = (2.5 if s.checkpointing else 0.9) if s.quant_bits else (1.4 if s.checkpointing else 0.65)
+    return max(0.0, factor * transient - 0.5 * optimizer)
 
 
 def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
@@ -88,7 +105,9 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     terms: dict[str, float] = {}
 
     # -- weights ------------------------------------------------------------------------------------------
-    if s.quant_bits:
+    if s.offload and sharded:  # FSDP2 cpu offload / ZeRO-3 offload_param: the shards live in CPU memory
+        terms["weights"] = 0.0
+    elif s.quant_bits:
         quantized = _quantized_bytes(size.quantizable_params, s.quant_bits, s.double_quant)
         rest = (frozen - size.quantizable_params) * c  # embeddings, norms, output layer
         terms["weights"] = quantized + (rest + 4 * s.trainable) / (s.dp if sharded else 1)
@@ -101,24 +120,40 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
         terms["gathered_layers"] = gathered + size.largest_layer_params * 4 * (s.method == "full")
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
         terms["dequantized_linear"] = size.largest_linear_params * c
-    # -- gradients and optimizer ------------------------------------------------------------------------------
-    grads = s.trainable * (c if ds and c < 4 else 4) / shard_grads
-    terms["gradients"] = grads * (2 if s.strategy == "ddp" else 1)
+    # -- optimizer ---------------------------------------------------------------------------------------------
     optimizer = s.trainable * s.optimizer_bytes / shard_state
     if ds and c < 4:
         optimizer += s.trainable * 4 / shard_state  # fp32 master weights
     terms["optimizer"] = 0.0 if s.offload else optimizer
-    # -- activations -------------------------------------------------------------------------------------------
-    terms["activations"] = s.tokens * activation_bytes_per_token(size, s) + s.tokens * size.hidden_size * 4 * 2
-    if s.attention_mask:  # a 4-D mask built once per forward (padded rows, or packed rows kept apart)
-        terms["attention_mask"] = s.rows * s.seq_len**2 * c
-    terms["logits"] = s.tokens * size.vocab_size * logit_bytes(c)
-    # -- frozen models --------------------------------------------------------------------------------------
     if s.frozen_copies:
         ref_bytes = 4 if s.strategy == "fsdp2" else c
         terms["reference_model"] = s.frozen_copies * size.num_params * ref_bytes / (s.dp if sharded else 1)
-    if s.frozen_forward:  # its logits and fp32 copy, while the policy's saved activations are alive
-        terms["reference_logits"] = s.tokens * size.vocab_size * (c + (4 if c < 4 else 0))
+    # -- what one step allocates and frees ------------------------------------------------------------------
+    layers = size.num_layers if s.graph_layers is None else s.graph_layers
+    logits = s.tokens * size.vocab_size * logit_bytes(c)
+    if s.checkpointing:  # layer inputs kept; one layer is recomputed at a time, after the logits are freed
+        kept, recomputed = s.tokens * layers * checkpoint_bytes(size, s), s.tokens * layer_activation_bytes(size, s)
+        activations = kept + max(0.0, recomputed - logits)
+    else:
+        activations = s.tokens * layers * layer_activation_bytes(size, s)
+    dynamic = {"activations": activations + s.tokens * size.hidden_size * 8}  # + embeddings out, final norm
+    if s.attention_mask:  # a 4-D mask built once per forward (padded rows, or packed rows kept apart)
+        dynamic["attention_mask"] = s.rows * s.seq_len**2 * c
+    dynamic["logits"] = logits
+    if s.frozen_forward:  # a reference's logits and fp32 copy, while the policy's saved activations are alive
+        dynamic["reference_logits"] = s.tokens * size.vocab_size * (c + (4 if c < 4 else 0))
+    if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
+        dynamic["dequantized_linear"] = size.largest_linear_params * c
+    # Gradients grow as the backward frees activations, and the step frees them again: with one micro-batch per
+    # step only what exceeds the freed activations adds; with accumulation they stay while the next
+    # micro-batch's activations build up.
+    grads = s.trainable * (c if ds and c < 4 else 4) / shard_grads * (2 if s.strategy == "ddp" else 1)
+    step_temp = s.trainable * 4 / shard_state if not s.on_cpu else 0.0  # foreach AdamW's intermediate on GPU
+    transient = sum(dynamic.values())
+    dynamic["gradients"] = grads if s.accumulation > 1 else max(0.0, grads + step_temp - transient)
+    terms.update(dynamic)
+    if s.on_cpu:
+        terms["allocator_slack"] = cpu_allocator_slack(sum(dynamic.values()), terms["optimizer"], s)
     out = {k: v / GIB for k, v in terms.items()}
     out["runtime"] = runtime_gib
     out["total"] = sum(out.values())

@@ -29,6 +29,7 @@ class Trainer:
         self.output_dir = Path(self.t.output_dir)
         self.planned_peak_gb = planned_peak_gb
         self.model, self.optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg))
+        self.memory_after_setup_gb = round(strategy.memory_allocated() / 2**30, 3)  # weights, before any step
         self.schedule = StepSchedule(
             len(self.train_ds),
             self.t.per_device_train_batch_size,
@@ -223,6 +224,9 @@ class Trainer:
         mem = self.strategy.max_memory_allocated()
         if mem:
             results["peak_memory_gb"] = round(mem / 2**30, 3)
+            results["memory_after_setup_gb"] = self.memory_after_setup_gb
+        if self.planned_peak_gb is not None:
+            results["planned_peak_memory_gb"] = self.planned_peak_gb
         self.tracker = tracker
         return results
 
