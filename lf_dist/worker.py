@@ -108,14 +108,8 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
 
 def run(cfg: RunConfig, plan=None) -> dict:
     """Train (or evaluate) as `plan` says; without one (a direct call), the plan is made here for this machine."""
-    from transformers import set_seed
-
-    from lf_dist.data import build_datasets
-    from lf_dist.data.templates import fix_tokenizer, get_template
-    from lf_dist.model import load_tokenizer
     from lf_dist.parallel import build_strategy
-    from lf_dist.planner import PLAN_FILE, detect, make_plan, require_fit
-    from lf_dist.train.loop import Trainer
+    from lf_dist.planner import detect, make_plan, require_fit
     from lf_dist.train.stages import get_stage
 
     stage = get_stage(cfg.finetuning.stage)
@@ -127,41 +121,56 @@ def run(cfg: RunConfig, plan=None) -> dict:
     if strategy.is_main:
         logger.info(plan.summary())
     try:
-        set_seed(cfg.train.seed)
-        tokenizer = load_tokenizer(cfg)
-        template = get_template(cfg.data.template, tokenizer, cfg.data)
-        fix_tokenizer(template, tokenizer)
-        check_model(cfg, stage, tokenizer)
-        resume_from = plan_output_dir(cfg)
-        if resume_from is not None:
-            strategy.check_resumable(resume_from)
-        datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
-        set_seed(cfg.train.seed)
-        factory = _model_factory(cfg, stage.head, tokenizer, strategy.load_dtype(), strategy.device)
-        model = strategy.create_model(factory)
-        loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
-        trainer = Trainer(cfg, strategy, stage, loss, model, tokenizer, datasets, plan.expected_peak_gib)
-        out = Path(cfg.train.output_dir)
-        if strategy.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if cfg.train.overwrite_output_dir and resume_from is None:
-                _clear_previous_run(out)
-            config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
-            (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
-            plan.save(out / PLAN_FILE)
-        strategy.barrier()
-        if not cfg.train.do_train:
-            results = trainer.eval_results() if datasets.eval is not None else {}
-        else:
-            if resume_from is not None:
-                logger.info(f"resuming from {resume_from}")
-            results = trainer.fit(resume_from)
-            strategy.export(trainer.model, tokenizer, out)
-            if cfg.finetuning.plot_loss:
-                trainer.tracker.plot()
-        if strategy.is_main:
-            (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-            logger.info(f"model saved to {out.resolve()}")
-        return results
+        # Everything that holds the process group (DDP's reducer, engines) lives in _train's frame only, so it
+        # is released before teardown destroys the group: freed afterwards, gloo's destructor can wait forever
+        # on its worker threads once a peer has left.
+        return _train(cfg, plan, stage, strategy)
     finally:
         strategy.teardown()
+
+
+def _train(cfg: RunConfig, plan, stage, strategy) -> dict:
+    from transformers import set_seed
+
+    from lf_dist.data import build_datasets
+    from lf_dist.data.templates import fix_tokenizer, get_template
+    from lf_dist.model import load_tokenizer
+    from lf_dist.planner import PLAN_FILE
+    from lf_dist.train.loop import Trainer
+
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg)
+    template = get_template(cfg.data.template, tokenizer, cfg.data)
+    fix_tokenizer(template, tokenizer)
+    check_model(cfg, stage, tokenizer)
+    resume_from = plan_output_dir(cfg)
+    if resume_from is not None:
+        strategy.check_resumable(resume_from)
+    datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
+    set_seed(cfg.train.seed)
+    factory = _model_factory(cfg, stage.head, tokenizer, strategy.load_dtype(), strategy.device)
+    model = strategy.create_model(factory)
+    loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
+    trainer = Trainer(cfg, strategy, stage, loss, model, tokenizer, datasets, plan.expected_peak_gib)
+    out = Path(cfg.train.output_dir)
+    if strategy.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.train.overwrite_output_dir and resume_from is None:
+            _clear_previous_run(out)
+        config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
+        (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
+        plan.save(out / PLAN_FILE)
+    strategy.barrier()
+    if not cfg.train.do_train:
+        results = trainer.eval_results() if datasets.eval is not None else {}
+    else:
+        if resume_from is not None:
+            logger.info(f"resuming from {resume_from}")
+        results = trainer.fit(resume_from)
+        strategy.export(trainer.model, tokenizer, out)
+        if cfg.finetuning.plot_loss:
+            trainer.tracker.plot()
+    if strategy.is_main:
+        (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        logger.info(f"model saved to {out.resolve()}")
+    return results

@@ -17,6 +17,7 @@ class Head:
     new_modules: tuple[str, ...] = ()  # created fresh on load, so always trained (freeze keeps them trainable)
     # config values the head needs, filled from the tokenizer: {"pad_token_id": "pad_token_id"} etc.
     config: dict = field(default_factory=dict)
+    scores_vocabulary: bool = True  # logits over the vocabulary (a language-model head), not a single score
 
     def auto(self):
         import transformers
@@ -35,4 +36,5 @@ SEQUENCE_SCORE = Head(
     "SEQ_CLS",
     new_modules=("score",),
     config={"num_labels": 1, "pad_token_id": "pad_token_id"},
+    scores_vocabulary=False,
 )

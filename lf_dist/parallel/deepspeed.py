@@ -8,6 +8,7 @@ per optimizer step, so it follows the same loop (and the same token normalizatio
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 from pathlib import Path
 
@@ -126,7 +127,6 @@ class DeepSpeedStrategy(DistributedStrategy):
     def teardown(self) -> None:
         """Engines release their ZeRO hooks and buffers before the process group goes: left to interpreter
         shutdown, a rank sometimes aborted after finishing ("terminate called without an active exception")."""
-        import gc
 
         for engine in (*self.frozen_engines, self.engine):
             if engine is not None and hasattr(engine, "destroy"):

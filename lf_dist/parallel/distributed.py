@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -95,6 +96,9 @@ class DistributedStrategy(Strategy):
 
     def teardown(self) -> None:
         if dist.is_initialized():
+            # Modules that hold the group (DDP's reducer, FSDP states) sit in reference cycles: collect them while
+            # every peer is still here, so the group's last reference goes with destroy_process_group.
+            gc.collect()
             dist.barrier()  # nobody leaves while a peer still needs it (an explicit, clean shutdown)
             dist.destroy_process_group()
 

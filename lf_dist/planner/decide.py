@@ -184,6 +184,7 @@ class _Planner:
             on_cpu=not self.hw.on_gpu,
             graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
             accumulation=t.gradient_accumulation_steps,
+            logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
         )
 
     def memory(self, method, bits, checkpointing, cutoff=None, batch=None) -> dict:
@@ -243,10 +244,9 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
     for method, bits, mem in tried:
         reasons.append(f"{_name(method, bits)} needs {mem['total']:.2f} GiB per device > {p.capacity:.2f} GiB")
     fits = chosen is not None
-    if not fits:
-        method, bits = _candidates(cfg)[-1]
-        gc = gc_options[-1]
-        chosen = (method, bits, gc, p.memory(method, bits, gc))
+    if not fits:  # report the last method tried, with checkpointing as it would run
+        method, bits, mem = tried[-1]
+        chosen = (method, bits, gc_options[-1], mem)
     method, bits, gc, mem = chosen
     if fits:
         reasons.append(f"{_name(method, bits)} fits: {mem['total']:.2f} of {p.capacity:.2f} GiB per device")

@@ -49,6 +49,7 @@ class Setup:
     on_cpu: bool = False  # CPU attention with a mask saves a seq² term per layer
     graph_layers: int | None = None  # decoder layers autograd records (freeze: from the first trainable one)
     accumulation: int = 1  # micro-batches per optimizer step
+    logit_width: int = 0  # outputs per token: the vocabulary for a language-model head, 1 for a score head
 
 
 def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
@@ -130,7 +131,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
         terms["reference_model"] = s.frozen_copies * size.num_params * ref_bytes / (s.dp if sharded else 1)
     # -- what one step allocates and frees ------------------------------------------------------------------
     layers = size.num_layers if s.graph_layers is None else s.graph_layers
-    logits = s.tokens * size.vocab_size * logit_bytes(c)
+    logits = s.tokens * s.logit_width * logit_bytes(c)
     if s.checkpointing:  # layer inputs kept; one layer is recomputed at a time, after the logits are freed
         kept, recomputed = s.tokens * layers * checkpoint_bytes(size, s), s.tokens * layer_activation_bytes(size, s)
         activations = kept + max(0.0, recomputed - logits)
@@ -141,7 +142,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
         dynamic["attention_mask"] = s.rows * s.seq_len**2 * c
     dynamic["logits"] = logits
     if s.frozen_forward:  # a reference's logits and fp32 copy, while the policy's saved activations are alive
-        dynamic["reference_logits"] = s.tokens * size.vocab_size * (c + (4 if c < 4 else 0))
+        dynamic["reference_logits"] = s.tokens * s.logit_width * (c + (4 if c < 4 else 0))
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
         dynamic["dequantized_linear"] = size.largest_linear_params * c
     # Gradients grow as the backward frees activations, and the step frees them again: with one micro-batch per
