@@ -9,37 +9,40 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
+from lf_dist.launch_env import restart_count
 from lf_dist.log import get_logger
 from lf_dist.train import checkpoint as ckpt
 
 logger = get_logger(__name__)
 
 
-def plan_output_dir(cfg: RunConfig) -> Path | None:
-    """Decide what happens to output_dir (without touching it); returns the checkpoint to resume from."""
+def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, bool]:
+    """Decide what happens to output_dir and the checkpoint folder (without touching them): returns the
+    checkpoint to resume from, and whether a previous run's outputs are to be cleared first."""
     t = cfg.train
     out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a directory")
     resume = t.resume_from_checkpoint
     if not t.do_train:
-        return None
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:  # torchrun restarted the group after a fault
-        found = ckpt.list_checkpoints(out)
+        return None, False
+    if restart_count() > 0:  # the launcher restarted this run after a failure: never wipe what it saved
+        found = ckpt.list_checkpoints(checkpoints)
         if found:
             logger.info(f"restart after a failure: resuming from {found[-1].name}")
-            return found[-1]
+            return found[-1], False
+        logger.info("restart after a failure before any checkpoint: starting over")
+        return None, True
     if resume in (None, False) and out.is_dir() and any(out.iterdir()) and not t.overwrite_output_dir:
-        if ckpt.list_checkpoints(out) and resume is None:
+        if ckpt.list_checkpoints(checkpoints) and resume is None:
             resume = True
             logger.info(
-                f"output_dir has checkpoints: resuming from {ckpt.list_checkpoints(out)[-1].name} "
+                f"output_dir has checkpoints: resuming from {ckpt.list_checkpoints(checkpoints)[-1].name} "
                 "(set overwrite_output_dir: true to start over)"
             )
         else:
@@ -47,11 +50,12 @@ def plan_output_dir(cfg: RunConfig) -> Path | None:
                 f"output_dir: {out} already exists and is not empty; set overwrite_output_dir: true "
                 "or resume_from_checkpoint"
             )
-    return ckpt.resolve_resume(resume, out)
+    resume_from = ckpt.resolve_resume(resume, checkpoints)
+    return resume_from, bool(t.overwrite_output_dir and resume_from is None)
 
 
-def _clear_previous_run(out: Path) -> None:
-    for path in ckpt.list_checkpoints(out):
+def _clear_previous_run(out: Path, checkpoints: Path) -> None:
+    for path in ckpt.list_checkpoints(checkpoints):
         shutil.rmtree(path)
     for name in ("trainer_log.jsonl", "all_results.json", "training_loss.png", "training_eval_loss.png"):
         (out / name).unlink(missing_ok=True)
@@ -106,8 +110,9 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
     return frozen
 
 
-def run(cfg: RunConfig, plan=None) -> dict:
-    """Train (or evaluate) as `plan` says; without one (a direct call), the plan is made here for this machine."""
+def run(cfg: RunConfig, plan=None, report=None) -> dict:
+    """Train (or evaluate) as `plan` says; without one (a direct call), the plan is made here for this machine.
+    `report(metrics, checkpoint_dir or None)`, a launcher's hook, hears of every checkpoint and the results."""
     from lf_dist.parallel import build_strategy
     from lf_dist.planner import detect, make_plan, require_fit
     from lf_dist.train.stages import get_stage
@@ -124,12 +129,12 @@ def run(cfg: RunConfig, plan=None) -> dict:
         # Everything that holds the process group (DDP's reducer, engines) lives in _train's frame only, so it
         # is released before teardown destroys the group: freed afterwards, gloo's destructor can wait forever
         # on its worker threads once a peer has left.
-        return _train(cfg, plan, stage, strategy)
+        return _train(cfg, plan, stage, strategy, report)
     finally:
         strategy.teardown()
 
 
-def _train(cfg: RunConfig, plan, stage, strategy) -> dict:
+def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from transformers import set_seed
 
     from lf_dist.data import build_datasets
@@ -143,7 +148,8 @@ def _train(cfg: RunConfig, plan, stage, strategy) -> dict:
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
     check_model(cfg, stage, tokenizer)
-    resume_from = plan_output_dir(cfg)
+    checkpoints = Path(plan.checkpoint_dir or cfg.train.output_dir)
+    resume_from, clear = plan_output_dir(cfg, checkpoints)
     if resume_from is not None:
         strategy.check_resumable(resume_from)
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
@@ -151,12 +157,14 @@ def _train(cfg: RunConfig, plan, stage, strategy) -> dict:
     factory = _model_factory(cfg, stage.head, tokenizer, strategy.load_dtype(), strategy.device)
     model = strategy.create_model(factory)
     loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
-    trainer = Trainer(cfg, strategy, stage, loss, model, tokenizer, datasets, plan.expected_peak_gib)
+    trainer = Trainer(
+        cfg, strategy, stage, loss, model, tokenizer, datasets, plan.expected_peak_gib, checkpoints, report
+    )
     out = Path(cfg.train.output_dir)
     if strategy.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.train.overwrite_output_dir and resume_from is None:
-            _clear_previous_run(out)
+        if clear:
+            _clear_previous_run(out, checkpoints)
         config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
         (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
         plan.save(out / PLAN_FILE)
@@ -173,4 +181,6 @@ def _train(cfg: RunConfig, plan, stage, strategy) -> dict:
     if strategy.is_main:
         (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         logger.info(f"model saved to {out.resolve()}")
+    if report is not None:
+        report(results, None)
     return results

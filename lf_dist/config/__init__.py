@@ -4,6 +4,6 @@ config/ imports nothing of the package but `lf_dist.errors`: everyone reads the 
 """
 
 from lf_dist.config.loader import read_config
-from lf_dist.config.schema import DataArgs, FinetuningArgs, ModelArgs, RunConfig, TrainArgs
+from lf_dist.config.schema import DataArgs, FinetuningArgs, LaunchArgs, ModelArgs, RunConfig, TrainArgs
 
-__all__ = ["DataArgs", "FinetuningArgs", "ModelArgs", "RunConfig", "TrainArgs", "read_config"]
+__all__ = ["DataArgs", "FinetuningArgs", "LaunchArgs", "ModelArgs", "RunConfig", "TrainArgs", "read_config"]

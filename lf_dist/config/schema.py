@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 FINETUNING_TYPES = ("full", "freeze", "lora", "auto")
 FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+LAUNCHERS = ("auto", "torchrun", "ray")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 QUANTIZATION_BITS = (4, 8)
 QUANTIZATION_TYPES = ("nf4", "fp4")
 # `optim` values lf-dist runs: torch's AdamW, or bitsandbytes' 8-bit (paged) AdamW
@@ -140,7 +142,30 @@ class TrainArgs:
     optim: str = "adamw_torch"
 
 
-SECTIONS = {"model": ModelArgs, "data": DataArgs, "finetuning": FinetuningArgs, "train": TrainArgs}
+@dataclass
+class LaunchArgs:
+    """How the processes start: torchrun (the environment contract), or a Ray cluster (LLaMA-Factory's ray_* keys
+    of both its generations, on Ray Train)."""
+
+    launcher: str = "auto"  # auto: torchrun or one process as the environment says; ray (also USE_RAY=1)
+    ray_num_workers: int = 1
+    ray_init_kwargs: dict | str | None = None
+    resources_per_worker: dict | str | None = None  # default {"GPU": 1} on GPUs, {"CPU": 1} otherwise
+    placement_strategy: str = "PACK"
+    ray_run_name: str | None = None
+    ray_storage_path: str | None = None
+    ray_max_failures: int = 0
+    master_addr: str | None = None
+    master_port: int | None = None
+
+
+SECTIONS = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "finetuning": FinetuningArgs,
+    "train": TrainArgs,
+    "launch": LaunchArgs,
+}
 # LLaMA-Factory's spellings that mean the same as one of our fields.
 ALIASES = {"evaluation_strategy": "eval_strategy", "lora_r": "lora_rank"}
 
@@ -156,6 +181,7 @@ class RunConfig:
     data: DataArgs = field(default_factory=DataArgs)
     finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
+    launch: LaunchArgs = field(default_factory=LaunchArgs)
     # Keys accepted for compatibility that change nothing in lf-dist: reported once, never silently dropped.
     ignored: dict = field(default_factory=dict)
     source: str | None = None

@@ -6,12 +6,15 @@ right after these by `lf_dist.configure.load_config`; config/ itself knows no st
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lf_dist.config.schema import (
     FINETUNING_TYPES,
     FLASH_ATTN,
+    LAUNCHERS,
     OPTIMIZERS,
+    PLACEMENT_STRATEGIES,
     PREF_LOSSES,
     QUANTIZATION_BITS,
     QUANTIZATION_TYPES,
@@ -81,6 +84,7 @@ def validate(cfg: RunConfig) -> None:
     if t.optim not in OPTIMIZERS:
         cfg.ignored["optim"] = f"{t.optim} (lf-dist uses torch AdamW)"
     _validate_quantization(cfg)
+    _validate_launch(cfg)
     trackers = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
     trackers = [r for r in trackers if r not in ("none", "None", "")]
     if trackers:
@@ -95,6 +99,33 @@ def validate(cfg: RunConfig) -> None:
         t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"
     if isinstance(t.resume_from_checkpoint, str) and not Path(t.resume_from_checkpoint).is_dir():
         raise UserError(f"resume_from_checkpoint: no checkpoint directory at {t.resume_from_checkpoint}")
+
+
+def _as_dict(key: str, value):
+    """A dict, or a JSON object in a string (LLaMA-Factory accepts both for its dict-valued ray keys)."""
+    if value is None or isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{key}: not a JSON object ({err.msg} at position {err.pos}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"{key}: expected a mapping, got {value!r}")
+    return parsed
+
+
+def _validate_launch(cfg: RunConfig) -> None:
+    la = cfg.launch
+    _choice("launcher", la.launcher, LAUNCHERS)
+    la.placement_strategy = str(la.placement_strategy).upper()
+    _choice("placement_strategy", la.placement_strategy, PLACEMENT_STRATEGIES)
+    _positive("ray_num_workers", la.ray_num_workers)
+    _positive("ray_max_failures", la.ray_max_failures, allow_zero=True)
+    la.ray_init_kwargs = _as_dict("ray_init_kwargs", la.ray_init_kwargs)
+    la.resources_per_worker = _as_dict("resources_per_worker", la.resources_per_worker)
+    for name, amount in (la.resources_per_worker or {}).items():
+        if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+            raise UserError(f"resources_per_worker: {name} must be a number >= 0, got {amount!r}")
 
 
 def _validate_quantization(cfg: RunConfig) -> None:

@@ -4,7 +4,8 @@
 - torchrun: `torch.distributed.run` on this node, single- or multi-node, static or elastic (LLaMA-Factory's
   environment contract: FORCE_TORCHRUN, NNODES, NODE_RANK, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT, RDZV_ID,
   MIN_NNODES, MAX_NNODES, MAX_RESTARTS).
-Which one runs is the plan's decision (`plan.launcher`); the ranks read the parent's plan from LF_DIST_PLAN.
+- ray: a Ray Train job (`ray_train.py`) on an existing cluster (RAY_ADDRESS, `ray_init_kwargs`) or a local one.
+Which one runs is the plan's decision (`plan.launcher`); the ranks and Ray workers run the parent's plan.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ def inside_torchrun() -> bool:
 
 def launch(config_path: str, overrides: list[str], cfg, plan) -> int:
     """Run training for a validated config as the plan says (`plan.launcher`); returns the exit code."""
+    if plan.launcher == "ray":
+        from lf_dist.launchers.ray_train import launch_ray
+
+        return launch_ray(config_path, overrides, cfg, plan)
     if plan.launcher == "torchrun" and not inside_torchrun():
         return launch_torchrun(config_path, overrides, cfg, plan)
     from lf_dist.worker import run

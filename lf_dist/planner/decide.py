@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
-from lf_dist.launch_env import force_torchrun, int_env
+from lf_dist.launch_env import force_torchrun, int_env, use_ray
 from lf_dist.planner.memory import Setup, estimate
 from lf_dist.planner.model_size import ModelSize, measure, read_model_config, trainable_params
 from lf_dist.planner.profiles import HardwareProfile
@@ -42,6 +42,8 @@ class Plan:
     memory_gib: dict = field(default_factory=dict)
     reasons: list = field(default_factory=list)
     suggestion: str | None = None
+    checkpoint_dir: str | None = None  # where checkpoint-N/ go (output_dir unless Ray storage says otherwise)
+    layout: dict = field(default_factory=dict)  # Ray: workers, resources per worker, placement
 
     @property
     def expected_peak_gib(self) -> float:
@@ -81,9 +83,19 @@ class Plan:
         return cfg
 
 
-def _env_world(hw: HardwareProfile, launching: bool) -> tuple[int, int]:
-    """(world size, processes per node): torchrun's own variables inside a rank; the launch contract
-    (NPROC_PER_NODE, NNODES) for this machine; the profile for a machine you do not have."""
+def wants_ray(cfg: RunConfig) -> bool:
+    return cfg.launch.launcher == "ray" or (cfg.launch.launcher == "auto" and use_ray())
+
+
+def ray_resources(cfg: RunConfig, hw: HardwareProfile) -> dict:
+    return dict(cfg.launch.resources_per_worker or ({"GPU": 1} if hw.on_gpu else {"CPU": 1}))
+
+
+def _env_world(hw: HardwareProfile, launching: bool, cfg: RunConfig) -> tuple[int, int]:
+    """(world size, processes per node): the Ray workers asked for; torchrun's own variables inside a rank;
+    the launch contract (NPROC_PER_NODE, NNODES) for this machine; the profile for a machine you do not have."""
+    if wants_ray(cfg):  # Ray places the workers; on one machine they share its RAM
+        return cfg.launch.ray_num_workers, cfg.launch.ray_num_workers if not hw.on_gpu else hw.devices_per_node
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         world = int(os.environ["WORLD_SIZE"])
         return world, int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -143,7 +155,7 @@ class _Planner:
         self.cfg, self.hw, self.stage = cfg, hw, stage
         self.config = read_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
         self.size: ModelSize = measure(self.config, stage.head)
-        self.world, self.per_node = _env_world(hw, launching)
+        self.world, self.per_node = _env_world(hw, launching, cfg)
         # a CPU machine's RAM is shared by the processes on it
         self.capacity = hw.gpu_memory_gib if hw.on_gpu else hw.gpu_memory_gib / max(self.per_node, 1)
         self.strategy, self.strategy_reason = _strategy(cfg, self.world)
@@ -266,8 +278,25 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
         reasons.append("freeze is kept as the config says: the fallback walks full → lora → qlora only")
     max_cutoff = p.max_cutoff(method, bits, gc if gc_given else True)
     reasons.append(f"packing {'on' if cfg.data.packing else 'off'}; longest cutoff_len that fits: {max_cutoff}")
-    launcher = "torchrun" if p.world > 1 or force_torchrun() else "local"
-    reasons.insert(1, f"launcher {launcher}: {p.world} process(es)")
+    layout, checkpoint_dir = {}, None
+    if wants_ray(cfg):
+        la = cfg.launch
+        launcher = "ray"
+        layout = {
+            "workers": la.ray_num_workers,
+            "resources_per_worker": ray_resources(cfg, hw),
+            "placement_strategy": la.placement_strategy,
+        }
+        if la.ray_storage_path and la.ray_run_name:
+            checkpoint_dir = str(Path(la.ray_storage_path) / la.ray_run_name)
+        reasons.insert(
+            1,
+            f"launcher ray: {la.ray_num_workers} Ray Train worker(s) × {layout['resources_per_worker']}, placement "
+            f"{la.placement_strategy}; checkpoints in {checkpoint_dir or cfg.train.output_dir}",
+        )
+    else:
+        launcher = "torchrun" if p.world > 1 or force_torchrun() else "local"
+        reasons.insert(1, f"launcher {launcher}: {p.world} process(es)")
     plan = Plan(
         profile=hw.name,
         device="cuda" if hw.on_gpu else "cpu",
@@ -288,6 +317,8 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
         max_cutoff_len=max_cutoff,
         memory_gib=mem,
         reasons=reasons,
+        checkpoint_dir=checkpoint_dir,
+        layout=layout,
     )
     if not fits:
         plan.suggestion = _suggest(p, cfg, method, bits, gc_given, max_cutoff)

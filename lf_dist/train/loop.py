@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from lf_dist.launch_env import restart_count
 from lf_dist.parallel.base import add_metrics
 from lf_dist.train import checkpoint as ckpt
 from lf_dist.train.optim import build_optimizer, build_scheduler
@@ -19,15 +20,29 @@ from lf_dist.train.tracker import Tracker
 
 class Trainer:
     """`stage` is the StageSpec (collator, what to show), `loss` its StageLoss built for this run;
-    `planned_peak_gb` is the plan's peak-memory estimate, logged next to the measured peak."""
+    `planned_peak_gb` is the plan's peak-memory estimate, logged next to the measured peak; checkpoints go to
+    `checkpoint_dir` (default output_dir), and `report(metrics, path)` hears of each (a launcher's hook)."""
 
-    def __init__(self, cfg, strategy, stage, loss, model, tokenizer, datasets, planned_peak_gb=None):
+    def __init__(
+        self,
+        cfg,
+        strategy,
+        stage,
+        loss,
+        model,
+        tokenizer,
+        datasets,
+        planned_peak_gb=None,
+        checkpoint_dir=None,
+        report=None,
+    ):
         self.cfg, self.t = cfg, cfg.train
         self.strategy, self.stage, self.loss, self.tokenizer = strategy, stage, loss, tokenizer
         self.collator = stage.data.make_collator(tokenizer, cfg.data.cutoff_len)
         self.train_ds, self.eval_ds = datasets.train, datasets.eval
         self.output_dir = Path(self.t.output_dir)
-        self.planned_peak_gb = planned_peak_gb
+        self.checkpoint_dir = Path(checkpoint_dir or self.output_dir)
+        self.planned_peak_gb, self.report = planned_peak_gb, report
         self.model, self.optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg))
         self.memory_after_setup_gb = round(strategy.memory_allocated() / 2**30, 3)  # weights, before any step
         self.schedule = StepSchedule(
@@ -130,8 +145,8 @@ class Trainer:
         }
 
     def _save(self, tracker: Tracker) -> None:
-        ckpt.save_checkpoint(
-            self.output_dir,
+        path = ckpt.save_checkpoint(
+            self.checkpoint_dir,
             self.step,
             self.strategy,
             self.model,
@@ -142,6 +157,10 @@ class Trainer:
             self.t.save_only_model,
             self.t.save_total_limit,
         )
+        if self.report is not None:
+            self.report(
+                {"step": self.step, "loss": tracker.history[-1].get("loss") if tracker.history else None}, path
+            )
 
     def _log_now(self, epoch_end: bool) -> bool:
         how = self.t.logging_strategy
@@ -237,7 +256,7 @@ def _inject_fault(step: int, fail_at: int, rank: int) -> None:
     if step == fail_at:
         raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
     kill_at = int(os.environ.get("LF_DIST_KILL_AT_STEP", "0"))
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    first_attempt = restart_count() == 0
     if step == kill_at and first_attempt and rank == int(os.environ.get("LF_DIST_KILL_RANK", "1")):
         import signal
 

@@ -1,0 +1,163 @@
+"""Ray: the run as a Ray Train job (`ray.train.torch.TorchTrainer`) on an existing cluster or a local one.
+
+Every Ray worker enters the same worker entry point (`lf_dist.worker.run`) with the parent's plan; Ray Train
+sets up the process group (RANK / WORLD_SIZE / LOCAL_RANK, gloo or NCCL), so the strategies run unchanged.
+Checkpoints are lf-dist's own checkpoint-N/ folders, reported to Ray Train without a copy; with
+`ray_max_failures` Ray replaces failed workers and the run resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from lf_dist.errors import UserError
+from lf_dist.launch_env import RESTART_ENV
+from lf_dist.log import get_logger
+
+logger = get_logger(__name__)
+MARKER = ".lf-dist-ray-attempt-{}"  # in output_dir: a run's workers that find it were restarted by Ray
+
+
+def _init(cfg) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(cfg.launch.ray_init_kwargs or {})
+    # An existing cluster through RAY_ADDRESS (ray job submit sets it) or ray_init_kwargs.address, else a local one.
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as err:
+        raise UserError(f"ray: cannot connect to the cluster ({str(err).splitlines()[0][:200]})") from None
+
+
+def check_cluster(plan, cfg) -> None:
+    """Ask only for what the cluster has: refuse in one line instead of waiting forever for resources."""
+    import ray
+
+    layout, workers = plan.layout, plan.layout["workers"]
+    have = ray.cluster_resources()
+    need = {k: v * workers for k, v in layout["resources_per_worker"].items()}
+    short = {k: v for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        offered = ", ".join(f"{k} {have.get(k, 0):g}" for k in need)
+        raise UserError(
+            f"ray: {workers} workers × {layout['resources_per_worker']} need "
+            f"{', '.join(f'{k} {v:g}' for k, v in need.items())}; the cluster has {offered}"
+        )
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if layout["placement_strategy"] == "STRICT_SPREAD" and len(nodes) < workers:
+        raise UserError(
+            f"placement_strategy STRICT_SPREAD: {workers} workers need {workers} nodes, the cluster has {len(nodes)}"
+        )
+    if len(nodes) > 1 and not cfg.launch.ray_storage_path:
+        raise UserError(
+            f"ray_storage_path: a cluster of {len(nodes)} nodes needs checkpoints on storage every node reaches; "
+            "set ray_storage_path (and output_dir) to a shared file system"
+        )
+
+
+def launch_ray(config_path: str, overrides: list[str], cfg, plan) -> int:
+    """Run training on Ray Train; returns the exit code (user errors in a worker come back as one line)."""
+    import ray.train
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    la = cfg.launch
+    _init(cfg)
+    check_cluster(plan, cfg)
+    if la.master_addr or la.master_port:
+        logger.info("notice: master_addr / master_port have no effect on Ray Train (it sets up the rendezvous)")
+    resources = plan.layout["resources_per_worker"]
+    storage = str(Path(la.ray_storage_path).resolve()) if la.ray_storage_path else None
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={
+            "config": str(Path(config_path).resolve()),
+            "overrides": list(overrides),
+            "plan": plan.to_dict(),
+            "cwd": os.getcwd(),
+            "attempt_marker": MARKER.format(uuid.uuid4().hex[:12]),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=la.ray_num_workers,
+            use_gpu=bool(resources.get("GPU")),
+            resources_per_worker=resources,
+            placement_strategy=la.placement_strategy,
+        ),
+        torch_config=TorchConfig(backend="nccl" if resources.get("GPU") else "gloo", timeout_s=cfg.train.ddp_timeout),
+        run_config=RunConfig(
+            name=la.ray_run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=la.ray_max_failures),
+        ),
+    )
+    logger.info(f"ray: {la.ray_num_workers} worker(s) × {resources} on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        message = _user_error(err)
+        if message:
+            ray.shutdown()  # flushes the workers' forwarded logs, so the one line comes last
+            raise UserError(message) from None
+        raise
+    return 0
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message of a UserError raised in a worker, wherever Ray wrapped it."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return str(e)
+        text = str(e)
+        if "lf_dist.errors.UserError: " in text:  # a worker's traceback as text
+            return text.split("lf_dist.errors.UserError: ", 1)[1].strip().splitlines()[0]
+        todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+        todo += [v for v in vars(e).values() if isinstance(v, BaseException)] if hasattr(e, "__dict__") else []
+    return None
+
+
+def _report(metrics: dict, checkpoint: Path | None) -> None:
+    """Every checkpoint (and the final results) reported to Ray Train; the folder is already where it stays."""
+    import ray.train
+
+    values = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None and rank0 else None
+    ray.train.report(values, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+
+def _worker(config: dict) -> None:
+    """What each Ray Train worker runs: the parent's config and plan, through the same worker entry point."""
+    import ray.train
+    import torch.distributed
+
+    from lf_dist.configure import load_config
+    from lf_dist.planner import Plan
+    from lf_dist.worker import run
+
+    if Path(config["cwd"]).is_dir():  # relative paths in the YAML mean what they meant for the driver
+        os.chdir(config["cwd"])
+    cfg = load_config(config["config"], config["overrides"])
+    marker = Path(cfg.train.output_dir) / config["attempt_marker"]
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    restarted = [ray.train.get_checkpoint() is not None or marker.exists()]  # Ray restarted this run
+    torch.distributed.broadcast_object_list(restarted, src=0)  # rank 0 decides, for every rank alike
+    if restarted[0]:
+        os.environ[RESTART_ENV] = "1"
+    elif rank0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    try:
+        run(cfg, Plan(**config["plan"]), report=_report)
+    except UserError as err:  # travels to the driver as itself; the traceback Ray logs is one frame long
+        raise UserError(str(err)) from None
+    if rank0:
+        marker.unlink(missing_ok=True)
