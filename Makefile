@@ -9,7 +9,7 @@ LF_STAMP := .venv-lf.stamp
 PIP := $(BIN)/python -m pip
 CHECK_DIRS := lf_dist tests benchmarks examples
 
-.PHONY: install test test-all demo bench style quality clean
+.PHONY: install test test-slow test-all demo bench style quality clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ endif
 
 install: $(STAMP)
 
+# The CPU suite without the multi-process / long tests (`-m slow`: distributed backends, Ray cluster, memory
+# accuracy runs); `make test-slow` runs those, and CI (.ci/run) runs both.
 test: $(STAMP) $(LF_STAMP)
-	$(BIN)/python -m pytest -q -m "not cuda"
+	$(BIN)/python -m pytest -q -m "not cuda and not slow"
+
+test-slow: $(STAMP) $(LF_STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not cuda"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -187,3 +187,19 @@ def test_the_plan_names_ray_and_the_worker_layout(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["launcher"] == "ray" and plan["world_size"] == 4 and plan["strategy"] == "fsdp2"
     assert plan["layout"] == {"workers": 4, "resources_per_worker": {"CPU": 2}, "placement_strategy": "SPREAD"}
+
+
+def test_a_multi_node_cluster_without_ray_storage_path_is_refused_in_one_line(cluster, tmp_path):
+    """Last in this module: it adds a second node (on the same machine) to the cluster."""
+    join = [RAY, "start", "--address", cluster["address"], "--node-ip-address", "127.0.0.1", "--num-cpus", "1"]
+    subprocess.run([*join, "--disable-usage-stats"], env=cluster["env"], check=True, capture_output=True, timeout=180)
+    proc = _on_ray(cluster, _config(tmp_path, "full"), f"output_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "lf-dist: error: ray_storage_path: a cluster of 2 nodes needs checkpoints on storage every node reaches"
+        )
+    )
+    assert not (tmp_path / "o").exists()
