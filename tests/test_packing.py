@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lf_dist.data import Collator, build_datasets
 from lf_dist.data.packing import best_fit_decreasing
+from lf_dist.kernels.attention import register as register_varlen
 from lf_dist.data.templates import fix_tokenizer, get_template
 from lf_dist.train.stages import build_loss
 from lf_dist.worker import run
@@ -43,8 +44,9 @@ def _loss_and_grads(model, stage, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "lf_varlen"])
 def test_neat_packed_batch_has_the_loss_and_gradients_of_the_unpacked_examples(make_cfg, attn):
+    register_varlen()
     kw = {"max_samples": 24, "cutoff_len": 128, "dataset": "alpaca_demo,sharegpt_demo"}
     cfg_u, tok, unpacked = _data(make_cfg, False, False, **kw)
     cfg_p, _, packed = _data(make_cfg, True, True, **kw)
@@ -52,7 +54,7 @@ def test_neat_packed_batch_has_the_loss_and_gradients_of_the_unpacked_examples(m
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=attn, dtype=torch.float32)
     collate = Collator(tok.pad_token_id)
     loss_u, grads_u = _loss_and_grads(model, build_loss(cfg_u), collate([unpacked[i] for i in range(len(unpacked))]))
-    packed_batch = collate([packed[i] for i in range(len(packed))])
+    packed_batch = Collator(tok.pad_token_id, separate=True)([packed[i] for i in range(len(packed))])
     loss_p, grads_p = _loss_and_grads(model, build_loss(cfg_p), packed_batch)
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=0)
     for name in grads_u:
@@ -61,7 +63,7 @@ def test_neat_packed_batch_has_the_loss_and_gradients_of_the_unpacked_examples(m
         rel = float((grads_p[name] - grads_u[name]).norm() / grads_u[name].norm())
         assert rel < 1e-5, (name, rel)
     # The same rows with cross-attention (plain packing) do see each other: the comparison above is sensitive.
-    loss_x, _ = _loss_and_grads(model, build_loss(cfg_u), packed_batch)
+    loss_x, _ = _loss_and_grads(model, build_loss(cfg_u), collate([packed[i] for i in range(len(packed))]))
     assert abs(float(loss_x) - float(loss_u)) > 1e-3
 
 
@@ -91,7 +93,7 @@ def test_packing_removes_padding_on_the_demo_data_and_still_learns(make_cfg, tmp
         "num_train_epochs": 2,
         "learning_rate": 5e-3,
     }
-    plain = run(make_cfg("plain", **common))
+    plain = run(make_cfg("plain", padding_free=False, **common))  # padded batches, the layout packing replaces
     packed = run(make_cfg("packed", packing=True, neat_packing=True, **common))
     assert plain["padding_ratio"] > 0.05
     assert packed["padding_ratio"] < 0.02, packed
@@ -103,21 +105,22 @@ def test_packing_removes_padding_on_the_demo_data_and_still_learns(make_cfg, tmp
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2"])
+@pytest.mark.parametrize("attn", ["sdpa", "flash_attention_2", "lf_varlen"])
 def test_neat_packing_on_gpu_matches_unpacked(make_cfg, attn):
-    """On CUDA, neat rows go through sdpa's block mask or flash-attention's varlen kernel (position_ids)."""
+    """On CUDA, neat rows go through sdpa's block mask, flash-attention's or torch's varlen kernel."""
     import importlib.util
 
+    register_varlen()
     if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         pytest.skip("flash-attn is not installed")
     kw = {"max_samples": 24, "cutoff_len": 128, "dataset": "alpaca_demo,sharegpt_demo"}
     cfg_u, tok, unpacked = _data(make_cfg, False, False, **kw)
     cfg_p, _, packed = _data(make_cfg, True, True, **kw)
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, attn_implementation=attn, dtype=torch.bfloat16).cuda()
-    collate = Collator(tok.pad_token_id)
+    collate, separate = Collator(tok.pad_token_id), Collator(tok.pad_token_id, separate=True)
     to_cuda = lambda b: {k: v.cuda() for k, v in b.items()}  # noqa: E731
     loss_u, _ = _loss_and_grads(
         model, build_loss(cfg_u), to_cuda(collate([unpacked[i] for i in range(len(unpacked))]))
     )
-    loss_p, _ = _loss_and_grads(model, build_loss(cfg_p), to_cuda(collate([packed[i] for i in range(len(packed))])))
+    loss_p, _ = _loss_and_grads(model, build_loss(cfg_p), to_cuda(separate([packed[i] for i in range(len(packed))])))
     torch.testing.assert_close(loss_p.float(), loss_u.float(), rtol=2e-2, atol=0)  # bf16 kernels

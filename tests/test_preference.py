@@ -251,11 +251,11 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(make_cfg):
     rows, _ = _dataset(make_cfg, "dpo", "rows")
     batch = PairwiseCollator(tokenizer.pad_token_id)(rows)
     n = batch["ends"].numel()
-    ref_logps = reference.logps(policy, model_inputs(batch, True), batch["labels"], batch["seq_ids"], n)
+    ref_logps = reference.logps(policy, model_inputs(batch), batch["labels"], batch["seq_ids"], n)
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).eval()
     with torch.no_grad():
-        base_logps = sequence_logps(base, model_inputs(batch, True), batch["labels"], batch["seq_ids"], n)[0]
-        policy_logps = sequence_logps(policy, model_inputs(batch, True), batch["labels"], batch["seq_ids"], n)[0]
+        base_logps = sequence_logps(base, model_inputs(batch), batch["labels"], batch["seq_ids"], n)[0]
+        policy_logps = sequence_logps(policy, model_inputs(batch), batch["labels"], batch["seq_ids"], n)[0]
     assert torch.allclose(ref_logps, base_logps, atol=1e-4)
     assert not torch.allclose(policy_logps, base_logps, atol=1e-2)  # the adapters are on outside the reference
 

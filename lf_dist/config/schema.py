@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, fields
 
 # `auto`: the planner picks full, lora or 4-bit qlora, whichever fits first (lf-dist's own value)
 FINETUNING_TYPES = ("full", "freeze", "lora", "auto")
-FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2")
+# `varlen` (lf-dist's own value): torch's varlen kernel on CUDA, one sdpa call per example elsewhere; `auto`: the
+# planner picks fa2 (flash-attn installed, CUDA), else varlen
+FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2", "varlen")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 LAUNCHERS = ("auto", "torchrun", "ray")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -37,6 +39,7 @@ class ModelArgs:
     quantization_type: str = "nf4"
     double_quantization: bool = True
     upcast_layernorm: bool = False
+    enable_liger_kernel: bool | None = None  # None: the planner's choice (on with CUDA and liger-kernel)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class DataArgs:
     tool_format: str | None = None
     packing: bool | None = None
     neat_packing: bool = False
+    # lf-dist's own: the examples of a micro-batch go end to end in one row, no padding (None: the plan decides)
+    padding_free: bool | None = None
     tokenized_path: str | None = None
     data_shared_file_system: bool = False
     mix_strategy: str = "concat"
@@ -140,6 +145,7 @@ class TrainArgs:
     gradient_checkpointing: bool | None = None
     gradient_checkpointing_kwargs: dict | None = None
     optim: str = "adamw_torch"
+    torch_compile: bool = False
 
 
 @dataclass

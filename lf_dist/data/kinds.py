@@ -27,23 +27,28 @@ class DataKind:
     encode: Callable | None
     # (dataset, cutoff_len) → packed dataset; None when this kind's rows do not pack (or pack while encoding).
     pack: Callable | None
-    # (pad_token_id, cutoff_len) → the collate function of a batch of rows.
-    collator: Callable[[int, int], Callable]
+    # (pad_token_id, cutoff_len, separate, padding_free) → the collate function of a batch of rows; `separate`:
+    # the examples of a packed row are kept apart (neat packing); `padding_free`: unpacked rows go end to end.
+    collator: Callable[[int, int, bool, bool], Callable]
     # Whether `packing` means anything for this kind.
     packs: bool
     # Sequences per example that go through the model with gradients (chosen and rejected for pairs).
     sequences: int = 1
 
-    def make_collator(self, tokenizer, cutoff_len: int):
-        return self.collator(tokenizer.pad_token_id, cutoff_len)
+    def make_collator(self, tokenizer, cutoff_len: int, separate: bool = False, padding_free: bool = False):
+        return self.collator(tokenizer.pad_token_id, cutoff_len, separate, padding_free)
 
 
-def _plain(pad_token_id: int, cutoff_len: int) -> Collator:
-    return Collator(pad_token_id)
+def _plain(pad_token_id: int, cutoff_len: int, separate: bool, padding_free: bool) -> Collator:
+    return Collator(pad_token_id, separate, padding_free)
 
 
-def _pairs(pad_token_id: int, cutoff_len: int) -> PairwiseCollator:
-    return PairwiseCollator(pad_token_id)
+def _pairs(pad_token_id: int, cutoff_len: int, separate: bool, padding_free: bool) -> PairwiseCollator:
+    return PairwiseCollator(pad_token_id, padding_free)  # packed pairs are always kept apart
+
+
+def _feedback(pad_token_id: int, cutoff_len: int, separate: bool, padding_free: bool) -> FeedbackCollator:
+    return FeedbackCollator(pad_token_id, cutoff_len, padding_free)
 
 
 TEXT = DataKind("text", encode=None, pack=None, collator=_plain, packs=True)
@@ -51,7 +56,7 @@ SUPERVISED = DataKind("supervised", encode=encode_supervised_records, pack=pack_
 PAIRWISE = DataKind(
     "pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True, sequences=2
 )
-FEEDBACK = DataKind("feedback", encode=encode_feedback_records, pack=None, collator=FeedbackCollator, packs=False)
+FEEDBACK = DataKind("feedback", encode=encode_feedback_records, pack=None, collator=_feedback, packs=False)
 
 
 def row_layout(kind_or_columns) -> str:

@@ -54,10 +54,15 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype:
 
 
 def attn_implementation(flash_attn: str) -> str | None:
+    """transformers' attn_implementation for `flash_attn` (auto is resolved by the plan before loading)."""
     if flash_attn == "fa2":
         if importlib.util.find_spec("flash_attn") is None:
             raise UserError("flash_attn: fa2 needs the flash-attn package (pip install flash-attn); use sdpa or auto")
         return "flash_attention_2"
+    if flash_attn == "varlen":
+        from lf_dist.kernels.attention import register
+
+        return register()
     return {"auto": None, "disabled": "eager", "sdpa": "sdpa"}[flash_attn]
 
 
@@ -120,6 +125,10 @@ def load_model(
             kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
         model = auto.from_pretrained(path, cache_dir=m.cache_dir, **head_config, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
+    if m.enable_liger_kernel and not meta:  # the plan turns it on only with CUDA and a supported family
+        from lf_dist.kernels import liger
+
+        liger.apply(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
         logger.info(f"resizing token embeddings {vocab} -> {len(tokenizer)} for added special tokens")

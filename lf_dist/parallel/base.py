@@ -17,6 +17,26 @@ def quantized_params(model) -> set:
     return {p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
 
 
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder blocks (the model's `_no_split_modules` classes), through DDP / DeepSpeed / peft wrappers."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    hf = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    names = set(getattr(hf, "_no_split_modules", None) or [])
+    layers = [m for m in inner.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UserError("cannot find the decoder layers of this model (it names no _no_split_modules)")
+    return layers
+
+
+def compile_blocks(model) -> None:
+    """`torch_compile`: compile each decoder block in place, once the strategy has wrapped the model (blocks,
+    as torchtitan does: the same code for every layer, so one compilation serves them all)."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)  # padding-free and packed rows change length every step
+
+
 def add_metrics(into: dict, metrics: dict) -> None:
     """Sum a micro-batch's (sum, count) metric pairs into `into`."""
     for key, value in metrics.items():

@@ -22,16 +22,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from lf_dist.errors import UserError
-from lf_dist.parallel.base import quantized_params
+from lf_dist.parallel.base import decoder_layers, quantized_params
 from lf_dist.parallel.distributed import DistributedStrategy
-
-
-def decoder_layers(model) -> list[torch.nn.Module]:
-    names = set(getattr(_hf_model(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise UserError("strategy fsdp2: cannot find the decoder layers of this model (no _no_split_modules)")
-    return layers
 
 
 def _hf_model(model):

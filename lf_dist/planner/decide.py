@@ -12,6 +12,7 @@ from pathlib import Path
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.launch_env import force_torchrun, int_env, use_ray
+from lf_dist.planner import kernels as kernel_choice
 from lf_dist.planner.memory import Setup, estimate
 from lf_dist.planner.model_size import ModelSize, measure, read_model_config, trainable_params
 from lf_dist.planner.profiles import HardwareProfile
@@ -44,6 +45,13 @@ class Plan:
     suggestion: str | None = None
     checkpoint_dir: str | None = None  # where checkpoint-N/ go (output_dir unless Ray storage says otherwise)
     layout: dict = field(default_factory=dict)  # Ray: workers, resources per worker, placement
+    # kernels (planner/kernels.py): a flash_attn value, padding-free batches, chunked | liger | none, ...
+    attention: str = "auto"
+    padding_free: bool = False
+    cross_entropy: str = "chunked"
+    liger: bool = False
+    torch_compile: bool = False
+    optim: str = "adamw_torch"
 
     @property
     def expected_peak_gib(self) -> float:
@@ -71,7 +79,10 @@ class Plan:
             f"plan: {self.method()} · {self.strategy} · {self.launcher} ×{self.world_size} · checkpointing "
             f"{'on' if self.gradient_checkpointing else 'off'} · {self.per_gpu_memory_gib:.2f} of "
             f"{self.gpu_memory_gib:.2f} GiB per {'GPU' if self.device == 'cuda' else 'process'} ({fit}; "
-            f"max cutoff_len {self.max_cutoff_len})"
+            f"max cutoff_len {self.max_cutoff_len}) · attention {self.attention} · "
+            f"{'padding-free' if self.padding_free else 'packed' if self.packing else 'padded'} batches · "
+            f"{self.cross_entropy} cross-entropy{' · liger' if self.liger else ''}"
+            f"{' · compiled' if self.torch_compile else ''}"
         )
 
     def apply(self, cfg: RunConfig) -> RunConfig:
@@ -80,6 +91,10 @@ class Plan:
         cfg.model.quantization_bit = self.quantization_bit
         cfg.finetuning.disable_gradient_checkpointing = not self.gradient_checkpointing
         cfg.train.strategy = self.strategy
+        cfg.model.flash_attn = self.attention
+        cfg.data.padding_free = self.padding_free
+        cfg.model.enable_liger_kernel = self.liger
+        cfg.train.optim = self.optim
         return cfg
 
 
@@ -159,6 +174,7 @@ class _Planner:
         # a CPU machine's RAM is shared by the processes on it
         self.capacity = hw.gpu_memory_gib if hw.on_gpu else hw.gpu_memory_gib / max(self.per_node, 1)
         self.strategy, self.strategy_reason = _strategy(cfg, self.world)
+        self.kernels = kernel_choice.choose(cfg, hw, self.config, stage, self.strategy)
         self.zero_stage, ds_offload = _ds_setup(cfg)
         self.offload = ds_offload or (self.strategy == "fsdp2" and cfg.train.fsdp_cpu_offload)
         self._trainable: dict[str, int] = {}
@@ -169,7 +185,7 @@ class _Planner:
         return self._trainable[method]
 
     def setup(self, method: str, bits: int | None, checkpointing: bool, cutoff: int, batch: int) -> Setup:
-        t, d = self.cfg.train, self.cfg.data
+        t = self.cfg.train
         as_run = copy.copy(self.cfg.finetuning)
         as_run.finetuning_type = method
         frozen = self.stage.frozen(_with_finetuning(self.cfg, as_run))
@@ -192,12 +208,23 @@ class _Planner:
             optimizer_bytes=2 if "8bit" in t.optim else 8,
             seq_len=cutoff,
             rows=rows,
-            attention_mask=not (self.stage.data.encode is None and d.packing),
+            attention_mask=self._builds_mask(),
+            chunked_logits=self.kernels.cross_entropy != "none",
             on_cpu=not self.hw.on_gpu,
             graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
             accumulation=t.gradient_accumulation_steps,
             logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
         )
+
+    def _builds_mask(self) -> bool:
+        """Whether attention gets a 4-D mask: eager always; otherwise only rows whose examples are kept apart
+        (neat packing, packed pairs, padding-free) without a separating kernel (`model_inputs`)."""
+        k, d = self.kernels, self.cfg.data
+        if k.attention == "disabled":
+            return True
+        packed = bool(d.packing) and self.stage.data.packs
+        separated = k.padding_free or (packed and (d.neat_packing or self.stage.data.sequences > 1))
+        return separated and k.attention not in kernel_choice.SEPARATING
 
     def memory(self, method, bits, checkpointing, cutoff=None, batch=None) -> dict:
         cutoff = cutoff or self.cfg.data.cutoff_len
@@ -278,6 +305,7 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
         reasons.append("freeze is kept as the config says: the fallback walks full → lora → qlora only")
     max_cutoff = p.max_cutoff(method, bits, gc if gc_given else True)
     reasons.append(f"packing {'on' if cfg.data.packing else 'off'}; longest cutoff_len that fits: {max_cutoff}")
+    reasons += p.kernels.reasons
     layout, checkpoint_dir = {}, None
     if wants_ray(cfg):
         la = cfg.launch
@@ -319,6 +347,12 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
         reasons=reasons,
         checkpoint_dir=checkpoint_dir,
         layout=layout,
+        attention=p.kernels.attention,
+        padding_free=p.kernels.padding_free,
+        cross_entropy=p.kernels.cross_entropy,
+        liger=p.kernels.liger,
+        torch_compile=p.kernels.torch_compile,
+        optim=p.kernels.optim,
     )
     if not fits:
         plan.suggestion = _suggest(p, cfg, method, bits, gc_given, max_cutoff)

@@ -11,8 +11,9 @@ What each term counts follows what lf-dist builds (not a generic textbook model)
 - AdamW keeps two fp32 moments per trainable parameter (8-bit AdamW: two bytes);
 - activations per token and layer are what autograd saves for a Llama-style layer (measured, see
   `activation_bytes_per_token`); with checkpointing each layer's input is kept and one layer recomputed;
-- logits exist only at label positions (`token_logps`): every token is counted (an upper bound; prompts have
-  none), with cross-entropy's saved log-softmax and its gradient;
+- logits exist only at label positions (`token_logps`), one chunk of tokens at a time (`chunked_logits`,
+  `kernels/cross_entropy.py`: ~128 MiB of fp32 logits, plus d logp / d hidden per token); without chunks every
+  token is counted (an upper bound; prompts have none), with cross-entropy's saved log-softmax and gradient;
 - a frozen reference model is loaded like the policy; its forward without gradients adds its own logits;
 - on a CPU the process's RSS is the measure, and glibc's allocator keeps the blocks a step freed
   (`cpu_allocator_slack`).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lf_dist.kernels.cross_entropy import chunk_size
 from lf_dist.planner.model_size import ModelSize
 
 GIB = 2**30
@@ -50,6 +52,7 @@ class Setup:
     graph_layers: int | None = None  # decoder layers autograd records (freeze: from the first trainable one)
     accumulation: int = 1  # micro-batches per optimizer step
     logit_width: int = 0  # outputs per token: the vocabulary for a language-model head, 1 for a score head
+    chunked_logits: bool = False  # the chunked linear cross-entropy: logits exist one chunk at a time
 
 
 def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
@@ -83,6 +86,15 @@ def logit_bytes(c: int) -> int:
     """Per (token, vocabulary entry) at the peak: the output layer's logits and, in bf16, their fp32 copy, then
     cross-entropy's saved log-softmax and its gradient."""
     return c + 8 if c < 4 else 8
+
+
+def _logits(size: ModelSize, s: Setup) -> float:
+    if not s.chunked_logits:
+        return s.tokens * s.logit_width * logit_bytes(c=s.compute_bytes)
+    # one chunk: the matmul's output, its fp32 copy in bf16 and the gradient cast back; d logp / d hidden kept
+    c = s.compute_bytes
+    chunk = min(s.tokens, chunk_size(s.logit_width)) * s.logit_width * (4 if c == 4 else 2 * c + 4)
+    return chunk + s.tokens * size.hidden_size * c
 
 
 def cpu_allocator_slack(transient: float, optimizer: float, s: Setup) -> float:
@@ -131,7 +143,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
         terms["reference_model"] = s.frozen_copies * size.num_params * ref_bytes / (s.dp if sharded else 1)
     # -- what one step allocates and frees ------------------------------------------------------------------
     layers = size.num_layers if s.graph_layers is None else s.graph_layers
-    logits = s.tokens * s.logit_width * logit_bytes(c)
+    logits = _logits(size, s)
     if s.checkpointing:  # layer inputs kept; one layer is recomputed at a time, after the logits are freed
         kept, recomputed = s.tokens * layers * checkpoint_bytes(size, s), s.tokens * layer_activation_bytes(size, s)
         activations = kept + max(0.0, recomputed - logits)
@@ -142,7 +154,8 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
         dynamic["attention_mask"] = s.rows * s.seq_len**2 * c
     dynamic["logits"] = logits
     if s.frozen_forward:  # a reference's logits and fp32 copy, while the policy's saved activations are alive
-        dynamic["reference_logits"] = s.tokens * s.logit_width * (c + (4 if c < 4 else 0))
+        ref_tokens = min(s.tokens, chunk_size(s.logit_width)) if s.chunked_logits else s.tokens
+        dynamic["reference_logits"] = ref_tokens * s.logit_width * (c + (4 if c < 4 else 0))
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
         dynamic["dequantized_linear"] = size.largest_linear_params * c
     # Gradients grow as the backward frees activations, and the step frees them again: with one micro-batch per

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lf_dist.launch_env import restart_count
-from lf_dist.parallel.base import add_metrics
+from lf_dist.parallel.base import add_metrics, compile_blocks
 from lf_dist.train import checkpoint as ckpt
 from lf_dist.train.optim import build_optimizer, build_scheduler
 from lf_dist.train.schedule import StepSchedule, resolve_steps
@@ -38,12 +38,15 @@ class Trainer:
     ):
         self.cfg, self.t = cfg, cfg.train
         self.strategy, self.stage, self.loss, self.tokenizer = strategy, stage, loss, tokenizer
-        self.collator = stage.data.make_collator(tokenizer, cfg.data.cutoff_len)
+        d = cfg.data
+        self.collator = stage.data.make_collator(tokenizer, d.cutoff_len, d.neat_packing, bool(d.padding_free))
         self.train_ds, self.eval_ds = datasets.train, datasets.eval
         self.output_dir = Path(self.t.output_dir)
         self.checkpoint_dir = Path(checkpoint_dir or self.output_dir)
         self.planned_peak_gb, self.report = planned_peak_gb, report
         self.model, self.optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg))
+        if self.t.torch_compile:
+            compile_blocks(self.model)
         self.memory_after_setup_gb = round(strategy.memory_allocated() / 2**30, 3)  # weights, before any step
         self.schedule = StepSchedule(
             len(self.train_ds),

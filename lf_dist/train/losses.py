@@ -16,15 +16,31 @@ from lf_dist.data.tokenize import IGNORE_INDEX
 from lf_dist.train.token_logps import label_logps, sequence_logps
 
 
-def model_inputs(batch: dict, neat_packing: bool) -> dict:
-    """What the model sees. Neat-packed rows go without an attention mask: transformers then builds a
-    block-diagonal mask from the restarting position_ids (varlen kernels with flash-attention)."""
-    keys = (
-        ("input_ids", "position_ids")
-        if neat_packing and "position_ids" in batch
-        else ("input_ids", "attention_mask", "position_ids")
-    )
-    return {k: batch[k] for k in keys if k in batch}
+def model_inputs(batch: dict) -> dict:
+    """What the model sees, by the batch's layout (`data/collator.py`):
+
+    - examples kept apart (`cu_seq_lens`): no mask, restarting positions and the segment boundaries, which
+      varlen attention (and flash-attention) reads; sdpa and eager build a block-diagonal mask from the
+      positions instead;
+    - packed rows whose examples see each other (LLaMA-Factory's plain `packing`): restarting positions and
+      an all-ones mask, so attention is plain causal (no 4-D mask is built);
+    - right-padded rows: the ids alone. Causal attention never lets a real token see the padding after it,
+      so the padding mask changes nothing the loss reads and would only cost a 4-D mask.
+    """
+    if "cu_seq_lens" in batch:
+        cu, longest = batch["cu_seq_lens"], int(batch["max_seq_len"])
+        return {
+            "input_ids": batch["input_ids"],
+            "position_ids": batch["position_ids"],
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+    if "position_ids" in batch:
+        ids = batch["input_ids"]
+        return {"input_ids": ids, "position_ids": batch["position_ids"], "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": batch["input_ids"]}
 
 
 def metric(total: torch.Tensor, count) -> torch.Tensor:
@@ -90,13 +106,10 @@ def _adapters_off(inner, policy):
 class CausalLMLoss(StageLoss):
     """pt and sft: next-token cross-entropy on the label tokens."""
 
-    def __init__(self, neat_packing: bool = False):
-        self.neat_packing = neat_packing
-
     @staticmethod
     def num_units(batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        token_logps, _ = label_logps(model, model_inputs(batch, self.neat_packing), batch["labels"])
+        token_logps, _ = label_logps(model, model_inputs(batch), batch["labels"])
         return -token_logps.sum(), {}

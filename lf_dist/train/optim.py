@@ -23,7 +23,9 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
 
         cls = bnb.optim.PagedAdamW8bit if t.optim.startswith("paged") else bnb.optim.AdamW8bit
         return cls(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    # fused: one kernel over all parameters (CPU and CUDA, DTensor shards too); else the multi-tensor path
+    fused = t.optim == "adamw_torch_fused"
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {"foreach": True}))
 
 
 def warmup_steps(cfg, total_steps: int) -> int:

@@ -52,7 +52,7 @@ class DPOLoss(PairwiseLoss):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         n = batch["ends"].numel()
-        inputs = model_inputs(batch, neat_packing=True)
+        inputs = model_inputs(batch)
         logps, lens = sequence_logps(model, inputs, batch["labels"], batch["seq_ids"], n)
         chosen, rejected = logps.chunk(2)
         chosen_len, rejected_len = lens.chunk(2)
@@ -98,15 +98,15 @@ class KTOLoss(StageLoss):
 
     @staticmethod
     def num_units(batch: dict) -> int:
-        return batch["input_ids"].size(0)
+        return batch["ends"].numel()  # examples, whether padded rows or end to end in one row
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        n, tags = batch["input_ids"].size(0), batch["kto_tags"]
+        n, tags = batch["ends"].numel(), batch["kto_tags"]
         kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
-        kl_inputs = model_inputs(kl_batch, neat_packing=True)
+        kl_inputs = model_inputs(kl_batch)
         with torch.no_grad():
             kl_logps = sequence_logps(model, kl_inputs, kl_batch["labels"], kl_batch["seq_ids"], n)[0]
-        inputs = model_inputs(batch, neat_packing=True)
+        inputs = model_inputs(batch)
         logps, lens = sequence_logps(model, inputs, batch["labels"], batch["seq_ids"], n)
         ref_logps = self.reference.logps(model, inputs, batch["labels"], batch["seq_ids"], n)
         ref_kl = self.reference.logps(model, kl_inputs, kl_batch["labels"], kl_batch["seq_ids"], n)
@@ -156,7 +156,7 @@ class RewardLoss(PairwiseLoss):
         captured = []
         handle = self._score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
         try:
-            model(**model_inputs(batch, neat_packing=True), use_cache=False)
+            model(**model_inputs(batch), use_cache=False)
         finally:
             handle.remove()
         return captured[-1].squeeze(-1).reshape(-1)[batch["ends"]]

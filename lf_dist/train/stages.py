@@ -73,13 +73,13 @@ STAGES = {
     spec.name: spec
     for spec in (
         StageSpec(
-            "pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(cfg.data.neat_packing), packing_default=True
+            "pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(), packing_default=True
         ),
         StageSpec(
             "sft",
             SUPERVISED,
             CAUSAL_LM,
-            lambda cfg, frozen: CausalLMLoss(cfg.data.neat_packing),
+            lambda cfg, frozen: CausalLMLoss(),
             neat_packing=True,
             prompt_masking=True,
         ),

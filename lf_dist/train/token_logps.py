@@ -1,32 +1,37 @@
 """Token log-probs at the label positions: the one place where hidden states meet the output layer.
 
 Every stage takes its log-probs, and so its token losses, from `label_logps`. The model's output layer is
-handed only the hidden states of the positions that have a label (a forward pre-hook on it picks them), so
-prompt and padding positions cost no logits, and the layer still runs inside the model's own forward, where
-FSDP2 and DeepSpeed ZeRO-3 have its weight gathered. A chunked, fused (Liger) or vocab-parallel
-cross-entropy plugs in here and nowhere else.
+handed only the hidden states of the positions that have a label (its forward is wrapped once), so prompt and
+padding positions cost no logits, and the layer still runs inside the model's own forward, where FSDP2 and
+DeepSpeed ZeRO-3 have its weight gathered. A plain linear output layer then goes through a chunked linear
+cross-entropy (`kernels/cross_entropy.py`), or Liger's fused one when the model was patched with Liger
+(`kernels/liger.py`): no [tokens × vocabulary] logits exist at any time. Any other output layer (adapters on
+it, quantized) computes the picked positions' logits, and cross-entropy follows.
 """
 
 from __future__ import annotations
 
 import contextvars
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lf_dist.data.tokenize import IGNORE_INDEX
+from lf_dist.kernels.cross_entropy import linear_logps
+from lf_dist.log import get_logger
 
-# Flat indices (row * seq_len + position) of the hidden states the output layer should see in this forward.
-_POSITIONS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("lf_dist_positions", default=None)
+logger = get_logger(__name__)
 
 
-def _pick_positions(module, args):
-    index = _POSITIONS.get()
-    if index is None:  # an ordinary forward (generation, export checks): all positions
-        return None
-    hidden = args[0]
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index).unsqueeze(0)
-    return (picked, *args[1:])
+@dataclass
+class _Request:
+    index: torch.Tensor  # flat indices (row * seq_len + position) of the hidden states to score
+    targets: torch.Tensor  # the label of each
+    result: torch.Tensor | None = None  # log-probs, when the output layer computed them itself
+
+
+_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("lf_dist_request", default=None)
 
 
 def output_layer(model) -> torch.nn.Module:
@@ -40,11 +45,33 @@ def output_layer(model) -> torch.nn.Module:
     return layer
 
 
-def _ensure_hook(model) -> None:
-    layer = output_layer(model)
-    if not getattr(layer, "_lf_dist_picks_positions", False):
-        layer.register_forward_pre_hook(_pick_positions)
-        layer._lf_dist_picks_positions = True
+def _fused_logps(layer):
+    """The log-prob function of a plain linear output layer: Liger's where the model was patched, else ours."""
+    if getattr(layer, "lf_dist_liger", False):
+        from lf_dist.kernels.liger import linear_logps as liger_logps
+
+        return liger_logps
+    return linear_logps
+
+
+def _wrap(layer: torch.nn.Module) -> None:
+    if getattr(layer, "_lf_dist_wrapped", False):
+        return
+    original = layer.forward
+    layer._lf_dist_fused = type(layer) is torch.nn.Linear  # adapters or quantization on it: logits, then CE
+
+    def forward(hidden, *args, **kwargs):
+        request = _REQUEST.get()
+        if request is None:  # an ordinary forward (generation, export checks): all positions
+            return original(hidden, *args, **kwargs)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, request.index)
+        if layer._lf_dist_fused and not args and not kwargs:
+            request.result = _fused_logps(layer)(picked, layer.weight, layer.bias, request.targets)
+            return request.result[None, :, None]  # shaped like logits, so the model's forward passes it on
+        return original(picked[None], *args, **kwargs)
+
+    layer.forward = forward
+    layer._lf_dist_wrapped = True
 
 
 def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | None = None):
@@ -55,17 +82,28 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | 
     """
     if mask is None:
         mask = labels[:, 1:] != IGNORE_INDEX
-    _ensure_hook(model)
+    layer = output_layer(model)
+    _wrap(layer)
     index = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(-1)
-    token = _POSITIONS.set(index)
+    targets = labels[:, 1:][mask]
+    request = _Request(index, targets)
+    token = _REQUEST.set(request)
     try:
         logits = model(**inputs, use_cache=False).logits
     finally:
-        _POSITIONS.reset(token)
+        _REQUEST.reset(token)
+    if request.result is not None:
+        if logits.data_ptr() == request.result.data_ptr() and logits.numel() == targets.numel():
+            return request.result, mask
+        # The model changed what its output layer returned (logit soft-capping or scaling): from now on the
+        # layer gives logits and the model's own post-processing applies.
+        logger.warning(f"{type(model).__name__} post-processes its logits: cross-entropy is not fused for it")
+        layer._lf_dist_fused = False
+        return label_logps(model, inputs, labels, mask)
     if logits.shape[:2] != (1, index.numel()):  # a model that computes logits outside its output layer
         logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index).unsqueeze(0)
     # cross_entropy fuses log-softmax and the pick (forward and backward): cheaper than gather - logsumexp
-    return -F.cross_entropy(logits[0].float(), labels[:, 1:][mask], reduction="none"), mask
+    return -F.cross_entropy(logits[0].float(), targets, reduction="none"), mask
 
 
 def sequence_logps(model, inputs: dict, labels: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):

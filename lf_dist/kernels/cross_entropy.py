@@ -1,0 +1,87 @@
+"""Chunked linear cross-entropy: log p(target | hidden) through the output layer without [tokens × vocab] logits.
+
+`linear_logps(hidden [N, H], weight [V, H], bias, targets [N])` gives the fp32 log-probs of the targets. The
+logits exist one chunk of tokens at a time (about 128 MiB of fp32 logits); the forward also keeps d logp / d
+hidden ([N, H], the one thing the backward needs when the output layer is frozen, as under LoRA), and the
+backward recomputes a chunk's softmax only when the weight (or bias) itself is trained. Precision follows the
+plain path: the matmuls run in the weight's dtype, softmax and log-probs in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB)
+
+
+def chunk_size(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _chunk_logits(hidden, weight, bias) -> torch.Tensor:
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())  # as F.linear
+    return logits.float()
+
+
+def _softmax_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d logp(target) / d logits = onehot(target) − softmax, in place of `logits`."""
+    grad = logits.sub_(lse[:, None]).exp_().neg_()
+    grad[torch.arange(targets.numel(), device=grad.device), targets] += 1.0
+    return grad
+
+
+@torch.no_grad()
+def _forward(hidden, weight, bias, targets, keep_grad: bool):
+    n, step = hidden.shape[0], chunk_size(weight.shape[0])
+    logps = torch.empty(n, device=hidden.device, dtype=torch.float32)
+    lse_all = torch.empty_like(logps)
+    d_hidden = torch.empty_like(hidden) if keep_grad else None
+    for s in range(0, n, step):
+        h, y = hidden[s : s + step], targets[s : s + step]
+        logits = _chunk_logits(h, weight, bias)
+        lse = torch.logsumexp(logits, dim=-1)
+        logps[s : s + step] = logits.gather(1, y[:, None]).squeeze(1) - lse
+        lse_all[s : s + step] = lse
+        if keep_grad:
+            d_hidden[s : s + step] = _softmax_grad(logits, lse, y).to(weight.dtype) @ weight
+    return logps, lse_all, d_hidden
+
+
+class _LinearLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        need_hidden = ctx.needs_input_grad[0]
+        logps, lse, d_hidden = _forward(hidden, weight, bias, targets, keep_grad=need_hidden)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, d_hidden)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, lse, d_hidden = ctx.saved_tensors
+        _, need_weight, need_bias, _ = ctx.needs_input_grad
+        grad_hidden = (d_hidden * grad_logps[:, None].to(d_hidden.dtype)) if d_hidden is not None else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_bias else None
+        if need_weight or need_bias:
+            step = chunk_size(weight.shape[0])
+            for s in range(0, hidden.shape[0], step):
+                h, y = hidden[s : s + step], targets[s : s + step]
+                grad = _softmax_grad(_chunk_logits(h, weight, bias), lse[s : s + step], y)
+                grad.mul_(grad_logps[s : s + step, None])
+                if need_weight:  # accumulated in fp32 across chunks
+                    grad_weight += (grad.t().to(weight.dtype) @ h).float()
+                if need_bias:
+                    grad_bias += grad.sum(0)
+        return (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+            None,
+        )
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor):
+    """fp32 log-probs [N] of `targets` under softmax(hidden @ weight.T + bias), chunked (see the module doc)."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _forward(hidden, weight, bias, targets, keep_grad=False)[0]
+    return _LinearLogps.apply(hidden, weight, bias, targets)

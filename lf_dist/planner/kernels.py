@@ -1,0 +1,98 @@
+"""The plan's kernel choices: attention, padding-free batches, cross-entropy, Liger, compile, the optimizer.
+
+Each choice comes with its reason; a key the user set is kept as set. What each kernel does lives in
+`lf_dist/kernels/`; here is only when it applies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from lf_dist.config import RunConfig
+from lf_dist.kernels import liger
+from lf_dist.planner.profiles import HardwareProfile
+
+SEPARATING = ("varlen", "fa2")  # attention that keeps the examples of a row apart without a mask
+TORCH_ADAMW = ("adamw_torch", "adamw_hf", "adamw_torch_fused")
+
+
+@dataclass
+class Kernels:
+    attention: str = "auto"  # a flash_attn value; auto: transformers' default for the model
+    padding_free: bool = False
+    cross_entropy: str = "chunked"  # chunked | liger | none (a score head)
+    liger: bool = False
+    torch_compile: bool = False
+    optim: str = "adamw_torch"
+    reasons: list = field(default_factory=list)
+
+
+def _attention(cfg: RunConfig, hw: HardwareProfile, model_config) -> tuple[str, str]:
+    if cfg.model.flash_attn != "auto":
+        return cfg.model.flash_attn, f"attention {cfg.model.flash_attn}: as the config says"
+    softcap = getattr(model_config, "attn_logit_softcapping", None)
+    if softcap or getattr(model_config, "model_type", "") == "gpt_oss":
+        return "auto", "attention: transformers' default (the model's soft-capping or sinks need its own kernel)"
+    if hw.on_gpu and importlib.util.find_spec("flash_attn") is not None:
+        return "fa2", "attention fa2: flash-attn is installed (varlen over the examples of a row)"
+    where = "torch's varlen kernel" if hw.on_gpu else "one causal sdpa call per example"
+    return "varlen", f"attention varlen: {where}, no mask for rows that hold several examples"
+
+
+def _padding_free(cfg: RunConfig, attention: str, packs: bool) -> tuple[bool, str]:
+    d = cfg.data
+    if d.padding_free is not None:
+        return d.padding_free, f"padding-free batches {'on' if d.padding_free else 'off'}: as the config says"
+    if d.packing and packs:
+        return False, "padding-free batches off: rows are packed already"
+    if attention not in SEPARATING:
+        return False, f"padding-free batches off: attention {attention} would need a block mask to separate them"
+    return True, "padding-free batches: the examples of a micro-batch end to end in one row, no padding"
+
+
+def _liger(cfg: RunConfig, hw: HardwareProfile, model_type: str) -> tuple[bool, str | None]:
+    asked = cfg.model.enable_liger_kernel
+    if asked is False:
+        return False, "liger off: as the config says"
+    found = liger.version()
+    why_not = None
+    if not hw.on_gpu:
+        why_not = "no CUDA (Triton kernels); the chunked cross-entropy and torch kernels run instead"
+    elif not liger.usable_version(found):
+        why_not = f"liger-kernel>=0.8.2 is not installed (found {found or 'none'}); pip install lf-dist[liger]"
+    elif not liger.supports(model_type):
+        why_not = f"no Liger patches for {model_type} (has: {', '.join(liger.FAMILIES)})"
+    if why_not:
+        return False, (f"liger off: {why_not}" if asked or hw.on_gpu else None)
+    return True, f"liger on: RMSNorm, RoPE, SwiGLU and fused linear cross-entropy for {model_type}" + (
+        "" if asked else " (the default on CUDA)"
+    )
+
+
+def choose(cfg: RunConfig, hw: HardwareProfile, model_config, stage, strategy: str) -> Kernels:
+    """The kernels of this run (`strategy` as the plan chose it)."""
+    k = Kernels()
+    k.attention, why = _attention(cfg, hw, model_config)
+    k.reasons.append(why)
+    k.padding_free, why = _padding_free(cfg, k.attention, stage.data.packs)
+    k.reasons.append(why)
+    k.liger, why = _liger(cfg, hw, getattr(model_config, "model_type", ""))
+    if why:
+        k.reasons.append(why)
+    if not stage.head.scores_vocabulary:
+        k.cross_entropy = "none"
+    else:
+        k.cross_entropy = "liger" if k.liger else "chunked"
+        k.reasons.append(
+            f"cross-entropy {k.cross_entropy}: label positions only, no [tokens × vocabulary] logits"
+            + ("" if k.liger else " (chunks of ~128 MiB of logits)")
+        )
+    k.torch_compile = cfg.train.torch_compile
+    if k.torch_compile:
+        k.reasons.append("torch.compile: each decoder block, after parallelism is applied")
+    k.optim = cfg.train.optim
+    if cfg.train.optim in TORCH_ADAMW and strategy != "deepspeed":
+        k.optim = "adamw_torch_fused"
+        k.reasons.append("optimizer: torch's fused AdamW (one kernel over all parameters)")
+    return k
