@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lf_dist.data import Collator, build_datasets
 from lf_dist.data.packing import best_fit_decreasing
-from lf_dist.kernels.attention import register as register_varlen
 from lf_dist.data.templates import fix_tokenizer, get_template
+from lf_dist.kernels.attention import register as register_varlen
 from lf_dist.train.stages import build_loss
 from lf_dist.worker import run
 

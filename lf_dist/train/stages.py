@@ -72,9 +72,7 @@ def _kto(cfg: RunConfig, frozen: dict) -> KTOLoss:
 STAGES = {
     spec.name: spec
     for spec in (
-        StageSpec(
-            "pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(), packing_default=True
-        ),
+        StageSpec("pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(), packing_default=True),
         StageSpec(
             "sft",
             SUPERVISED,
