@@ -1,5 +1,3 @@
-import sys
+from lf_dist.cli import entry
 
-from lf_dist.cli import main
-
-sys.exit(main())
+entry()

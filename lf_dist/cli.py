@@ -85,6 +85,10 @@ def _train(args) -> int:
     from lf_dist.train.stages import get_stage
 
     cfg = load_config(args.config, args.overrides)
+    if _CONSOLE and not cfg.model.quantization_bit and "8bit" not in cfg.train.optim:
+        # Nothing of bitsandbytes runs: keep peft and transformers from importing it (and torch's compiler
+        # with it), ~1.5 s of start-up. Only in the console process, which runs this one config.
+        sys.modules.setdefault("bitsandbytes", None)
     if cfg.ignored:
         get_logger().info("notice: these keys have no effect in lf-dist: " + ", ".join(sorted(cfg.ignored)))
     plan = make_plan(cfg, detect(), get_stage(cfg.finetuning.stage))
@@ -107,5 +111,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+_CONSOLE = False  # set by `entry`: this process runs one command and ends
+
+
+def entry() -> None:
+    """The `lf-dist` console script. Once the command is done and every stream flushed, the process ends without
+    the interpreter tearing down its thousands of modules (torch, transformers: ~2 s); exit handlers still run."""
+    import atexit
+    import logging
+
+    global _CONSOLE
+    _CONSOLE = True
+    code = main()
+    atexit._run_exitfuncs()  # trackers, temporary files: what a normal exit would run
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

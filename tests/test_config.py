@@ -188,3 +188,25 @@ def test_unchanged_llamafactory_config_loads_and_trains(tmp_path, capsys):
 def test_report_to_a_tracker_is_named_as_without_effect():
     assert "report_to" in load_config(None, MIN + ["report_to=wandb"]).ignored
     assert "report_to" not in load_config(None, MIN + ["report_to=none"]).ignored
+
+
+def test_the_written_out_training_arguments_cover_the_installed_transformers():
+    from lf_dist.config.known_keys import HF_TRAINING_ARGS, installed_hf_training_args
+
+    missing = installed_hf_training_args() - HF_TRAINING_ARGS
+    assert not missing, f"add to _HF5_TRAINING_ARGS in lf_dist/config/known_keys.py: {sorted(missing)}"
+
+
+def test_reading_a_config_imports_no_trainer_stack():
+    """Start-up: `lf-dist train` reads and checks its config before any heavy library loads."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from lf_dist.configure import load_config; "
+        f"load_config(None, {MIN!r} + ['logging_dir=x']); "
+        "heavy = [m for m in ('transformers.training_args', 'peft', 'bitsandbytes', 'deepspeed') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr[-1000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from lf_dist.config.known_keys import ALWAYS_ON, HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT
+from lf_dist.config.known_keys import ALWAYS_ON, HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT, is_hf_training_arg
 from lf_dist.config.schema import ALIASES, SECTIONS, RunConfig, key_owner
 from lf_dist.config.validate import validate
 from lf_dist.errors import UserError
@@ -110,7 +110,7 @@ def build_config(raw: dict, source: str | None = None) -> RunConfig:
             raise UserError(
                 f"'{key}' is a LLaMA-Factory option that lf-dist does not implement; remove it to continue"
             )
-        elif key in HF_TRAINING_ARGS:
+        elif is_hf_training_arg(key):
             cfg.ignored[key] = value
         else:
             candidates = sorted(set(owners) | set(LF_KEYS) | set(HF_TRAINING_ARGS))
