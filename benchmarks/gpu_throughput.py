@@ -188,8 +188,8 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     peaks = (measured_peak(device), datasheet_peak(device))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(json.dumps({"bench": "gpu_throughput", "device": name, "torch": torch.__version__,
-                      "measured_bf16_flops": round(peaks[0]), "datasheet_bf16_flops": peaks[1]}), flush=True)  # fmt: skip
+    head = {"bench": "gpu_throughput", "device": name, "torch": torch.__version__}
+    print(json.dumps({**head, "measured_bf16_flops": round(peaks[0]), "datasheet_bf16_flops": peaks[1]}), flush=True)
     for model in args.models.split(","):
         for variant in args.variants.split(","):
             if variant == "+liger" and device.type != "cuda":

@@ -205,8 +205,8 @@ def test_reading_a_config_imports_no_trainer_stack():
     probe = (
         "import sys; from lf_dist.configure import load_config; "
         f"load_config(None, {MIN!r} + ['logging_dir=x']); "
-        "heavy = [m for m in ('transformers.training_args', 'peft', 'bitsandbytes', 'deepspeed') if m in sys.modules]; "
-        "print(heavy)"
+        "heavy = ('transformers.training_args', 'peft', 'bitsandbytes', 'deepspeed'); "
+        "print([m for m in heavy if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, encoding="utf-8", check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr[-1000:]
