@@ -1,8 +1,8 @@
 """Chunked linear cross-entropy: log p(target | hidden) through the output layer without [tokens × vocab] logits.
 
 `linear_logps(hidden [N, H], weight [V, H], bias, targets [N])` gives the fp32 log-probs of the targets. The
-logits exist one chunk of tokens at a time (about 128 MiB of fp32 logits); the forward also keeps d logp / d
-hidden ([N, H], the one thing the backward needs when the output layer is frozen, as under LoRA), and the
+logits exist one chunk of tokens at a time (16 MiB of fp32 logits); the forward also keeps d logp / d hidden
+([N, H], the one thing the backward needs when the output layer is frozen, as under LoRA), and the
 backward recomputes a chunk's softmax only when the weight (or bias) itself is trained. Precision follows the
 plain path: the matmuls run in the weight's dtype, softmax and log-probs in fp32.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk (128 MiB)
+# fp32 logits per chunk (16 MiB): small enough to stay in cache for the softmax passes, large enough for the
+# matmuls (256 tokens at a 16k vocabulary; measured fastest of 64-2048 tokens on the build CPU)
+CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_size(vocab: int) -> int:
@@ -42,8 +44,9 @@ def _forward(hidden, weight, bias, targets, keep_grad: bool):
         lse = torch.logsumexp(logits, dim=-1)
         logps[s : s + step] = logits.gather(1, y[:, None]).squeeze(1) - lse
         lse_all[s : s + step] = lse
-        if keep_grad:
-            d_hidden[s : s + step] = _softmax_grad(logits, lse, y).to(weight.dtype) @ weight
+        if keep_grad:  # d logp / d h = W[y] − softmax · W
+            probs = logits.sub_(lse[:, None]).exp_()
+            d_hidden[s : s + step] = weight[y] - probs.to(weight.dtype) @ weight
     return logps, lse_all, d_hidden
 
 

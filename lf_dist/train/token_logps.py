@@ -12,6 +12,7 @@ it, quantized) computes the picked positions' logits, and cross-entropy follows.
 from __future__ import annotations
 
 import contextvars
+import types
 from dataclasses import dataclass
 
 import torch
@@ -54,23 +55,25 @@ def _fused_logps(layer):
     return linear_logps
 
 
+def _forward(self, hidden, *args, **kwargs):
+    """The output layer's forward while `label_logps` asks for log-probs; its own forward otherwise."""
+    request = _REQUEST.get()
+    if request is None:  # an ordinary forward (generation, export checks): all positions
+        return self._lf_dist_inner(hidden, *args, **kwargs)
+    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, request.index)
+    if self._lf_dist_fused and not args and not kwargs:
+        request.result = _fused_logps(self)(picked, self.weight, self.bias, request.targets)
+        return request.result[None, :, None]  # shaped like logits, so the model's forward passes it on
+    return self._lf_dist_inner(picked[None], *args, **kwargs)
+
+
 def _wrap(layer: torch.nn.Module) -> None:
+    """Wrap the layer's forward once; bound methods, so a deep copy of the model wraps its own layer."""
     if getattr(layer, "_lf_dist_wrapped", False):
         return
-    original = layer.forward
+    layer._lf_dist_inner = layer.forward
     layer._lf_dist_fused = type(layer) is torch.nn.Linear  # adapters or quantization on it: logits, then CE
-
-    def forward(hidden, *args, **kwargs):
-        request = _REQUEST.get()
-        if request is None:  # an ordinary forward (generation, export checks): all positions
-            return original(hidden, *args, **kwargs)
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, request.index)
-        if layer._lf_dist_fused and not args and not kwargs:
-            request.result = _fused_logps(layer)(picked, layer.weight, layer.bias, request.targets)
-            return request.result[None, :, None]  # shaped like logits, so the model's forward passes it on
-        return original(picked[None], *args, **kwargs)
-
-    layer.forward = forward
+    layer.forward = types.MethodType(_forward, layer)
     layer._lf_dist_wrapped = True
 
 
