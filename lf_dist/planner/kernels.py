@@ -14,7 +14,6 @@ from lf_dist.kernels import liger
 from lf_dist.planner.profiles import HardwareProfile
 
 SEPARATING = ("varlen", "fa2")  # attention that keeps the examples of a row apart without a mask
-TORCH_ADAMW = ("adamw_torch", "adamw_hf", "adamw_torch_fused")
 
 
 @dataclass
@@ -92,7 +91,7 @@ def choose(cfg: RunConfig, hw: HardwareProfile, model_config, stage, strategy: s
     if k.torch_compile:
         k.reasons.append("torch.compile: each decoder block, after parallelism is applied")
     k.optim = cfg.train.optim
-    if cfg.train.optim in TORCH_ADAMW and strategy != "deepspeed":
+    if "optim" not in cfg.given and strategy != "deepspeed":
         k.optim = "adamw_torch_fused"
         k.reasons.append("optimizer: torch's fused AdamW (one kernel over all parameters)")
     return k

@@ -97,7 +97,9 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | 
         _REQUEST.reset(token)
     if request.result is not None:
         if logits.data_ptr() == request.result.data_ptr() and logits.numel() == targets.numel():
-            return request.result, mask
+            # Through the model's own output, not `request.result`: FSDP2 and ZeRO-3 hook the outputs to gather
+            # the output layer's weight again before its backward (and to reduce its gradient after).
+            return logits.reshape(-1), mask
         # The model changed what its output layer returned (logit soft-capping or scaling): from now on the
         # layer gives logits and the model's own post-processing applies.
         logger.warning(f"{type(model).__name__} post-processes its logits: cross-entropy is not fused for it")
