@@ -222,6 +222,7 @@ def test_the_plan_picks_varlen_padding_free_chunked_ce_and_fused_adamw_on_cpu_an
     assert "no padding" in _said(plan, "padding-free batches")
     assert "no [tokens × vocabulary] logits" in _said(plan, "cross-entropy chunked")
     assert not [r for r in plan.reasons if r.startswith("liger")]  # not asked for, no CUDA: nothing to say
+    assert _plan(optim="adamw_torch").optim == "adamw_torch"  # a key the user set is kept
     assert "padding-free batches" in plan.summary() and "chunked cross-entropy" in plan.summary()
 
 

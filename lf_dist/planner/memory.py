@@ -97,14 +97,17 @@ def _logits(size: ModelSize, s: Setup) -> float:
     return chunk + s.tokens * size.hidden_size * c
 
 
-def cpu_allocator_slack(transient: float, optimizer: float, s: Setup) -> float:
-    """What a CPU process's RSS holds beyond its live tensors. glibc keeps the blocks a step freed in its arenas,
-    measured (tests/test_plan_accuracy.py) at ~0.65x the step's transient tensors, 1.4x with checkpointing (the
-    recompute runs in autograd's own thread and arena), 0.9x / 2.5x with bitsandbytes' 4-bit CPU kernels; the
-    optimizer's states, allocated after the first backward, take about half their size from that space. A GPU's
+def cpu_allocator_slack(transient: float, optimizer: float, uncheckpointed: float, s: Setup) -> float:
+    """What a CPU process's RSS holds beyond its live tensors: glibc keeps the blocks a step freed in its arenas.
+    Measured (benchmarks/plan_accuracy.py, tests/test_plan_accuracy.py): without checkpointing ~0.85x the step's
+    transient tensors (1.2x with bitsandbytes' 4-bit CPU kernels), less half the optimizer's states, which are
+    allocated after the first backward from that space; with checkpointing the blocks each layer's recompute
+    frees are kept, ~0.6x (full), 0.9x (LoRA), 1.4x (QLoRA) of what the layers would keep without it. A GPU's
     caching allocator reuses freed blocks, and CUDA's peak counts tensors only: no such term there."""
-    factor = (2.5 if s.checkpointing else 0.9) if s.quant_bits else (1.4 if s.checkpointing else 0.65)
-    return max(0.0, factor * transient - 0.5 * optimizer)
+    if s.checkpointing:
+        factor = 1.4 if s.quant_bits else (0.6 if s.method in ("full", "freeze") else 0.9)
+        return factor * uncheckpointed
+    return max(0.0, (1.2 if s.quant_bits else 0.85) * transient - 0.5 * optimizer)
 
 
 def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
@@ -167,7 +170,8 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     dynamic["gradients"] = grads if s.accumulation > 1 else max(0.0, grads + step_temp - transient)
     terms.update(dynamic)
     if s.on_cpu:
-        terms["allocator_slack"] = cpu_allocator_slack(sum(dynamic.values()), terms["optimizer"], s)
+        uncheckpointed = s.tokens * layers * layer_activation_bytes(size, s)
+        terms["allocator_slack"] = cpu_allocator_slack(sum(dynamic.values()), terms["optimizer"], uncheckpointed, s)
     out = {k: v / GIB for k, v in terms.items()}
     out["runtime"] = runtime_gib
     out["total"] = sum(out.values())
