@@ -49,6 +49,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_linear_cross_entropy_equals_the_naive_path_without_vocabulary_wide_logits(monkeypatch, bias):
     monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 4096)  # 16 tokens per chunk at this vocabulary: many chunks
+    monkeypatch.setattr(ce, "MIN_CHUNK_TOKENS", 1)
     torch.manual_seed(0)
     n, hidden, vocab = 100, 32, 256
     h = torch.randn(n, hidden, requires_grad=True)
