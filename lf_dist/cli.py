@@ -1,4 +1,6 @@
-"""`lf-dist` command line: train, plan, env (and version). User mistakes end in one line on stderr, exit 2."""
+"""`lf-dist` command line: train, plan, export, chat, api, env (and version).
+
+User mistakes end in one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -23,6 +25,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", help="a named hardware profile or a profile YAML file (default: this machine)")
     plan.add_argument("--nnodes", type=int, help="nodes of the profile")
     plan.add_argument("--json", action="store_true", help="one JSON object")
+    for name, text in (
+        ("export", "merge adapters / consolidate a checkpoint into a Hugging Face model (export_dir)"),
+        ("chat", "chat with the model in the terminal (streamed; `clear`, `exit`)"),
+        ("api", "serve the model through an OpenAI-compatible API (API_HOST, API_PORT, API_KEY)"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="an inference / export YAML: model_name_or_path, adapter_name_or_path, ...")
+        cmd.add_argument("overrides", nargs="*")
     env = sub.add_parser("env", help="print this machine's hardware profile and the backends that import")
     env.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
@@ -77,6 +87,31 @@ def _env(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from lf_dist.configure import load_config
+    from lf_dist.log import get_logger
+
+    cfg = load_config(args.config, args.overrides, command=args.command)
+    if _CONSOLE and not cfg.model.quantization_bit:
+        sys.modules.setdefault("bitsandbytes", None)  # as for train: nothing of it runs
+    if cfg.ignored:
+        get_logger().info(
+            f"notice: these keys have no effect on lf-dist {args.command}: " + ", ".join(sorted(cfg.ignored))
+        )
+    if args.command == "export":
+        from lf_dist.serve.export import export
+
+        export(cfg)
+        return 0
+    if args.command == "chat":
+        from lf_dist.serve.chat import run_chat
+
+        return run_chat(cfg)
+    from lf_dist.serve.api import run_api
+
+    return run_api(cfg)
+
+
 def _train(args) -> int:
     from lf_dist.configure import load_config
     from lf_dist.launchers import launch
@@ -102,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lf-dist {__version__}")
         return 0
     try:
-        return {"train": _train, "plan": _plan, "env": _env}[args.command](args)
+        commands = {"train": _train, "plan": _plan, "env": _env, "export": _serve, "chat": _serve, "api": _serve}
+        return commands[args.command](args)
     except UserError as err:
         print(f"lf-dist: error: {err}", file=sys.stderr)
         return 2

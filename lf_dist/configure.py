@@ -13,10 +13,12 @@ from lf_dist.errors import UserError
 from lf_dist.train.stages import check_stage_config
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a config file, apply `key=value` overrides, fill LLaMA-Factory defaults and check everything."""
-    cfg = read_config(path, overrides)
-    check_stage_config(cfg)
+def load_config(path: str | Path | None, overrides: list[str] | None = None, command: str = "train") -> RunConfig:
+    """Read a config file, apply `key=value` overrides, fill LLaMA-Factory defaults and check everything that
+    `command` (train, chat, api, export) reads."""
+    cfg = read_config(path, overrides, command)
+    if command == "train":
+        check_stage_config(cfg)
     tool_format = cfg.data.tool_format
     if tool_format is not None and tool_format not in TOOL_FORMATS:
         raise UserError(f"tool_format: {tool_format!r} is not one of {', '.join(TOOL_FORMATS)}")

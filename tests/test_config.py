@@ -185,9 +185,19 @@ def test_unchanged_llamafactory_config_loads_and_trains(tmp_path, capsys):
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
 
 
-def test_report_to_a_tracker_is_named_as_without_effect():
-    assert "report_to" in load_config(None, MIN + ["report_to=wandb"]).ignored
-    assert "report_to" not in load_config(None, MIN + ["report_to=none"]).ignored
+def test_report_to_names_implemented_installed_trackers_or_fails_in_one_line(monkeypatch):
+    assert load_config(None, MIN + ["report_to=none"]).train.report_to == []
+    assert load_config(None, MIN + ["report_to=tensorboard,wandb"]).train.report_to == ["tensorboard", "wandb"]
+    assert load_config(None, MIN + ["report_to=[mlflow]"]).train.report_to == ["mlflow"]
+    with pytest.raises(UserError, match="'comet_ml' is not a tracker lf-dist implements"):
+        load_config(None, MIN + ["report_to=comet_ml"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match=r"report_to: wandb is not installed \(pip install 'lf-dist\[wandb\]'\)"):
+        load_config(None, MIN + ["report_to=wandb"])
+    assert "wandb" not in load_config(None, MIN + ["report_to=all"]).train.report_to
 
 
 def test_the_written_out_training_arguments_cover_the_installed_transformers():

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from lf_dist.config.known_keys import ALWAYS_ON, HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT, is_hf_training_arg
-from lf_dist.config.schema import ALIASES, SECTIONS, RunConfig, key_owner
+from lf_dist.config.schema import ALIASES, COMMANDS, SECTIONS, RunConfig, key_owner
 from lf_dist.config.validate import validate
 from lf_dist.errors import UserError
 
@@ -84,6 +84,8 @@ def _coerce(key: str, value, annotation):
         elif typ is str:
             if isinstance(value, str):
                 return value
+            if value is False and key.endswith("_strategy"):  # YAML 1.1 reads `save_strategy: no` as false
+                return "no"
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
         elif typ in (list, dict) and isinstance(value, typ):
@@ -92,9 +94,11 @@ def _coerce(key: str, value, annotation):
     raise UserError(f"{key}: expected {names}, got {value!r}")
 
 
-def build_config(raw: dict, source: str | None = None) -> RunConfig:
+def build_config(raw: dict, source: str | None = None, command: str = "train") -> RunConfig:
+    """`command` (train, chat, api, export) names the sections that matter: a valid key of another section (a
+    learning rate given to chat, a temperature given to train) is reported as having no effect, not dropped."""
     owners = key_owner()
-    cfg = RunConfig(source=source)
+    cfg = RunConfig(source=source, command=command)
     hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
     for key, value in raw.items():
         key = ALIASES.get(key, key)
@@ -102,6 +106,8 @@ def build_config(raw: dict, source: str | None = None) -> RunConfig:
         if section is not None:
             setattr(getattr(cfg, section), key, _coerce(key, value, hints[section][key]))
             cfg.given.add(key)
+            if section not in COMMANDS[command]:
+                cfg.ignored[key] = value
         elif key in ALWAYS_ON and value in (True, "true", "True", "all", "non_padding"):
             continue
         elif key in LF_NO_EFFECT:
@@ -119,10 +125,10 @@ def build_config(raw: dict, source: str | None = None) -> RunConfig:
     return cfg
 
 
-def read_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def read_config(path: str | Path | None, overrides: list[str] | None = None, command: str = "train") -> RunConfig:
     """Read a config file, apply overrides, fill LLaMA-Factory defaults and check the values config/ knows.
 
     A run's config comes from `lf_dist.configure.load_config`, which adds the stage's own checks."""
     raw = read_file(path) if path is not None else {}
     raw.update(parse_overrides(overrides or []))
-    return build_config(raw, source=str(path) if path is not None else None)
+    return build_config(raw, source=str(path) if path is not None else None, command=command)

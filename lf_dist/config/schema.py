@@ -22,6 +22,18 @@ QUANTIZATION_TYPES = ("nf4", "fp4")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 # The values `pref_loss` may take (what each means is the dpo stage's business, in train/pref_losses.py).
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+# `report_to` trackers lf-dist implements (each an optional extra); "all" means every one that is installed
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+INFER_BACKENDS = ("huggingface",)
+INFER_DTYPES = ("auto", "float16", "bfloat16", "float32")
+EXPORT_DEVICES = ("cpu", "auto")
+# The commands and the sections each reads; a key of another section is reported as having no effect there.
+COMMANDS = {
+    "train": ("model", "data", "finetuning", "train", "launch"),
+    "chat": ("model", "data", "finetuning", "generation"),
+    "api": ("model", "data", "finetuning", "generation"),
+    "export": ("model", "data", "finetuning", "export"),
+}
 
 
 @dataclass
@@ -146,6 +158,39 @@ class TrainArgs:
     gradient_checkpointing_kwargs: dict | None = None
     optim: str = "adamw_torch"
     torch_compile: bool = False
+    # trackers (report_to): where TensorBoard writes (default output_dir/runs/<time>_<host>), and the run's name
+    logging_dir: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class GenerationArgs:
+    """LLaMA-Factory's generating arguments and inference keys, for `chat` and `api` (defaults are its own)."""
+
+    do_sample: bool = True
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    num_beams: int = 1
+    max_length: int = 1024
+    max_new_tokens: int = 1024
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    infer_backend: str = "huggingface"
+    infer_dtype: str = "auto"
+
+
+@dataclass
+class ExportArgs:
+    """LLaMA-Factory's export keys (`lf-dist export`): merge adapters, write Hugging Face shards."""
+
+    export_dir: str | None = None
+    export_size: float = 5  # GB per shard (LLaMA-Factory's int; a fraction is accepted)
+    export_device: str = "cpu"
+    export_legacy_format: bool = False  # .bin (pickle) shards instead of safetensors
+    export_hub_model_id: str | None = None
+    export_quantization_bit: int | None = None
 
 
 @dataclass
@@ -171,6 +216,8 @@ SECTIONS = {
     "finetuning": FinetuningArgs,
     "train": TrainArgs,
     "launch": LaunchArgs,
+    "generation": GenerationArgs,
+    "export": ExportArgs,
 }
 # LLaMA-Factory's spellings that mean the same as one of our fields.
 ALIASES = {"evaluation_strategy": "eval_strategy", "lora_r": "lora_rank"}
@@ -188,6 +235,9 @@ class RunConfig:
     finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
     launch: LaunchArgs = field(default_factory=LaunchArgs)
+    generation: GenerationArgs = field(default_factory=GenerationArgs)
+    export: ExportArgs = field(default_factory=ExportArgs)
+    command: str = "train"  # the lf-dist command this config was read for (see COMMANDS)
     # Keys accepted for compatibility that change nothing in lf-dist: reported once, never silently dropped.
     ignored: dict = field(default_factory=dict)
     source: str | None = None

@@ -6,12 +6,16 @@ right after these by `lf_dist.configure.load_config`; config/ itself knows no st
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 from lf_dist.config.schema import (
+    EXPORT_DEVICES,
     FINETUNING_TYPES,
     FLASH_ATTN,
+    INFER_BACKENDS,
+    INFER_DTYPES,
     LAUNCHERS,
     OPTIMIZERS,
     PLACEMENT_STRATEGIES,
@@ -19,6 +23,7 @@ from lf_dist.config.schema import (
     QUANTIZATION_BITS,
     QUANTIZATION_TYPES,
     SCHEDULERS,
+    TRACKERS,
     RunConfig,
 )
 from lf_dist.errors import UserError
@@ -53,10 +58,13 @@ def validate(cfg: RunConfig) -> None:
     _positive("fsdp_shard_size", t.fsdp_shard_size)
     if not m.model_name_or_path:
         raise UserError("model_name_or_path: required (a local Hugging Face checkpoint directory)")
-    if t.do_train and not d.dataset:
-        raise UserError("dataset: required for training (one or more names from dataset_info.json, comma-separated)")
-    if not t.output_dir:
-        raise UserError("output_dir: required")
+    if cfg.command == "train":
+        if t.do_train and not d.dataset:
+            raise UserError(
+                "dataset: required for training (one or more names from dataset_info.json, comma-separated)"
+            )
+        if not t.output_dir:
+            raise UserError("output_dir: required")
     if d.cutoff_len <= 0:
         raise UserError(f"cutoff_len: must be > 0, got {d.cutoff_len}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -85,10 +93,12 @@ def validate(cfg: RunConfig) -> None:
         cfg.ignored["optim"] = f"{t.optim} (lf-dist uses torch AdamW)"
     _validate_quantization(cfg)
     _validate_launch(cfg)
-    trackers = [t.report_to] if isinstance(t.report_to, str) else list(t.report_to or [])
-    trackers = [r for r in trackers if r not in ("none", "None", "")]
-    if trackers:
-        cfg.ignored["report_to"] = f"{','.join(trackers)} (lf-dist writes trainer_log.jsonl; no external trackers)"
+    if cfg.command == "train":
+        t.report_to = _trackers(t.report_to)
+        if t.logging_dir and "tensorboard" not in t.report_to:
+            cfg.ignored["logging_dir"] = f"{t.logging_dir} (only report_to: tensorboard writes there)"
+    _validate_generation(cfg)
+    _validate_export(cfg)
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
     _validate_data(cfg)
@@ -99,6 +109,54 @@ def validate(cfg: RunConfig) -> None:
         t.resume_from_checkpoint = t.resume_from_checkpoint.lower() == "true"
     if isinstance(t.resume_from_checkpoint, str) and not Path(t.resume_from_checkpoint).is_dir():
         raise UserError(f"resume_from_checkpoint: no checkpoint directory at {t.resume_from_checkpoint}")
+
+
+def _trackers(report_to) -> list[str]:
+    """`report_to` as a list of implemented trackers, each installed (LLaMA-Factory and HF accept a string, a
+    comma-separated string or a list; "all" is every tracker that is installed, "none" none)."""
+    names = report_to.split(",") if isinstance(report_to, str) else list(report_to or [])
+    names = [str(n).strip() for n in names if str(n).strip() not in ("none", "None", "")]
+    if names == ["all"]:
+        return [n for n in TRACKERS if importlib.util.find_spec(n) is not None]
+    for name in names:
+        if name not in TRACKERS:
+            raise UserError(
+                f"report_to: '{name}' is not a tracker lf-dist implements (available: "
+                f"{', '.join(TRACKERS)}, all, none)"
+            )
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"report_to: {name} is not installed (pip install 'lf-dist[{name}]')")
+    return list(dict.fromkeys(names))
+
+
+def _validate_generation(cfg: RunConfig) -> None:
+    g = cfg.generation
+    if g.infer_backend in ("vllm", "sglang", "ktransformers"):
+        raise UserError(f"infer_backend: '{g.infer_backend}' is not implemented by lf-dist (available: huggingface)")
+    _choice("infer_backend", g.infer_backend, INFER_BACKENDS)
+    _choice("infer_dtype", g.infer_dtype, INFER_DTYPES)
+    _positive("temperature", g.temperature, allow_zero=True)
+    if not 0.0 < g.top_p <= 1.0:
+        raise UserError(f"top_p: must be in (0, 1], got {g.top_p}")
+    _positive("top_k", g.top_k, allow_zero=True)
+    for key in ("max_new_tokens", "max_length", "repetition_penalty"):
+        _positive(key, getattr(g, key))
+    if g.num_beams != 1 and cfg.command in ("chat", "api"):
+        raise UserError(f"num_beams: lf-dist {cfg.command} streams one sequence (num_beams 1), got {g.num_beams}")
+
+
+def _validate_export(cfg: RunConfig) -> None:
+    e = cfg.export
+    _choice("export_device", e.export_device, EXPORT_DEVICES)
+    _positive("export_size", e.export_size)
+    if cfg.command != "export":
+        return
+    if not e.export_dir:
+        raise UserError("export_dir: required (the folder the merged Hugging Face model is written to)")
+    if e.export_hub_model_id:
+        raise UserError("export_hub_model_id: lf-dist does not upload to a hub; push export_dir yourself")
+    if e.export_quantization_bit is not None:
+        raise UserError("export_quantization_bit: GPTQ export is not implemented by lf-dist; export unquantized")
 
 
 def _as_dict(key: str, value):

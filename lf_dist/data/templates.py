@@ -190,7 +190,8 @@ def get_template(name: str | None, tokenizer, data_args=None) -> Template:
 
 
 def fix_tokenizer(template: Template, tokenizer) -> list[str]:
-    """Stop words and eos/pad as LLaMA-Factory sets them; returns tokens added to the vocabulary."""
+    """Stop words, eos/pad and the Jinja chat template as LLaMA-Factory sets them; returns tokens added to the
+    vocabulary."""
     vocab_before = len(tokenizer)
     stop_words = list(template.stop_words)
     if template.replace_eos:
@@ -208,6 +209,11 @@ def fix_tokenizer(template: Template, tokenizer) -> list[str]:
             )
         except TypeError:
             tokenizer.add_special_tokens({"additional_special_tokens": stop_words})
+    if template.replace_jinja_template or not isinstance(getattr(tokenizer, "chat_template", None), str):
+        # saved with the model, so other tools render the prompts it is trained on (as LLaMA-Factory does)
+        from lf_dist.data.jinja import jinja_template
+
+        tokenizer.chat_template = jinja_template(template, tokenizer)
     added = tokenizer.convert_ids_to_tokens(list(range(vocab_before, len(tokenizer))))
     if added:
         logger.info(f"template '{template.name}' added token(s) {', '.join(added)} to the vocabulary")

@@ -193,3 +193,12 @@ def as_arrow_table(input_ids: list[list[int]], labels: list[list[int]], valid: l
             "_valid": pa.array(valid),
         }
     )
+
+
+def encode_prompt(template: Template, tokenizer, messages: list[dict], system: str | None = None, tools=None) -> list:
+    """The ids a model generates its next answer after: `messages` (user, assistant, ..., user) rendered and
+    tokenized exactly as training renders the prompt of that turn (LLaMA-Factory's encode_oneturn with an
+    empty answer), never truncated."""
+    pairs = encode_turns(template, tokenizer, [messages], [[{"role": "assistant", "content": ""}]], [system], [tools])
+    ids = [i for source, target in pairs[0][:-1] for i in source + target]
+    return ids + pairs[0][-1][0]

@@ -37,6 +37,15 @@ def compile_blocks(model) -> None:
         layer.compile(dynamic=True)  # padding-free and packed rows change length every step
 
 
+def write_model_description(inner, path: Path) -> None:
+    """config.json (and a LoRA run's adapter_config.json) beside shards that are not a Hugging Face folder, so
+    that `lf-dist export` can rebuild the model offline."""
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base.config.save_pretrained(path)
+    if hasattr(inner, "peft_config"):
+        inner.peft_config["default"].save_pretrained(path)
+
+
 def add_metrics(into: dict, metrics: dict) -> None:
     """Sum a micro-batch's (sum, count) metric pairs into `into`."""
     for key, value in metrics.items():

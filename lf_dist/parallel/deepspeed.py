@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lf_dist.errors import UserError
+from lf_dist.parallel.base import write_model_description
 from lf_dist.parallel.distributed import DistributedStrategy
 from lf_dist.parallel.single import is_peft
 
@@ -147,6 +148,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine.save_checkpoint(str(path), tag=TAG, exclude_frozen_parameters=True)
         if self.is_main:
             tokenizer.save_pretrained(path)
+            write_model_description(self.unwrap(model), Path(path))
             torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
             (Path(path) / WORLD_FILE).write_text(str(self.world_size), encoding="utf-8")
 

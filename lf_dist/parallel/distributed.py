@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lf_dist.errors import UserError
-from lf_dist.parallel.base import Strategy
+from lf_dist.parallel.base import Strategy, write_model_description
 from lf_dist.parallel.single import is_peft
 
 DCP_DIR = "dcp"
@@ -124,6 +124,7 @@ class DistributedStrategy(Strategy):
         dcp.save(state, checkpoint_id=str(Path(path) / DCP_DIR))
         if self.is_main:
             tokenizer.save_pretrained(path)
+            write_model_description(inner, Path(path))
             if not save_only_model:
                 torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
                 self.save_scaler(path)

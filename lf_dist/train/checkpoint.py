@@ -15,6 +15,7 @@ from lf_dist.errors import UserError
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "lf_dist_run.json"  # the config of the run that wrote a checkpoint (export reads its base model)
 
 
 def _step_of(path: Path) -> int | None:
@@ -68,6 +69,8 @@ def save_checkpoint(
         torch.save(rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
     strategy.barrier()
     if strategy.is_main:
+        run = json.dumps(strategy.cfg.to_dict(), indent=2, default=str) + "\n"
+        (tmp / RUN_FILE).write_text(run, encoding="utf-8")
         # trainer_state.json is written last: its presence marks the checkpoint complete.
         (tmp / STATE_FILE).write_text(
             json.dumps({**state, "save_only_model": save_only_model}, indent=2), encoding="utf-8"

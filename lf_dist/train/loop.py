@@ -14,6 +14,7 @@ from lf_dist.launch_env import restart_count
 from lf_dist.parallel.base import add_metrics, compile_blocks
 from lf_dist.train import checkpoint as ckpt
 from lf_dist.train.optim import build_optimizer, build_scheduler
+from lf_dist.train.reporters import open_reporters
 from lf_dist.train.schedule import StepSchedule, resolve_steps
 from lf_dist.train.tracker import Tracker
 
@@ -200,6 +201,7 @@ class Trainer:
             show,
             self.loss.summarize,
             self.stage.shown,
+            open_reporters(self.cfg, self.output_dir) if self.strategy.is_main else [],
         )
         if state is not None:
             tracker.restore(state["log_history"], state["num_tokens"])
@@ -243,6 +245,7 @@ class Trainer:
             evaluated = self.eval_results()
             results.update(evaluated)
             tracker.on_eval(self.step, evaluated, results["epoch"])
+        tracker.finish()
         mem = self.strategy.max_memory_allocated()
         if mem:
             results["peak_memory_gb"] = round(mem / 2**30, 3)

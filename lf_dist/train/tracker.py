@@ -1,4 +1,5 @@
-"""Run logs: console progress bar, trainer_log.jsonl (LLaMA-Factory's fields), all_results.json, loss plot."""
+"""Run logs: console progress bar, trainer_log.jsonl (LLaMA-Factory's fields), all_results.json, loss plot, and
+the `report_to` trackers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from lf_dist.train.reporters import metrics_of
 
 LOG_FILE = "trainer_log.jsonl"
 
@@ -31,9 +34,11 @@ class Tracker:
         show_progress: bool,
         summarize: Callable[[dict], dict],
         shown: tuple[str, ...] = ("eval_loss",),
+        reporters: list | None = None,
     ):
         self.output_dir, self.total_steps, self.enabled = Path(output_dir), total_steps, enabled
         self.summarize, self.shown = summarize, shown
+        self.reporters = reporters or []  # report_to trackers (train/reporters.py), main rank only
         self.start_time = time.perf_counter()
         self.start_step = start_step
         self.window = self._new_window(self.start_time)
@@ -64,6 +69,8 @@ class Tracker:
         if self.enabled:
             with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
+            for reporter in self.reporters:
+                reporter.log(entry["current_steps"], metrics_of(entry))
 
     def _timing(self, step: int) -> dict:
         elapsed = time.perf_counter() - self.start_time
@@ -126,6 +133,12 @@ class Tracker:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+    def finish(self) -> None:
+        """The run's last line is logged: the trackers write their files and end their runs."""
+        for reporter in self.reporters:
+            reporter.close()
+        self.reporters = []
 
     def plot(self) -> Path | None:
         """training_loss.png (and eval_loss.png when evaluated), like LLaMA-Factory's plot_loss."""
