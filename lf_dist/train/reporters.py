@@ -74,7 +74,10 @@ class MLflow:
         import mlflow
 
         self.mlflow = mlflow
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(output_dir) / "mlruns").resolve().as_uri()
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; restored on close, so that a later run in this
+        # process (tests, notebooks) does not log into this run's store
+        self.user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        uri = self.user_uri or (Path(output_dir) / "mlruns").resolve().as_uri()
         if uri.startswith("file:"):  # MLflow 3 keeps its file store behind an opt-in; a local store is asked for
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
@@ -89,6 +92,8 @@ class MLflow:
 
     def close(self) -> None:
         self.mlflow.end_run()
+        if self.user_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 REPORTERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
