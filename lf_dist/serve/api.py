@@ -162,6 +162,11 @@ def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1
 
 
 def run_api(cfg) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"lf-dist api needs {' and '.join(missing)} (pip install 'lf-dist[serve]')")
     import uvicorn
 
     from lf_dist.serve.engine import ChatEngine
