@@ -5,6 +5,8 @@
 - data/ imports nothing of train/, parallel/, model/ or launchers/;
 - model/ imports nothing of train/, parallel/, data/ or launchers/;
 - nothing below the planner (parallel/, data/, model/) imports it; it imports nothing of train/ or launchers/;
+- serve/ (export, chat, api) reads models and checkpoints and never trains, launches or plans; only the CLI
+  imports it;
 - no import cycle between modules, counting imports inside functions too;
 - no module but the stage registry compares a stage's name.
 """
@@ -54,13 +56,32 @@ def imports_of(module: str) -> set[str]:
 
 GRAPH = {m: imports_of(m) for m in MODULES}
 
-_ABOVE = ("lf_dist.launchers", "lf_dist.worker", "lf_dist.configure", "lf_dist.planner", "lf_dist.cli")
+_ABOVE = (
+    "lf_dist.launchers",
+    "lf_dist.worker",
+    "lf_dist.configure",
+    "lf_dist.planner",
+    "lf_dist.cli",
+    "lf_dist.serve",
+)
 FORBIDDEN = {
     "lf_dist.parallel": ("lf_dist.data", "lf_dist.train", *_ABOVE),
     "lf_dist.data": ("lf_dist.train", "lf_dist.parallel", "lf_dist.model", *_ABOVE),
     "lf_dist.model": ("lf_dist.train", "lf_dist.parallel", "lf_dist.data", *_ABOVE),
     # the planner reads a config and a stage spec and decides; it never reaches into the loop or the launchers
-    "lf_dist.planner": ("lf_dist.train", "lf_dist.launchers", "lf_dist.worker", "lf_dist.cli"),
+    "lf_dist.planner": ("lf_dist.train", "lf_dist.launchers", "lf_dist.worker", "lf_dist.cli", "lf_dist.serve"),
+    # serving reads models and checkpoints (their layout: train.checkpoint, the strategies' folder names); it
+    # never trains, launches or plans
+    "lf_dist.serve": (
+        "lf_dist.launchers",
+        "lf_dist.worker",
+        "lf_dist.planner",
+        "lf_dist.cli",
+        "lf_dist.train.loop",
+        "lf_dist.train.stages",
+        "lf_dist.train.losses",
+        "lf_dist.train.preference",
+    ),
 }
 RULES = {layer: (lambda dep, bad=bad: not dep.startswith(bad)) for layer, bad in FORBIDDEN.items()}
 RULES["lf_dist.config"] = lambda dep: dep.startswith("lf_dist.config") or dep == "lf_dist.errors"

@@ -1,0 +1,59 @@
+"""The README's end-to-end path (register a dataset, train LoRA DPO, chat, serve and call with openai, export)
+runs as written, and each step did its job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from lf_dist.ports import free_port
+
+from .conftest import ROOT
+
+
+def _block(marker: str = "<!-- seeds-path -->") -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    after = text.split(marker, 1)[1]
+    return after.split("```bash\n", 1)[1].split("\n```\n", 1)[0]
+
+
+def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path):
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "path.sh").write_text("set -e\n" + _block() + "\n", encoding="utf-8")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "API_PORT": str(free_port()),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.Popen(
+        ["bash", "path.sh"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        start_new_session=True,
+    )
+    try:  # what a person types into the chat step
+        out, err = proc.communicate("Write the word in capital letters.\nriver\nclear\nexit\n", timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+
+    log = [json.loads(x) for x in (tmp_path / "saves/my_dpo/trainer_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "loss" in e]
+    assert len(steps) == 8 and steps[-1]["loss"] < steps[0]["loss"]  # 8 pairs × 4 epochs / batch 4; DPO learns
+    assert out.count("Assistant: ") == 2 and "History has been removed." in out
+    assert "CompletionUsage(completion_tokens=" in out  # the openai client's answer, with usage
+    merged = tmp_path / "saves/my_dpo_merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer_config.json").is_file()
+    assert "adapter_config.json" not in os.listdir(merged)
+    assert "<|im_start|>" in (merged / "chat_template.jinja").read_text(encoding="utf-8")
