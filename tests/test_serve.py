@@ -244,3 +244,48 @@ def test_terminal_chat_streams_keeps_history_and_understands_clear_and_exit(engi
     assert reply(transcript[1]) == second.strip() and second.strip() != first.strip()  # history was used
     assert "History has been removed." in transcript[2]
     assert reply(transcript[3]) == first.strip()  # a fresh conversation again
+
+
+def test_the_generation_keys_of_the_config_reach_generate(engine, tmp_path, monkeypatch):
+    keys = dict(temperature=0.3, top_p=0.5, top_k=7, repetition_penalty=1.3, max_new_tokens=5)
+    cfg = load_config(_infer_yaml(tmp_path, do_sample=True, default_system="'Be terse.'", **keys), command="chat")
+    seen = {}
+
+    def fake_generate(**kwargs):
+        seen.update(kwargs)
+        kwargs["streamer"].end()
+
+    monkeypatch.setattr(engine, "cfg", cfg)
+    monkeypatch.setattr(engine.model, "generate", fake_generate)
+    list(engine.stream(CONVERSATION[:1]))
+    assert seen["do_sample"] is True and {k: seen[k] for k in keys} == keys
+    assert seen["input_ids"][0].tolist() == engine.encode(CONVERSATION[:1], "Be terse.")
+    assert (
+        seen["eos_token_id"] == engine.eos_ids
+        and engine.tokenizer.convert_tokens_to_ids("<|im_end|>") in seen["eos_token_id"]
+    )
+    sampling = engine.default_sampling()
+    sampling.temperature = 0  # temperature 0 is greedy decoding
+    list(engine.stream(CONVERSATION[:1], sampling))
+    assert seen["do_sample"] is False and seen["temperature"] is None
+
+
+def test_a_4bit_base_chats_with_its_adapter_kept_unmerged(tmp_path):
+    from .conftest import make_llama
+
+    base = make_llama(tmp_path / "base")
+    (tmp_path / "empty.yaml").write_text("{}\n", encoding="utf-8")
+    adapter = tmp_path / "lora"
+    assert (
+        main(["train", str(tmp_path / "empty.yaml"), *base_overrides(adapter, model_name_or_path=base, max_steps=2)])
+        == 0
+    )
+    from lf_dist.serve.engine import ChatEngine
+
+    cfg = _infer_yaml(
+        tmp_path, model_name_or_path=base, adapter_name_or_path=adapter, quantization_bit=4, max_new_tokens=6
+    )
+    engine = ChatEngine(load_config(cfg, command="chat"))
+    assert hasattr(engine.model, "peft_config") and getattr(engine.model, "is_loaded_in_4bit", False)
+    answer = engine.chat(CONVERSATION[:1])
+    assert answer.completion_tokens > 0 and answer.prompt_tokens == len(engine.encode(CONVERSATION[:1]))
