@@ -115,6 +115,7 @@ def _serve(args) -> int:
 def _train(args) -> int:
     from lf_dist.configure import load_config
     from lf_dist.launchers import launch
+    from lf_dist.launchers.lock import output_dir_lock
     from lf_dist.log import get_logger
     from lf_dist.planner import detect, make_plan, require_fit
     from lf_dist.train.stages import get_stage
@@ -128,7 +129,8 @@ def _train(args) -> int:
         get_logger().info("notice: these keys have no effect in lf-dist: " + ", ".join(sorted(cfg.ignored)))
     plan = make_plan(cfg, detect(), get_stage(cfg.finetuning.stage))
     require_fit(plan)  # before anything is loaded or launched
-    return launch(args.config, args.overrides, cfg, plan)
+    with output_dir_lock(cfg.train.output_dir):  # one run per output_dir
+        return launch(args.config, args.overrides, cfg, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"train": _train, "plan": _plan, "env": _env, "export": _serve, "chat": _serve, "api": _serve}
         return commands[args.command](args)
     except UserError as err:
-        print(f"lf-dist: error: {err}", file=sys.stderr)
-        return 2
+        print(f"lf-dist: {err.label}: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print("lf-dist: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,21 @@
-"""The one exception type for mistakes a user can fix: the CLI prints its message on one line and exits 2."""
+"""The exceptions the CLI turns into one line on stderr and an exit code, never a traceback."""
+
+# Exit codes of `lf-dist train` besides 0 (done) and 2 (a user's mistake); documented in the README.
+EXIT_FAILED = 1  # stopped on purpose: non-finite losses, a checkpoint or model that could not be written
+EXIT_PREEMPTED = 75  # stopped by SIGTERM / SIGINT after writing a preemption checkpoint (EX_TEMPFAIL: rerun)
 
 
 class UserError(Exception):
-    """A problem with the user's config, data or plan (not a bug in lf-dist)."""
+    """A problem with the user's config, data or plan (not a bug in lf-dist): exit 2."""
+
+    exit_code = 2
+    label = "error"
+
+
+class RunStopped(UserError):
+    """The run stopped on purpose, in a state one can continue from: preempted (75), or a failure that is
+    the machine's or the data's, not lf-dist's (1)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED, label: str = "error"):
+        super().__init__(message)
+        self.exit_code, self.label = exit_code, label

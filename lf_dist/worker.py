@@ -32,18 +32,17 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
     if not t.do_train:
         return None, False
     if restart_count() > 0:  # the launcher restarted this run after a failure: never wipe what it saved
-        found = ckpt.list_checkpoints(checkpoints)
-        if found:
-            logger.info(f"restart after a failure: resuming from {found[-1].name}")
-            return found[-1], False
+        found = ckpt.latest_intact(checkpoints)
+        if found is not None:
+            logger.info(f"restart after a failure: resuming from {found.name}")
+            return found, False
         logger.info("restart after a failure before any checkpoint: starting over")
         return None, True
     if resume in (None, False) and out.is_dir() and any(out.iterdir()) and not t.overwrite_output_dir:
         if ckpt.list_checkpoints(checkpoints) and resume is None:
             resume = True
             logger.info(
-                f"output_dir has checkpoints: resuming from {ckpt.list_checkpoints(checkpoints)[-1].name} "
-                "(set overwrite_output_dir: true to start over)"
+                "output_dir has checkpoints: resuming from the latest (set overwrite_output_dir: true to start over)"
             )
         else:
             raise UserError(
@@ -142,6 +141,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from lf_dist.model import load_tokenizer
     from lf_dist.planner import PLAN_FILE
     from lf_dist.train.loop import Trainer
+    from lf_dist.train.resume import check_resume
 
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg)
@@ -152,6 +152,9 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     resume_from, clear = plan_output_dir(cfg, checkpoints)
     if resume_from is not None:
         strategy.check_resumable(resume_from)
+        changes = check_resume(cfg, resume_from, strategy.dp_size)
+        if changes and strategy.is_main:
+            logger.info(f"notice: resuming {resume_from.name} with changes: " + "; ".join(changes))
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
     set_seed(cfg.train.seed)
     factory = _model_factory(cfg, stage.head, tokenizer, strategy.load_dtype(), strategy.device)

@@ -114,6 +114,36 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_uninterrupted_wei
     assert losses(out) == losses(ray_fsdp2 / "out")
 
 
+def test_sigterm_to_the_driver_checkpoints_the_workers_and_the_rerun_resumes_bitwise(cluster, tmp_path):
+    import signal
+
+    from lf_dist.train import checkpoint as ckpt
+
+    config, ref, out = _config(tmp_path, "lora"), tmp_path / "ref", tmp_path / "out"
+    steps = ["strategy=ddp", "max_steps=30", "save_strategy=no"]
+    _on_ray(cluster, config, f"output_dir={ref}", *steps)
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lf_dist", "train", str(config), "launcher=ray", "ray_num_workers=2"]
+    proc = subprocess.Popen(
+        [*cmd, f"output_dir={out}", *steps], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    log, deadline = out / "trainer_log.jsonl", time.time() + 300
+    while not (log.is_file() and len(log.read_text(encoding="utf-8").splitlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("lf-dist: ")][-1].startswith(
+        "lf-dist: preempted: stopped by a stop request after step"
+    )
+    (found,) = ckpt.list_checkpoints(out)
+    assert json.loads((found / "trainer_state.json").read_text(encoding="utf-8"))["reason"] == "preemption"
+    _on_ray(cluster, config, f"output_dir={out}", *steps)  # the same command resumes
+    ours, theirs = weights(out), weights(ref)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_more_workers_than_the_cluster_has_fail_within_seconds_in_one_line(cluster, tmp_path):
     start = time.monotonic()
     proc = _on_ray(

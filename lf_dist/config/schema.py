@@ -158,6 +158,8 @@ class TrainArgs:
     gradient_checkpointing_kwargs: dict | None = None
     optim: str = "adamw_torch"
     torch_compile: bool = False
+    # lf-dist's own: stop after this many non-finite (NaN / inf) steps in a row, without saving
+    max_nonfinite_steps: int = 3
     # trackers (report_to): where TensorBoard writes (default output_dir/runs/<time>_<host>), and the run's name
     logging_dir: str | None = None
     run_name: str | None = None

@@ -76,6 +76,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("lora_dropout", f.lora_dropout, allow_zero=True)
     _positive("max_samples", d.max_samples)
     _positive("save_total_limit", t.save_total_limit)
+    _positive("max_nonfinite_steps", t.max_nonfinite_steps)
     _positive("preprocessing_num_workers", d.preprocessing_num_workers)
     if t.max_steps <= 0 and t.num_train_epochs <= 0:
         raise UserError("num_train_epochs: must be > 0 when max_steps is not set")

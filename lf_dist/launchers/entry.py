@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ def main(argv: list[str]) -> int:
         error_file = os.environ.get("LF_DIST_ERROR_FILE")
         if error_file:  # the launcher prints it once; the first rank to fail writes it
             if not Path(error_file).exists():
-                Path(error_file).write_text(str(err), encoding="utf-8")
+                record = {"message": str(err), "exit_code": err.exit_code, "label": err.label}
+                Path(error_file).write_text(json.dumps(record), encoding="utf-8")
         elif os.environ.get("RANK", "0") == "0":
-            print(f"lf-dist: error: {err}", file=sys.stderr)
-        return 2
+            print(f"lf-dist: {err.label}: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

@@ -8,16 +8,22 @@ Checkpoints are lf-dist's own checkpoint-N/ folders, reported to Ray Train witho
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import threading
 import uuid
 from pathlib import Path
 
-from lf_dist.errors import UserError
+from lf_dist.errors import EXIT_PREEMPTED, RunStopped, UserError
 from lf_dist.launch_env import RESTART_ENV
 from lf_dist.log import get_logger
+from lf_dist.train.guard import STOP_FILE
 
 logger = get_logger(__name__)
 MARKER = ".lf-dist-ray-attempt-{}"  # in output_dir: a run's workers that find it were restarted by Ray
+PREEMPTED_FILE = ".lf-dist-preempted.json"  # in output_dir: rank 0's message when it stopped on a request
 
 
 def _init(cfg) -> None:
@@ -95,15 +101,48 @@ def launch_ray(config_path: str, overrides: list[str], cfg, plan) -> int:
         ),
     )
     logger.info(f"ray: {la.ray_num_workers} worker(s) × {resources} on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    stop, preempted = Path(cfg.train.output_dir) / STOP_FILE, Path(cfg.train.output_dir) / PREEMPTED_FILE
+    stop.unlink(missing_ok=True)  # a request of an earlier run is not this one's
+    preempted.unlink(missing_ok=True)
     try:
-        trainer.fit()
+        with _stop_on_signal(stop):
+            trainer.fit()
     except ray.train.TrainingFailedError as err:
         message = _user_error(err)
         if message:
             ray.shutdown()  # flushes the workers' forwarded logs, so the one line comes last
             raise UserError(message) from None
         raise
+    finally:
+        stop.unlink(missing_ok=True)
+    if preempted.is_file():
+        message = json.loads(preempted.read_text(encoding="utf-8"))["message"]
+        preempted.unlink()
+        ray.shutdown()
+        raise RunStopped(message, EXIT_PREEMPTED, label="preempted")
     return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signal(stop: Path):
+    """SIGTERM / SIGINT to the driver: the workers (other processes, maybe other machines) are asked to stop
+    through a file in output_dir; they finish the step, write a preemption checkpoint and end the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request(signum, frame):
+        if not stop.exists():
+            logger.info(f"{signal.Signals(signum).name}: asking the Ray workers to checkpoint and stop")
+            stop.parent.mkdir(parents=True, exist_ok=True)
+            stop.touch()
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -157,6 +196,13 @@ def _worker(config: dict) -> None:
         marker.touch()
     try:
         run(cfg, Plan(**config["plan"]), report=_report)
+    except RunStopped as err:
+        if err.exit_code != EXIT_PREEMPTED:
+            raise UserError(str(err)) from None
+        if rank0:  # a preempted run ends as a finished Ray run (no retry); the driver exits EXIT_PREEMPTED
+            record = json.dumps({"message": str(err)})
+            (Path(cfg.train.output_dir) / PREEMPTED_FILE).write_text(record, encoding="utf-8")
+        return
     except UserError as err:  # travels to the driver as itself; the traceback Ray logs is one frame long
         raise UserError(str(err)) from None
     if rank0:

@@ -6,7 +6,10 @@ message to LF_DIST_ERROR_FILE and exits 2; this launcher prints that one line an
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from lf_dist.errors import UserError
+from lf_dist.errors import RunStopped, UserError
 from lf_dist.launch_env import int_env
 from lf_dist.log import get_logger
 from lf_dist.ports import free_port
@@ -94,6 +97,28 @@ def _pump(fd: int, error_file: Path) -> None:
         sys.stderr.flush()
 
 
+@contextlib.contextmanager
+def _forward_signals(proc):
+    """While torchrun runs: the first SIGTERM / SIGINT goes on to it (the ranks then write a preemption
+    checkpoint); later ones are dropped, so torchrun's own shutdown is not cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sent = []
+
+    def forward(signum, frame):
+        if not sent:
+            sent.append(signum)
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def launch_torchrun(config_path: str, overrides: list[str], cfg, plan) -> int:
     cmd = torchrun_args(config_path, overrides, plan.nproc_per_node)
     node_rank = int_env("NODE_RANK", 0)
@@ -106,11 +131,17 @@ def launch_torchrun(config_path: str, overrides: list[str], cfg, plan) -> int:
         plan.save(plan_file)  # every rank runs the parent's plan instead of deciding again
         env = {**os.environ, "LF_DIST_ERROR_FILE": str(error_file), "LF_DIST_PLAN": str(plan_file)}
         logger.info("launching: " + " ".join(cmd[1:]))
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+        # its own session: a signal meant for the run (Ctrl-C, a scheduler's SIGTERM to this process or its group)
+        # reaches torchrun once, through `_forward_signals`, and torchrun hands it to every rank once
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
         pump = threading.Thread(target=_pump, args=(proc.stderr.fileno(), error_file), daemon=True)
         pump.start()
-        code = proc.wait()
+        with _forward_signals(proc):
+            code = proc.wait()
         pump.join(5)
         if error_file.exists():
-            raise UserError(error_file.read_text(encoding="utf-8").strip())
+            record = json.loads(error_file.read_text(encoding="utf-8"))
+            if record["exit_code"] == USER_ERROR_EXIT:
+                raise UserError(record["message"])
+            raise RunStopped(record["message"], record["exit_code"], record["label"])
     return code

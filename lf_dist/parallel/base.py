@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -142,20 +143,24 @@ class Strategy(ABC):
         """`loss` is already normalized by the step's global unit count."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    # a step with a non-finite gradient norm leaves the weights unchanged (DeepSpeed's engine applies it)
+    skips_nonfinite_steps = True
+
     def step(self, model, optimizer, max_grad_norm: float) -> float:
-        """Clip gradients, apply the optimizer (skipped by fp16 loss scaling on overflow), zero the gradients;
-        returns the pre-clip grad norm."""
+        """Clip gradients, apply the optimizer (skipped by fp16 loss scaling on overflow, and when the norm is
+        not finite), zero the gradients; returns the pre-clip grad norm."""
         params = [p for p in model.parameters() if p.requires_grad]
         if self.scaler:
             self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
-        else:
+        elif math.isfinite(value):  # the norm is global: every rank skips the same non-finite steps
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
+        return value
 
     # -- collectives over the data-parallel group --------------------------------------------------------
     def all_reduce_sum(self, value):

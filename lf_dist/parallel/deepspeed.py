@@ -139,6 +139,8 @@ class DeepSpeedStrategy(DistributedStrategy):
     def backward(self, loss):
         self.engine.backward(loss * self.dp_size, scale_wrt_gas=False)
 
+    skips_nonfinite_steps = False  # the engine applies what it computed (its fp16 overflow check aside)
+
     def step(self, model, optimizer, max_grad_norm):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lf_dist.errors import UserError
+from lf_dist.errors import RunStopped, UserError
 from lf_dist.parallel.base import Strategy, write_model_description
 from lf_dist.parallel.single import is_peft
 
@@ -159,11 +159,16 @@ class DistributedStrategy(Strategy):
 
     def write_hf(self, inner, state: dict, tokenizer, path) -> None:
         """Rank 0 writes a gathered state dict as a Hugging Face model or adapter (size-limited shards)."""
+        error = None
         if self.is_main:
             shards = {} if is_peft(inner) else {"max_shard_size": self.cfg.train.save_shard_size}
-            inner.save_pretrained(path, state_dict=state, safe_serialization=True, **shards)
-            tokenizer.save_pretrained(path)
-        self.barrier()
+            try:
+                inner.save_pretrained(path, state_dict=state, **shards)
+                tokenizer.save_pretrained(path)
+            except OSError as err:
+                error = err
+        if self.all_reduce_sum(1 if error else 0):  # every rank hears of it (and waits for the write)
+            raise RunStopped(f"could not write the final model to {path}: {error or 'failed on rank 0'}")
 
 
 class DDPStrategy(DistributedStrategy):

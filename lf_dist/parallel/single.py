@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lf_dist.errors import UserError
+from lf_dist.errors import RunStopped, UserError
 from lf_dist.parallel.base import Strategy
 
 
@@ -40,12 +40,19 @@ class SingleStrategy(Strategy):
         model = self.place(model)
         return model, build_optimizer(model)
 
-    def export(self, model, tokenizer, path):
-        model.save_pretrained(path, safe_serialization=True)
+    @staticmethod
+    def _write_hf(model, tokenizer, path) -> None:
+        model.save_pretrained(path)
         tokenizer.save_pretrained(path)
 
+    def export(self, model, tokenizer, path):
+        try:
+            self._write_hf(model, tokenizer, path)
+        except OSError as err:  # a full disk, a read-only folder: one line (checkpoints catch their own)
+            raise RunStopped(f"could not write the model to {path}: {err}") from None
+
     def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path, save_only_model):
-        self.export(model, tokenizer, path)  # checkpoints are loadable Hugging Face models, as LLaMA-Factory's
+        self._write_hf(model, tokenizer, path)  # checkpoints are loadable Hugging Face models, as LLaMA-Factory's
         if save_only_model:
             return
         torch.save(optimizer.state_dict(), Path(path) / "optimizer.pt")

@@ -10,12 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from lf_dist.errors import UserError
+from lf_dist.errors import RunStopped, UserError
+from lf_dist.log import get_logger
+
+logger = get_logger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
-RUN_FILE = "lf_dist_run.json"  # the config of the run that wrote a checkpoint (export reads its base model)
+RUN_FILE = "lf_dist_run.json"  # the config of the run that wrote a checkpoint (resume checks, export's base)
+FILES_FILE = "checkpoint_files.json"  # every file's size in bytes, recorded when the checkpoint was written
 
 
 def _step_of(path: Path) -> int | None:
@@ -58,44 +63,110 @@ def save_checkpoint(
     save_only_model: bool,
     total_limit: int | None,
 ) -> Path:
+    """Write checkpoint-`step` under a temporary name, record its files' sizes, mark it complete, rename it.
+    A write that fails on any rank (disk full, permissions) stops the run in one line on every rank; the
+    temporary folder goes, the earlier checkpoints stay as they were."""
     final = Path(output_dir) / f"{PREFIX}{step}"
     tmp = Path(output_dir) / f".tmp-{PREFIX}{step}"
+    error = None
     if strategy.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        error = _attempt(lambda: tmp.mkdir(parents=True))
     strategy.barrier()
-    strategy.save_checkpoint(model, optimizer, scheduler, tokenizer, tmp, save_only_model)
-    if not save_only_model:
-        torch.save(rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
-    strategy.barrier()
-    if strategy.is_main:
-        run = json.dumps(strategy.cfg.to_dict(), indent=2, default=str) + "\n"
-        (tmp / RUN_FILE).write_text(run, encoding="utf-8")
-        # trainer_state.json is written last: its presence marks the checkpoint complete.
-        (tmp / STATE_FILE).write_text(
-            json.dumps({**state, "save_only_model": save_only_model}, indent=2), encoding="utf-8"
-        )
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        if total_limit:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+    if strategy.all_reduce_sum(1 if error else 0) == 0:
+        error = _attempt(lambda: _write_state(tmp, strategy, model, tokenizer, optimizer, scheduler, save_only_model))
+    if strategy.all_reduce_sum(1 if error else 0) == 0 and strategy.is_main:
+        error = _attempt(lambda: _complete(tmp, final, strategy, state, save_only_model))
+    failed = strategy.all_reduce_sum(1 if error else 0)
+    if failed:
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        detail = f": {error}" if error else " on another rank"
+        raise RunStopped(f"could not write {final.name} in {output_dir}{detail}; the earlier checkpoints are intact")
+    if strategy.is_main and total_limit:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
     strategy.barrier()
     return final
 
 
+def _attempt(write) -> str | None:
+    """Run a write; the error's one-line description if it fails for a reason of the file system."""
+    try:
+        write()
+    except (OSError, CheckpointException) as err:
+        return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    return None
+
+
+def _write_state(tmp: Path, strategy, model, tokenizer, optimizer, scheduler, save_only_model: bool) -> None:
+    strategy.save_checkpoint(model, optimizer, scheduler, tokenizer, tmp, save_only_model)
+    if not save_only_model:
+        torch.save(rng_state(), tmp / f"rng_state_{strategy.rank}.pth")
+
+
+def _complete(tmp: Path, final: Path, strategy, state: dict, save_only_model: bool) -> None:
+    run = json.dumps(strategy.cfg.to_dict(), indent=2, default=str) + "\n"
+    (tmp / RUN_FILE).write_text(run, encoding="utf-8")
+    # the size of every file, to find a checkpoint damaged after it was written
+    sizes = {str(f.relative_to(tmp).as_posix()): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+    (tmp / FILES_FILE).write_text(json.dumps(sizes, indent=1) + "\n", encoding="utf-8")
+    # trainer_state.json is written last: its presence marks the checkpoint complete.
+    payload = {**state, "save_only_model": save_only_model, "dp_size": strategy.dp_size}
+    (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files now (missing, truncated), or None if it is intact."""
+    path = Path(path)
+    try:
+        json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{STATE_FILE} is unreadable"
+    if not (path / FILES_FILE).is_file():
+        return None  # written before sizes were recorded
+    try:
+        sizes = json.loads((path / FILES_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{FILES_FILE} is unreadable"
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size:,} of {size:,} bytes"
+    return None
+
+
+def latest_intact(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files are as they were written; damaged ones are skipped, with a
+    warning."""
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        logger.info(f"warning: {path.name} is damaged ({problem}); skipping it")
+    return None
+
+
 def resolve_resume(resume, output_dir: Path) -> Path | None:
-    """`true` → the latest complete checkpoint in output_dir; a path → that checkpoint."""
+    """`true` → the latest intact checkpoint in output_dir; a path → that checkpoint, if intact."""
     if resume in (None, False):
         return None
     if resume is True:
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise UserError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
-        return found[-1]
+        found = latest_intact(output_dir)
+        if found is None:
+            what = "intact" if list_checkpoints(output_dir) else "complete"
+            raise UserError(f"resume_from_checkpoint: no {what} checkpoint in {output_dir}")
+        return found
     path = Path(resume)
     if _step_of(path) is None and not (path / STATE_FILE).is_file():
         raise UserError(f"resume_from_checkpoint: {path} is not a complete lf-dist checkpoint")
+    problem = damage(path)
+    if problem is not None:
+        raise UserError(f"resume_from_checkpoint: {path} is damaged ({problem}); give an earlier checkpoint")
     return path
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from lf_dist.errors import RunStopped
 from lf_dist.launch_env import restart_count
 from lf_dist.parallel.base import add_metrics, compile_blocks
 from lf_dist.train import checkpoint as ckpt
+from lf_dist.train.guard import STOP_FILE, RunGuard
 from lf_dist.train.optim import build_optimizer, build_scheduler
 from lf_dist.train.reporters import open_reporters
 from lf_dist.train.schedule import StepSchedule, resolve_steps
@@ -66,6 +68,7 @@ class Trainer:
         eval_steps = self.t.eval_steps if self.t.eval_steps is not None else self.t.logging_steps
         self.eval_every = resolve_steps(eval_steps, self.total_steps) if self.t.eval_strategy == "steps" else None
         self.step = 0
+        self.last_checkpoint: Path | None = None
         self.padded_tokens = 0  # batch slots processed, padding included (for the padding share)
 
     # -- one optimizer step -------------------------------------------------------------------------
@@ -148,7 +151,26 @@ class Trainer:
             "log_history": tracker.history,
         }
 
-    def _save(self, tracker: Tracker) -> None:
+    def _log_eval_save(self, tracker: Tracker, loss: float, grad_norm: float, n_tokens: int, metrics: dict):
+        epoch = self.step / self.schedule.steps_per_epoch
+        epoch_end = self.step % self.schedule.steps_per_epoch == 0
+        log_now = self._log_now(epoch_end)
+        lr = self.scheduler.get_last_lr()[0]
+        extra = self._memory_log() if log_now else None
+        tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
+        if self.eval_ds is not None and (
+            (self.eval_every and self.step % self.eval_every == 0) or (self.t.eval_strategy == "epoch" and epoch_end)
+        ):
+            tracker.on_eval(self.step, self.eval_results(), epoch)
+        if (
+            (self.save_every and self.step % self.save_every == 0) or (self.t.save_strategy == "epoch" and epoch_end)
+        ) and self.step < self.total_steps:
+            self._save(tracker)
+
+    def _save(self, tracker: Tracker, reason: str | None = None) -> Path:
+        """A checkpoint of this step; `reason` ("preemption") marks one written outside save_steps, always with
+        the full state to resume from."""
+        state = {**self._state(tracker), **({"reason": reason} if reason else {})}
         path = ckpt.save_checkpoint(
             self.checkpoint_dir,
             self.step,
@@ -157,14 +179,16 @@ class Trainer:
             self.tokenizer,
             self.optimizer,
             self.scheduler,
-            self._state(tracker),
-            self.t.save_only_model,
+            state,
+            self.t.save_only_model and reason is None,
             self.t.save_total_limit,
         )
+        self.last_checkpoint = path
         if self.report is not None:
             self.report(
                 {"step": self.step, "loss": tracker.history[-1].get("loss") if tracker.history else None}, path
             )
+        return path
 
     def _log_now(self, epoch_end: bool) -> bool:
         how = self.t.logging_strategy
@@ -185,6 +209,16 @@ class Trainer:
             out.update(peak_memory_gb_per_rank=[round(x, 3) for x in peaks], world_size=len(peaks))
         return out
 
+    def _follow_learning_rate(self) -> None:
+        """A resumed run with another learning_rate follows it from here (the scheduler's saved state carries
+        the old peak); an unchanged one is left exactly as loaded."""
+        lr = self.t.learning_rate
+        if all(base == lr for base in self.scheduler.base_lrs):
+            return
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(self.scheduler.last_epoch)
+
     def fit(self, resume_from: Path | None = None) -> dict:
         state = None
         if resume_from is not None:
@@ -192,6 +226,8 @@ class Trainer:
             self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
             ckpt.restore_rng(resume_from, self.strategy.rank)
             self.step = state["global_step"]
+            self.last_checkpoint = Path(resume_from)
+            self._follow_learning_rate()
         show = not self.t.disable_tqdm
         tracker = Tracker(
             self.output_dir,
@@ -207,28 +243,23 @@ class Trainer:
             tracker.restore(state["log_history"], state["num_tokens"])
         start, start_time, losses, run_tokens = self.step, time.perf_counter(), [], 0
         fail_at = int(os.environ.get("LF_DIST_FAIL_AT_STEP", "0"))  # fault injection for resume tests
-        for micro_batches in self._loader(self.step):
-            loss, grad_norm, n_tokens, metrics = self.train_step(micro_batches)
-            self.step += 1
-            losses.append(loss)
-            run_tokens += n_tokens
-            _inject_fault(self.step, fail_at, self.strategy.rank)
-            epoch = self.step / self.schedule.steps_per_epoch
-            epoch_end = self.step % self.schedule.steps_per_epoch == 0
-            log_now = self._log_now(epoch_end)
-            lr = self.scheduler.get_last_lr()[0]
-            extra = self._memory_log() if log_now else None
-            tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
-            if self.eval_ds is not None and (
-                (self.eval_every and self.step % self.eval_every == 0)
-                or (self.t.eval_strategy == "epoch" and epoch_end)
-            ):
-                tracker.on_eval(self.step, self.eval_results(), epoch)
-            if (
-                (self.save_every and self.step % self.save_every == 0)
-                or (self.t.save_strategy == "epoch" and epoch_end)
-            ) and self.step < self.total_steps:
-                self._save(tracker)
+        stop_file = self.output_dir / STOP_FILE
+        with RunGuard(self.strategy, self.t.max_nonfinite_steps, self.t.fp16, stop_file) as guard:
+            try:
+                for micro_batches in self._loader(self.step):
+                    loss, grad_norm, n_tokens, metrics = self.train_step(micro_batches)
+                    self.step += 1
+                    losses.append(loss)
+                    run_tokens += n_tokens
+                    _inject_fault(self.step, fail_at, self.strategy.rank)
+                    guard.check_finite(self.step, loss, grad_norm, self.last_checkpoint)
+                    self._log_eval_save(tracker, loss, grad_norm, n_tokens, metrics)
+                    if self.step < self.total_steps and guard.stop_requested():
+                        raise guard.preempted(self.step, self._save(tracker, reason="preemption"))
+            except RunStopped:
+                tracker.close()
+                tracker.finish()
+                raise
         runtime = time.perf_counter() - start_time
         tracker.close()
         results = {
@@ -261,6 +292,11 @@ def _inject_fault(step: int, fail_at: int, rank: int) -> None:
     LF_DIST_KILL_RANK (default 1) after that step, on the first attempt of a torchrun job only."""
     if step == fail_at:
         raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
+    signal_rank = os.environ.get("LF_DIST_SIGNAL_RANK")  # LF_DIST_SIGNAL_AT_STEP: SIGTERM to itself (preemption)
+    if step == int(os.environ.get("LF_DIST_SIGNAL_AT_STEP", "0")) and signal_rank in (None, str(rank)):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
     kill_at = int(os.environ.get("LF_DIST_KILL_AT_STEP", "0"))
     first_attempt = restart_count() == 0
     if step == kill_at and first_attempt and rank == int(os.environ.get("LF_DIST_KILL_RANK", "1")):
