@@ -182,7 +182,7 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(reference, tmp_path):
     assert crashed.returncode != 0
     assert (out / "checkpoint-4" / "dcp").is_dir() and not (out / "checkpoint-8").exists()
     assert len(list((out / "checkpoint-4" / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
-    lf_dist_train(
+    resumed = lf_dist_train(
         config,
         f"output_dir={out}",
         "strategy=fsdp2",
@@ -192,6 +192,8 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(reference, tmp_path):
         nproc=1,
     )
     assert_same_training(out, reference / "lora")
+    notice = "resuming checkpoint-4 with changes: per_device_train_batch_size 2 → 4; data-parallel ranks 2 → 1"
+    assert notice in resumed.stdout + resumed.stderr  # the same global batch: goes on, with one notice line
 
 
 def test_deepspeed_zero3_resumed_after_a_crash_matches_the_uninterrupted_run(reference, tmp_path):

@@ -17,6 +17,12 @@ from .test_distributed import _config, lf_dist_train
 STEPS = 6
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_file_store(monkeypatch):
+    """Reading a local MLflow file store back needs MLflow 3's opt-in, as lf-dist sets it for writing."""
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()

@@ -78,8 +78,9 @@ class MLflow:
         # process (tests, notebooks) does not log into this run's store
         self.user_uri = os.environ.get("MLFLOW_TRACKING_URI")
         uri = self.user_uri or (Path(output_dir) / "mlruns").resolve().as_uri()
-        if uri.startswith("file:"):  # MLflow 3 keeps its file store behind an opt-in; a local store is asked for
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.opted_in = uri.startswith("file:") and "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+        if self.opted_in:  # MLflow 3 keeps its file store behind an opt-in; a local store is asked for
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "lf-dist"))
         self.run = mlflow.start_run(run_name=cfg.train.run_name)
@@ -94,6 +95,8 @@ class MLflow:
         self.mlflow.end_run()
         if self.user_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+        if self.opted_in:
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
 
 
 REPORTERS = {"tensorboard": TensorBoard, "wandb": WandB, "mlflow": MLflow}
