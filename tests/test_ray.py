@@ -115,29 +115,32 @@ def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_uninterrupted_wei
 
 
 def test_sigterm_to_the_driver_checkpoints_the_workers_and_the_rerun_resumes_bitwise(cluster, tmp_path):
-    import signal
-
     from lf_dist.train import checkpoint as ckpt
 
     config, ref, out = _config(tmp_path, "lora"), tmp_path / "ref", tmp_path / "out"
     steps = ["strategy=ddp", "max_steps=30", "save_strategy=no"]
     _on_ray(cluster, config, f"output_dir={ref}", *steps)
     env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "lf_dist", "train", str(config), "launcher=ray", "ray_num_workers=2"]
-    proc = subprocess.Popen(
-        [*cmd, f"output_dir={out}", *steps], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    # the driver, as `lf-dist train`, with rank 0 told to SIGTERM it after step 5 and to give it 4 s (a real step's
+    # time: these take milliseconds, less than the driver needs to run its handler while Ray waits)
+    driver = (
+        "import json, os, runpy, sys\n"
+        "hook = {'LF_DIST_SIGNAL_AT_STEP': '5', 'LF_DIST_SIGNAL_RANK': '0', 'LF_DIST_SIGNAL_PID': str(os.getpid()),\n"
+        "        'LF_DIST_SIGNAL_WAIT': '4'}\n"
+        "sys.argv = ['lf_dist', *sys.argv[1:], 'ray_init_kwargs=' + json.dumps({'runtime_env': {'env_vars': hook}})]\n"
+        "runpy.run_module('lf_dist', run_name='__main__')\n"
     )
-    log, deadline = out / "trainer_log.jsonl", time.time() + 300
-    while not (log.is_file() and len(log.read_text(encoding="utf-8").splitlines()) >= 3):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    args = ["train", str(config), "launcher=ray", "ray_num_workers=2", f"output_dir={out}", *steps]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-3000:]
     assert [line for line in err.splitlines() if line.startswith("lf-dist: ")][-1].startswith(
         "lf-dist: preempted: stopped by a stop request after step"
     )
     (found,) = ckpt.list_checkpoints(out)
+    assert found.name in ("checkpoint-5", "checkpoint-6")  # the step the request was seen after
     assert json.loads((found / "trainer_state.json").read_text(encoding="utf-8"))["reason"] == "preemption"
     _on_ray(cluster, config, f"output_dir={out}", *steps)  # the same command resumes
     ours, theirs = weights(out), weights(ref)

@@ -9,6 +9,7 @@ Checkpoints are lf-dist's own checkpoint-N/ folders, reported to Ray Train witho
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -163,13 +164,16 @@ def _user_error(err: BaseException) -> str | None:
     return None
 
 
-def _report(metrics: dict, checkpoint: Path | None) -> None:
-    """Every checkpoint (and the final results) reported to Ray Train; the folder is already where it stays."""
+def _report(metrics: dict, checkpoint: Path | None, in_storage: bool = True) -> None:
+    """Every checkpoint (and the final results) reported to Ray Train; the folder is already where it stays.
+    Ray tracks only checkpoints inside its storage path (`ray_storage_path`); others stay lf-dist's own (a
+    restart finds them in output_dir) and only the metrics are reported."""
     import ray.train
 
     values = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     rank0 = ray.train.get_context().get_world_rank() == 0
-    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None and rank0 else None
+    tracked = checkpoint is not None and rank0 and in_storage
+    ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if tracked else None
     ray.train.report(values, checkpoint=ckpt, checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
@@ -195,13 +199,15 @@ def _worker(config: dict) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     try:
-        run(cfg, Plan(**config["plan"]), report=_report)
+        plan = Plan(**config["plan"])
+        run(cfg, plan, report=functools.partial(_report, in_storage=plan.checkpoint_dir is not None))
     except RunStopped as err:
         if err.exit_code != EXIT_PREEMPTED:
             raise UserError(str(err)) from None
         if rank0:  # a preempted run ends as a finished Ray run (no retry); the driver exits EXIT_PREEMPTED
             record = json.dumps({"message": str(err)})
             (Path(cfg.train.output_dir) / PREEMPTED_FILE).write_text(record, encoding="utf-8")
+            marker.unlink(missing_ok=True)
         return
     except UserError as err:  # travels to the driver as itself; the traceback Ray logs is one frame long
         raise UserError(str(err)) from None

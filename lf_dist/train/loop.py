@@ -292,11 +292,15 @@ def _inject_fault(step: int, fail_at: int, rank: int) -> None:
     LF_DIST_KILL_RANK (default 1) after that step, on the first attempt of a torchrun job only."""
     if step == fail_at:
         raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
-    signal_rank = os.environ.get("LF_DIST_SIGNAL_RANK")  # LF_DIST_SIGNAL_AT_STEP: SIGTERM to itself (preemption)
+    # LF_DIST_SIGNAL_AT_STEP: SIGTERM after that step to itself, or to LF_DIST_SIGNAL_PID (a launcher, which then
+    # gets LF_DIST_SIGNAL_WAIT seconds, as a longer step would give it), from LF_DIST_SIGNAL_RANK (default: every
+    # rank) — preemption tests
+    signal_rank = os.environ.get("LF_DIST_SIGNAL_RANK")
     if step == int(os.environ.get("LF_DIST_SIGNAL_AT_STEP", "0")) and signal_rank in (None, str(rank)):
         import signal
 
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(int(os.environ.get("LF_DIST_SIGNAL_PID", "0")) or os.getpid(), signal.SIGTERM)
+        time.sleep(float(os.environ.get("LF_DIST_SIGNAL_WAIT", "0")))
     kill_at = int(os.environ.get("LF_DIST_KILL_AT_STEP", "0"))
     first_attempt = restart_count() == 0
     if step == kill_at and first_attempt and rank == int(os.environ.get("LF_DIST_KILL_RANK", "1")):
