@@ -22,9 +22,14 @@ def main(argv: list[str]) -> int:
     except UserError as err:
         error_file = os.environ.get("LF_DIST_ERROR_FILE")
         if error_file:  # the launcher prints it once; the first rank to fail writes it
-            if not Path(error_file).exists():
-                record = {"message": str(err), "exit_code": err.exit_code, "label": err.label}
-                Path(error_file).write_text(json.dumps(record), encoding="utf-8")
+            record = {"message": str(err), "exit_code": err.exit_code, "label": err.label}
+            try:  # created exclusively: ranks that fail at the same moment (a preemption) never mix their lines
+                fd = os.open(error_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(json.dumps(record))
         elif os.environ.get("RANK", "0") == "0":
             print(f"lf-dist: {err.label}: {err}", file=sys.stderr)
         return err.exit_code
