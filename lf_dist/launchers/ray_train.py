@@ -8,18 +8,17 @@ Checkpoints are lf-dist's own checkpoint-N/ folders, reported to Ray Train witho
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import signal
-import threading
 import uuid
 from pathlib import Path
 
 from lf_dist.errors import EXIT_PREEMPTED, RunStopped, UserError
 from lf_dist.launch_env import RESTART_ENV
 from lf_dist.log import get_logger
+from lf_dist.signals import on_signals
 from lf_dist.train.guard import STOP_FILE
 
 logger = get_logger(__name__)
@@ -124,13 +123,9 @@ def launch_ray(config_path: str, overrides: list[str], cfg, plan) -> int:
     return 0
 
 
-@contextlib.contextmanager
 def _stop_on_signal(stop: Path):
     """SIGTERM / SIGINT to the driver: the workers (other processes, maybe other machines) are asked to stop
     through a file in output_dir; they finish the step, write a preemption checkpoint and end the run."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
     def request(signum, frame):
         if not stop.exists():
@@ -138,12 +133,7 @@ def _stop_on_signal(stop: Path):
             stop.parent.mkdir(parents=True, exist_ok=True)
             stop.touch()
 
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return on_signals(request)
 
 
 def _user_error(err: BaseException) -> str | None:

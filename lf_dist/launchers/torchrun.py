@@ -6,10 +6,8 @@ message to LF_DIST_ERROR_FILE and exits 2; this launcher prints that one line an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +20,7 @@ from lf_dist.errors import RunStopped, UserError
 from lf_dist.launch_env import int_env
 from lf_dist.log import get_logger
 from lf_dist.ports import free_port
+from lf_dist.signals import on_signals
 
 logger = get_logger(__name__)
 USER_ERROR_EXIT = 2
@@ -97,13 +96,9 @@ def _pump(fd: int, error_file: Path) -> None:
         sys.stderr.flush()
 
 
-@contextlib.contextmanager
 def _forward_signals(proc):
     """While torchrun runs: the first SIGTERM / SIGINT goes on to it (the ranks then write a preemption
     checkpoint); later ones are dropped, so torchrun's own shutdown is not cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     sent = []
 
     def forward(signum, frame):
@@ -111,12 +106,7 @@ def _forward_signals(proc):
             sent.append(signum)
             proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    return on_signals(forward)
 
 
 def launch_torchrun(config_path: str, overrides: list[str], cfg, plan) -> int:

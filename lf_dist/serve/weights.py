@@ -154,12 +154,7 @@ def _lay_over(model, ckpt: Path, device: torch.device):
         model = get_peft_model(model, PeftConfig.from_pretrained(str(ckpt)))
     state = _read_sharded(ckpt, model)
     own = model.state_dict()
-    unknown = [k for k in state if k not in own]
-    if unknown:
-        raise UserError(
-            f"{ckpt}: the checkpoint does not match the model ({len(unknown)} unknown tensors, e.g. "
-            f"{unknown[0]}); is model_name_or_path the base it was trained from?"
-        )
+    _require_known(ckpt, state, own)
     for key, value in state.items():
         if own[key].shape != value.shape:
             raise UserError(
@@ -169,6 +164,15 @@ def _lay_over(model, ckpt: Path, device: torch.device):
             own[key].copy_(value.to(device))
     logger.info(f"{len(state)} trained tensors read from {ckpt} ({sharded_kind(ckpt)})")
     return model
+
+
+def _require_known(ckpt: Path, names, own: dict) -> None:
+    unknown = [n for n in names if n not in own]
+    if unknown:
+        raise UserError(
+            f"{ckpt}: the checkpoint does not match the model ({len(unknown)} unknown tensors, e.g. "
+            f"{unknown[0]}); is model_name_or_path the base it was trained from?"
+        )
 
 
 def _read_sharded(ckpt: Path, model) -> dict:
@@ -182,12 +186,7 @@ def _read_sharded(ckpt: Path, model) -> dict:
     saved = reader.read_metadata().state_dict_metadata
     names = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
     own = model.state_dict()
-    unknown = [n for n in names if n not in own]
-    if unknown:
-        raise UserError(
-            f"{ckpt}: the checkpoint does not match the model ({len(unknown)} unknown tensors, e.g. "
-            f"{unknown[0]}); is model_name_or_path the base it was trained from?"
-        )
+    _require_known(ckpt, names, own)
     # Read into fp32 buffers of the model's shapes (the shards hold fp32 masters); no process group is needed.
     state = {n: torch.empty(own[n].shape, dtype=saved["model." + n].properties.dtype) for n in names}
     dcp.load({"model": state}, storage_reader=reader)

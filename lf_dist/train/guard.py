@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 
 from lf_dist.errors import EXIT_FAILED, EXIT_PREEMPTED, RunStopped
 from lf_dist.log import get_logger
+from lf_dist.signals import on_signals
 
 logger = get_logger(__name__)
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # A stop request as a file in output_dir: what a launcher whose workers cannot get the signal (Ray's driver)
 # writes when it is signalled; rank 0 looks for it after every step.
 STOP_FILE = ".lf-dist-stop"
@@ -34,19 +33,15 @@ class RunGuard:
         self.signal_name: str | None = None
         self.nonfinite_steps: list[int] = []
         self.poisoned = False  # a non-finite update reached the weights: never save them
-        self._previous: dict = {}
 
     # -- signals ------------------------------------------------------------------------------------------
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            for sig in SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._on_signal)
+        self._signals = on_signals(self._on_signal)
+        self._signals.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
+        self._signals.__exit__(*exc)
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal_name is None:
