@@ -158,8 +158,11 @@ def entry() -> None:
     import atexit
     import logging
 
+    from lf_dist import startup
+
     global _CONSOLE
     _CONSOLE = True
+    startup.pause()  # until the libraries are imported (see lf_dist/startup.py)
     code = main()
     atexit._run_exitfuncs()  # trackers, temporary files: what a normal exit would run
     logging.shutdown()

@@ -12,6 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
+from lf_dist import startup
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.launch_env import restart_count
@@ -148,6 +149,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
     check_model(cfg, stage, tokenizer)
+    startup.settle()  # the libraries are in: what follows is the run's own memory
     checkpoints = Path(plan.checkpoint_dir or cfg.train.output_dir)
     resume_from, clear = plan_output_dir(cfg, checkpoints)
     if resume_from is not None:

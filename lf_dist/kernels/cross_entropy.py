@@ -4,6 +4,9 @@
 logits exist one chunk of tokens at a time (16 MiB of fp32 logits, at least 256 tokens); the forward also
 keeps d logp / d hidden ([N, H], the one thing the backward needs when the output layer is frozen, as under
 LoRA), and the backward recomputes a chunk's softmax only when the weight (or bias) itself is trained.
+Every chunk's logits go into one buffer, turned into probabilities in place: fresh [chunk × vocab] tensors per
+chunk (the logits, logsumexp's temporary) cost page faults, a third of the output layer's time in the packed
+LoRA benchmark on the build CPU (420 → 280 ms per step).
 Precision follows the plain path: the matmuls run in the weight's dtype, softmax and log-probs in fp32.
 """
 
@@ -22,16 +25,23 @@ def chunk_size(vocab: int) -> int:
     return max(MIN_CHUNK_TOKENS, CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _chunk_logits(hidden, weight, bias) -> torch.Tensor:
-    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())  # as F.linear
-    return logits.float()
+def _chunk_logits(hidden, weight, bias, out: torch.Tensor) -> torch.Tensor:
+    """One chunk's fp32 logits, written into `out`; the matmul in the weight's dtype, as F.linear."""
+    if weight.dtype != torch.float32:
+        return out.copy_(hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t()))
+    return torch.mm(hidden, weight.t(), out=out) if bias is None else torch.addmm(bias, hidden, weight.t(), out=out)
 
 
-def _softmax_grad(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d logp(target) / d logits = onehot(target) − softmax, in place of `logits`."""
-    grad = logits.sub_(lse[:, None]).exp_().neg_()
-    grad[torch.arange(targets.numel(), device=grad.device), targets] += 1.0
-    return grad
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Turn `logits` into softmax probabilities in place; returns logsumexp [n] (no temporary [n, V] tensor)."""
+    top = logits.amax(1, keepdim=True)
+    sums = logits.sub_(top).exp_().sum(1, keepdim=True)
+    logits.div_(sums)
+    return (top + sums.log()).squeeze(1)
+
+
+def _buffer(n: int, weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.empty(min(n, chunk_size(weight.shape[0])), weight.shape[0], device=hidden.device, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -40,15 +50,16 @@ def _forward(hidden, weight, bias, targets, keep_grad: bool):
     logps = torch.empty(n, device=hidden.device, dtype=torch.float32)
     lse_all = torch.empty_like(logps)
     d_hidden = torch.empty_like(hidden) if keep_grad else None
+    buf = _buffer(n, weight, hidden)
     for s in range(0, n, step):
         h, y = hidden[s : s + step], targets[s : s + step]
-        logits = _chunk_logits(h, weight, bias)
-        lse = torch.logsumexp(logits, dim=-1)
-        logps[s : s + step] = logits.gather(1, y[:, None]).squeeze(1) - lse
+        logits = _chunk_logits(h, weight, bias, buf[: h.shape[0]])
+        picked = logits.gather(1, y[:, None]).squeeze(1)
+        lse = _softmax_(logits)
+        logps[s : s + step] = picked - lse
         lse_all[s : s + step] = lse
         if keep_grad:  # d logp / d h = W[y] − softmax · W
-            probs = logits.sub_(lse[:, None]).exp_()
-            d_hidden[s : s + step] = weight[y] - probs.to(weight.dtype) @ weight
+            torch.addmm(weight[y], logits.to(weight.dtype), weight, alpha=-1, out=d_hidden[s : s + step])
     return logps, lse_all, d_hidden
 
 
@@ -68,10 +79,12 @@ class _LinearLogps(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_bias else None
         if need_weight or need_bias:
-            step = chunk_size(weight.shape[0])
+            step, buf = chunk_size(weight.shape[0]), _buffer(hidden.shape[0], weight, hidden)
             for s in range(0, hidden.shape[0], step):
                 h, y = hidden[s : s + step], targets[s : s + step]
-                grad = _softmax_grad(_chunk_logits(h, weight, bias), lse[s : s + step], y)
+                logits = _chunk_logits(h, weight, bias, buf[: h.shape[0]])
+                grad = logits.sub_(lse[s : s + step, None]).exp_().neg_()  # d logp(y) / d logits = onehot(y) − softmax
+                grad[torch.arange(y.numel(), device=grad.device), y] += 1.0
                 grad.mul_(grad_logps[s : s + step, None])
                 if need_weight:  # accumulated in fp32 across chunks
                     grad_weight += (grad.t().to(weight.dtype) @ h).float()

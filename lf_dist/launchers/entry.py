@@ -37,4 +37,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    from lf_dist import startup
+
+    startup.pause()  # until the libraries are imported (see lf_dist/startup.py)
     sys.exit(main(sys.argv[1:]))

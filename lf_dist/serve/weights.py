@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lf_dist import startup
 from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
@@ -123,6 +124,7 @@ def load_weights(cfg: RunConfig, tokenizer, dtype: torch.dtype, device: torch.de
         if merge and hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
     model.requires_grad_(False)
+    startup.settle()  # loaded: a server's own allocations are collected as usual from here on
     return model.eval(), head
 
 
