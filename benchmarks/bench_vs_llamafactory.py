@@ -18,6 +18,7 @@ medians, and lf-dist / LLaMA-Factory ratios (goal: wall ratio <= 0.5).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -194,11 +195,13 @@ def main() -> None:
     head = {"bench": "vs_llamafactory", "device": cpu_name(), "torch": torch.__version__, "examples": args.examples}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, data = write_assets(tmp, args.examples)
+        with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time log lines: stdout is JSON lines only
+            model, data = write_assets(tmp, args.examples)
         for name in args.configs.split(","):
             yaml_path = tmp / f"{name}.yaml"
             write_yaml(yaml_path, name, model, data, args)
-            tokens = real_tokens(yaml_path)
+            with contextlib.redirect_stdout(sys.stderr):
+                tokens = real_tokens(yaml_path)
             runs: dict[str, list[dict]] = {"llamafactory": [], "lf-dist": []}
             for _ in range(args.repeats):
                 for side in runs:
