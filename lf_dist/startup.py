@@ -2,10 +2,11 @@
 
 Importing torch, transformers, peft and datasets creates ~700,000 long-lived objects, and every generation-2
 collection on the way walks all of them: ~1.5 s of a 5 s `lf-dist train` start-up on the 2-core build machine.
-The entry points pause collection before they import (`pause`). Once the run's libraries are in, `settle`
-moves every object so far to the permanent generation (`gc.freeze`: never scanned again) and collection resumes
-for what the run itself allocates. Only a process that paused settles: a library caller's interpreter (tests,
-Ray workers) is left as it is.
+The entry points (the console script, a torchrun rank) pause collection before they import (`pause`). Once the
+libraries are in, `settle` moves every object so far to the permanent generation (`gc.freeze`: never scanned
+again) and collection resumes for what the process itself allocates: the worker settles once the model was
+built on the meta device, a launcher before it waits for its workers, a server once its model is loaded. Only
+a process that paused settles: a library caller's interpreter (tests, Ray workers) is left as it is.
 """
 
 from __future__ import annotations

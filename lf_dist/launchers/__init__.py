@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from lf_dist import startup
 from lf_dist.launchers.torchrun import launch_torchrun
 
 
@@ -24,8 +25,10 @@ def launch(config_path: str, overrides: list[str], cfg, plan) -> int:
     if plan.launcher == "ray":
         from lf_dist.launchers.ray_train import launch_ray
 
+        startup.settle()  # a driver that waits for hours collects its garbage as usual
         return launch_ray(config_path, overrides, cfg, plan)
     if plan.launcher == "torchrun" and not inside_torchrun():
+        startup.settle()
         return launch_torchrun(config_path, overrides, cfg, plan)
     from lf_dist.worker import run
 
