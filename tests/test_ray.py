@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -27,12 +28,15 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A head node on loopback; clients use token authentication (Ray 2.60 turns it on for a new cluster)."""
+    """A head node on loopback; clients use token authentication (Ray 2.60 turns it on for a new cluster) with
+    the cluster's own token, so a clean machine (no ~/.ray/auth_token) runs it too."""
     port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    token = secrets.token_hex(32)  # as `ray get-auth-token --generate` makes one
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     start = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2"]
     start += ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--include-dashboard", "true"]
-    subprocess.run([*start, "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
+    started = subprocess.run([*start, "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-3000:]
     try:
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
