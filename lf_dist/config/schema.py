@@ -94,6 +94,8 @@ class FinetuningArgs:
     additional_target: str | None = None
     use_dora: bool = False
     use_rslora: bool = False
+    # lf-dist's own: plain LoRA layers scale their update at rank r and add it in place (None: the plan decides)
+    lean_lora: bool | None = None
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
     freeze_extra_modules: str | None = None

@@ -50,7 +50,7 @@ def _apply_lora(model, cfg: RunConfig, head: Head):
 
     f = cfg.finetuning
     if cfg.model.adapter_name_or_path:
-        return PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True)
+        return _lean(PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True), cfg)
     targets = _split(f.lora_target)
     config = LoraConfig(
         task_type=head.peft_task,
@@ -63,9 +63,18 @@ def _apply_lora(model, cfg: RunConfig, head: Head):
         use_rslora=f.use_rslora,
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as err:  # peft's message names the missing target modules
         raise UserError(f"lora_target: {str(err).splitlines()[0]}") from None
+    return _lean(model, cfg)
+
+
+def _lean(model, cfg: RunConfig):
+    if cfg.finetuning.lean_lora:  # the plan's choice (kernels/lora.py); a direct caller's config leaves it off
+        from lf_dist.kernels import lora
+
+        lora.apply(model)
+    return model
 
 
 def _prepare_quantized(model, cfg: RunConfig) -> None:

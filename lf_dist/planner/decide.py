@@ -50,6 +50,7 @@ class Plan:
     padding_free: bool = False
     cross_entropy: str = "chunked"
     liger: bool = False
+    lean_lora: bool = False
     torch_compile: bool = False
     optim: str = "adamw_torch"
 
@@ -94,6 +95,7 @@ class Plan:
         cfg.model.flash_attn = self.attention
         cfg.data.padding_free = self.padding_free
         cfg.model.enable_liger_kernel = self.liger
+        cfg.finetuning.lean_lora = self.lean_lora
         cfg.train.optim = self.optim
         return cfg
 
@@ -306,6 +308,9 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
     max_cutoff = p.max_cutoff(method, bits, gc if gc_given else True)
     reasons.append(f"packing {'on' if cfg.data.packing else 'off'}; longest cutoff_len that fits: {max_cutoff}")
     reasons += p.kernels.reasons
+    lean, why = kernel_choice.lean_lora(cfg, method, bits)
+    if why:
+        reasons.append(why)
     layout, checkpoint_dir = {}, None
     if wants_ray(cfg):
         la = cfg.launch
@@ -351,6 +356,7 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
         padding_free=p.kernels.padding_free,
         cross_entropy=p.kernels.cross_entropy,
         liger=p.kernels.liger,
+        lean_lora=lean,
         torch_compile=p.kernels.torch_compile,
         optim=p.kernels.optim,
     )

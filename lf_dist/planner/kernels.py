@@ -95,3 +95,15 @@ def choose(cfg: RunConfig, hw: HardwareProfile, model_config, stage, strategy: s
         k.optim = "adamw_torch_fused"
         k.reasons.append("optimizer: torch's fused AdamW (one kernel over all parameters)")
     return k
+
+
+def lean_lora(cfg: RunConfig, method: str, bits: int | None) -> tuple[bool, str | None]:
+    """Whether LoRA layers run `kernels/lora.py`'s forward; decided once the method (lora, qlora) is known."""
+    f = cfg.finetuning
+    if method != "lora":
+        return False, None
+    if f.lean_lora is not None:
+        return f.lean_lora, f"LoRA forward {'lean' if f.lean_lora else 'peft'}: as the config says"
+    if bits or f.use_dora:
+        return False, "LoRA forward peft: " + ("DoRA layers" if f.use_dora else "quantized base layers") + " keep it"
+    return True, "LoRA forward lean: the update scaled at rank r and added in place (two full-width passes fewer)"
