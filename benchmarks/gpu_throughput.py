@@ -6,7 +6,8 @@
 Variants, each adding one thing to the one before:
   hf_loop   the model's own loss (full [tokens × vocab] logits), sdpa with the block mask transformers builds
             from restarting position_ids, torch AdamW (foreach) — a Hugging Face Trainer-style step;
-  lf-dist   lf-dist's step (`CausalLMLoss`): label-position chunked cross-entropy, fused AdamW (same sdpa);
+  lf-dist   lf-dist's step (`CausalLMLoss`): label-position chunked cross-entropy, fused AdamW, lean LoRA
+            layers (same sdpa);
   +liger    Liger's RMSNorm / RoPE / SwiGLU and fused linear cross-entropy (CUDA only);
   +varlen   varlen attention over the packed documents (torch's kernel, no mask);
   +compile  torch.compile of each decoder block.
@@ -107,6 +108,10 @@ def build(spec: dict, variant: str, device: torch.device):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        if variant != "hf_loop":  # lf-dist's LoRA layers (the plan's default)
+            from lf_dist.kernels import lora
+
+            lora.apply(model)
     if variant == "+compile":
         from lf_dist.parallel.base import compile_blocks
 
