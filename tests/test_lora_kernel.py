@@ -106,6 +106,8 @@ def test_the_plan_runs_plain_lora_layers_lean_and_says_when_not():
     assert "as the config says" in _said(_plan(lean_lora=False), "LoRA forward peft")
     assert "DoRA" in _said(_plan(use_dora=True), "LoRA forward peft")
     assert not _plan(quantization_bit=4).lean_lora
+    assert not _plan(quantization_bit=4, lean_lora=True).lean_lora  # bitsandbytes layers are peft's own classes
+    assert "as the config says" in _said(_plan(lean_lora=True), "LoRA forward lean")
     full = _plan(finetuning_type="full")
     assert not full.lean_lora and not [r for r in full.reasons if r.startswith("LoRA forward")]
 

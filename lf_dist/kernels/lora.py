@@ -3,8 +3,9 @@
 peft computes `result + lora_B(lora_A(dropout(x))) * scaling`: the scaling multiplies the [tokens × out_features]
 update (one pass forward, one more in backward) and the sum is a new tensor of the same size. The same function
 scales the [tokens × r] activations between A and B instead (r = 8: nothing) and adds the update into the base
-layer's output in place. Results equal peft's up to fp32 rounding; on the 2-core build CPU a packed 4 × 1,024
-LoRA step is ~8% faster. Only plain LoRA layers (`peft.tuners.lora.layer.Linear`, no DoRA or other variant,
+layer's output in place. Results equal peft's up to fp32 rounding (bitwise when the scaling is a power of two,
+as with LLaMA-Factory's default lora_alpha); on the 2-core build CPU a LoRA step is 2–6% faster
+(benchmarks/bench_lora.py). Only plain LoRA layers (`peft.tuners.lora.layer.Linear`, no DoRA or other variant,
 no bias on B) take this path, and only in the ordinary case; everything else (adapters disabled or merged,
 per-example adapter names, several active adapters) runs peft's own forward. Modules are called as modules, so
 backends that gather parameters in module hooks (DeepSpeed ZeRO-3, FSDP) see every call they expect.

@@ -102,8 +102,9 @@ def lean_lora(cfg: RunConfig, method: str, bits: int | None) -> tuple[bool, str 
     f = cfg.finetuning
     if method != "lora":
         return False, None
-    if f.lean_lora is not None:
-        return f.lean_lora, f"LoRA forward {'lean' if f.lean_lora else 'peft'}: as the config says"
-    if bits or f.use_dora:
+    if f.lean_lora is False:
+        return False, "LoRA forward peft: as the config says"
+    if bits or f.use_dora:  # peft's own layer classes (bitsandbytes) or a variant: the lean path does not apply
         return False, "LoRA forward peft: " + ("DoRA layers" if f.use_dora else "quantized base layers") + " keep it"
-    return True, "LoRA forward lean: the update scaled at rank r and added in place (two full-width passes fewer)"
+    why = "as the config says" if f.lean_lora else "the update scaled at rank r and added in place"
+    return True, f"LoRA forward lean: {why} (two full-width passes fewer per layer)"
