@@ -8,19 +8,47 @@ STAMP := $(VENV)/.installed
 LF_STAMP := .venv-lf.stamp
 PIP := $(BIN)/python -m pip
 CHECK_DIRS := lf_dist tests benchmarks examples
+# Every package of the test environment is pinned in locks/dev.txt (Linux x86_64, Python 3.11), made from
+# pyproject.toml by `make lock`; locks/llamafactory.txt pins the reference venv the same way.
+LOCK := locks/dev.txt
+LF_LOCK := locks/llamafactory.txt
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+TORCH_VERSION := 2.13.0
+# torch's build: cpu here and in CI; a CUDA machine runs `make install TORCH_BUILD=cu128` (a build PyTorch
+# publishes for this release) and gets every other pin unchanged. The lock names torch==$(TORCH_VERSION),
+# which any build satisfies, so installing it never pulls the CUDA wheels onto a CPU machine.
+TORCH_BUILD ?= cpu
+TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH_BUILD)
+# Where `make lock` finds torch's CPU wheel: a local folder of wheels if the machine has one, else PyTorch's index.
+TORCH_WHEELS ?= /opt/wheels
+LOCK_TORCH := $(if $(wildcard $(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl),--find-links $(TORCH_WHEELS),--torch-backend cpu)
+LOCK_ARGS := -c constraints.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH) \
+	--custom-compile-command "make lock"
 
-.PHONY: install test test-slow test-all demo bench style quality clean
+.PHONY: install lock test test-slow test-all demo bench style quality clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch first, pinned by constraints.txt, so no multi-GB CUDA build is pulled on CPU machines
-	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q pip==$(PIP_VERSION)
+	# torch's own build first (a local wheel, else PyTorch's index for that build), then every other pin
+	$(PIP) install -q torch==$(TORCH_VERSION)+$(TORCH_BUILD) 2>/dev/null \
+		|| $(PIP) install -q --extra-index-url $(TORCH_INDEX) torch==$(TORCH_VERSION)+$(TORCH_BUILD)
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
-$(LF_STAMP): tests/reference/lf_venv.py constraints.txt | $(STAMP)
+# Regenerate both locks from pyproject.toml / locks/llamafactory.in (needs PyPI), then reinstall with `make install`.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile -q pyproject.toml --extra dev $(LOCK_ARGS) -o $(LOCK)
+	$(BIN)/uv pip compile -q locks/llamafactory.in $(LOCK_ARGS) -o $(LF_LOCK)
+	sed -i -e 's/^torch==$(TORCH_VERSION)+cpu$$/torch==$(TORCH_VERSION)/' $(LOCK) $(LF_LOCK)
+
+$(LF_STAMP): tests/reference/lf_venv.py $(LF_LOCK) | $(STAMP)
 ifneq ($(SKIP_LF_REFERENCE),1)
+	rm -rf .venv-lf
 	$(BIN)/python tests/reference/lf_venv.py --create
 	touch $(LF_STAMP)
 endif

@@ -36,7 +36,33 @@ def _parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="print this machine's hardware profile and the backends that import")
     env.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
+    p.add_argument("--version", action="version", version=f"lf-dist {__version__}")
     return p
+
+
+# LLaMA-Factory's commands that lf-dist does not have, and what it offers instead.
+NOT_HERE = {
+    "webui": "lf-dist has no web UI yet: train with `lf-dist train cfg.yaml`, check a config with `lf-dist plan "
+    "cfg.yaml`, and talk to a model with `lf-dist chat` or `lf-dist api` (OpenAI-compatible)",
+    "webchat": "lf-dist has no web chat yet: use `lf-dist chat infer.yaml` in a terminal, or `lf-dist api "
+    "infer.yaml` and any OpenAI-compatible client",
+    "eval": "lf-dist has no benchmark evaluation (MMLU, C-Eval, CMMLU): `lf-dist train cfg.yaml do_train=false "
+    "do_eval=true eval_dataset=NAME` reports the eval loss of a model on a dataset",
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like argparse, but `key=value` overrides may come anywhere on the line (before or after options)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in NOT_HERE:
+        raise UserError(NOT_HERE[argv[0]])
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in item or item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _plan(args) -> int:
@@ -134,11 +160,11 @@ def _train(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "version":
-        print(f"lf-dist {__version__}")
-        return 0
     try:
+        args = parse_args(argv)
+        if args.command == "version":
+            print(f"lf-dist {__version__}")
+            return 0
         commands = {"train": _train, "plan": _plan, "env": _env, "export": _serve, "chat": _serve, "api": _serve}
         return commands[args.command](args)
     except UserError as err:

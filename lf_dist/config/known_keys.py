@@ -8,7 +8,10 @@ inputs, dashboards) and are reported as having no effect on training.
 
 from __future__ import annotations
 
-import dataclasses
+import ast
+import functools
+import importlib.util
+from pathlib import Path
 
 LF_KEYS = frozenset(
     {
@@ -506,17 +509,28 @@ _HF5_TRAINING_ARGS = {
 HF_TRAINING_ARGS = frozenset(_HF5_TRAINING_ARGS | _HF4_TRAINING_ARGS)
 
 
+@functools.cache
 def installed_hf_training_args() -> frozenset:
-    from transformers import Seq2SeqTrainingArguments
-
-    return frozenset(f.name for f in dataclasses.fields(Seq2SeqTrainingArguments))
+    """The fields of the installed transformers' (Seq2Seq)TrainingArguments, read from its source: importing
+    them runs the Trainer's imports (peft, bitsandbytes, which loads a hub kernel and logs on import)."""
+    names = set()
+    for module in ("training_args", "training_args_seq2seq"):
+        spec = importlib.util.find_spec(f"transformers.{module}")
+        if spec is None or spec.origin is None:
+            continue
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("TrainingArguments"):
+                names.update(
+                    item.target.id
+                    for item in node.body
+                    if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                )
+    return frozenset(names)
 
 
 def is_hf_training_arg(key: str) -> bool:
     """A training argument of Hugging Face's (either generation), or of the installed transformers."""
     if key in HF_TRAINING_ARGS:
         return True
-    try:
-        return key in installed_hf_training_args()
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        return False
+    return key in installed_hf_training_args()

@@ -1,7 +1,8 @@
 """Locate (or build) the separate venv that holds LLaMA-Factory from PyPI, the reference for parity tests.
 
 LLaMA-Factory pins older transformers / datasets / trl than lf-dist, so it lives in its own venv
-(`.venv-lf`, made by `make test` via `python tests/reference/lf_venv.py --create`). On a CPU-only torch two
+(`.venv-lf`, made by `make test` via `python tests/reference/lf_venv.py --create`) from the pins of
+`locks/llamafactory.txt`, torch's CPU build first. On a CPU-only torch two
 fix-ups make it import: drop the CUDA-only torchvision build, and move torchaudio's compiled libraries aside
 (LLaMA-Factory imports torchaudio's Python part at module level).
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-lf"
 LOG = VENV.with_name(".venv-lf-install.log")
-VERSION = "0.9.5"
+LOCK = ROOT / "locks" / "llamafactory.txt"
+TORCH = "torch==2.13.0"
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 def python_path() -> Path:
@@ -52,8 +55,10 @@ def create() -> int:
 
         if run(sys.executable, "-m", "venv", VENV) != 0:
             return 0
-        pip = [python_path(), "-m", "pip", "install", "-q", "-c", ROOT / "constraints.txt"]
-        if run(*pip, "torch==2.13.0") != 0 or run(*pip, f"llamafactory=={VERSION}") != 0:
+        pip = [python_path(), "-m", "pip", "install", "-q"]
+        run(*pip, "pip==26.3")
+        torch_ok = run(*pip, TORCH + "+cpu") == 0 or run(*pip, "--extra-index-url", CPU_INDEX, TORCH + "+cpu") == 0
+        if not torch_ok or run(*pip, "-r", LOCK) != 0:
             log.write("pip install of llamafactory failed\n")
             return 0
         run(python_path(), "-m", "pip", "uninstall", "-y", "-q", "torchvision")
