@@ -19,3 +19,14 @@ class RunStopped(UserError):
     def __init__(self, message: str, exit_code: int = EXIT_FAILED, label: str = "error"):
         super().__init__(message)
         self.exit_code, self.label = exit_code, label
+
+
+def error_kinds(err: BaseException) -> set[str]:
+    """The class names of an exception and of everything it was raised from (to tell a library's network error
+    from its not-found error without importing the library's classes)."""
+    kinds, seen = set(), set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        kinds.add(type(err).__name__)
+        err = err.__cause__ or err.__context__
+    return kinds

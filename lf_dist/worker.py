@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 from lf_dist import startup
@@ -18,13 +17,15 @@ from lf_dist.errors import UserError
 from lf_dist.launch_env import restart_count
 from lf_dist.log import get_logger
 from lf_dist.train import checkpoint as ckpt
+from lf_dist.train.tracker import RESULTS_FILE, print_metrics, save_metrics
 
 logger = get_logger(__name__)
 
 
 def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, bool]:
     """Decide what happens to output_dir and the checkpoint folder (without touching them): returns the
-    checkpoint to resume from, and whether a previous run's outputs are to be cleared first."""
+    checkpoint to resume from, and whether the run starts over (the previous run's logs go at once, its
+    checkpoints only once this run has written one of its own: work is never thrown away up front)."""
     t = cfg.train
     out = Path(t.output_dir)
     if out.exists() and not out.is_dir():
@@ -33,13 +34,21 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
     if not t.do_train:
         return None, False
     if restart_count() > 0:  # the launcher restarted this run after a failure: never wipe what it saved
-        found = ckpt.latest_intact(checkpoints)
+        found = ckpt.latest_intact(checkpoints, skip=ckpt.superseded(checkpoints))
         if found is not None:
             logger.info(f"restart after a failure: resuming from {found.name}")
             return found, False
         logger.info("restart after a failure before any checkpoint: starting over")
         return None, True
-    if resume in (None, False) and out.is_dir() and any(out.iterdir()) and not t.overwrite_output_dir:
+    if resume is None and t.overwrite_output_dir:
+        found = ckpt.latest_intact(checkpoints)
+        if found is not None and ckpt.is_preemption(found):  # a stopped run: the same command goes on with it
+            logger.info(
+                f"notice: resuming from {found.name}, written when the last run was stopped (overwrite_output_dir "
+                "keeps it); to start over instead, set resume_from_checkpoint: false"
+            )
+            return found, False
+    if resume in (None, False) and _has_outputs(out) and not t.overwrite_output_dir:
         if ckpt.list_checkpoints(checkpoints) and resume is None:
             resume = True
             logger.info(
@@ -54,9 +63,15 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
     return resume_from, bool(t.overwrite_output_dir and resume_from is None)
 
 
-def _clear_previous_run(out: Path, checkpoints: Path) -> None:
-    for path in ckpt.list_checkpoints(checkpoints):
-        shutil.rmtree(path)
+def _has_outputs(out: Path) -> bool:
+    """output_dir holds something besides lf-dist's own control files (a stop request, say)."""
+    return out.is_dir() and any(not p.name.startswith(".lf-dist-") for p in out.iterdir())
+
+
+def _start_over(out: Path, checkpoints: Path) -> None:
+    """The previous run's logs go now; its checkpoints are marked superseded and go when this run writes its
+    first checkpoint (until then a crash of this run leaves them where they were)."""
+    ckpt.supersede(checkpoints)
     for name in ("trainer_log.jsonl", "all_results.json", "training_loss.png", "training_eval_loss.png"):
         (out / name).unlink(missing_ok=True)
 
@@ -64,11 +79,15 @@ def _clear_previous_run(out: Path, checkpoints: Path) -> None:
 def check_model(cfg: RunConfig, stage, tokenizer) -> None:
     """Build the fine-tuning model on the meta device (no weights, no memory) so that a freeze, lora_target or
     head mistake fails in one line before any data is preprocessed."""
+    import warnings
+
     import torch
 
     from lf_dist.model import apply_finetuning, load_model
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # an adapter_name_or_path's weights copied onto meta parameters: a no-op here, and torch says so per tensor
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         apply_finetuning(load_model(cfg, tokenizer, stage.head, meta=True), cfg, stage.head, quiet=True)
 
 
@@ -140,12 +159,14 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
     from lf_dist.model import load_tokenizer
+    from lf_dist.model.loader import check_weights, model_folder
     from lf_dist.planner import PLAN_FILE
     from lf_dist.train.loop import Trainer
     from lf_dist.train.resume import check_resume
 
     set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = load_tokenizer(cfg)  # a hub name is downloaded here, once per node
+    check_weights(model_folder(cfg))  # an interrupted download: one line before any data is read
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
     check_model(cfg, stage, tokenizer)
@@ -169,23 +190,29 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     if strategy.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if clear:
-            _clear_previous_run(out, checkpoints)
+            _start_over(out, checkpoints)
         config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
         (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
         plan.save(out / PLAN_FILE)
     strategy.barrier()
     if not cfg.train.do_train:
-        results = trainer.eval_results() if datasets.eval is not None else {}
+        results = trainer.eval_results()
     else:
         if resume_from is not None:
             logger.info(f"resuming from {resume_from}")
         results = trainer.fit(resume_from)
         strategy.export(trainer.model, tokenizer, out)
+        if strategy.is_main:
+            ckpt.drop_superseded(checkpoints)
         if cfg.finetuning.plot_loss:
             trainer.tracker.plot()
     if strategy.is_main:
-        (out / "all_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-        logger.info(f"model saved to {out.resolve()}")
+        save_metrics(out, results)
+        print_metrics(results)
+        if cfg.train.do_train:
+            logger.info(f"model saved to {out.resolve()}")
+        else:
+            logger.info(f"evaluated (do_train: false, nothing trained or saved); metrics in {out / RESULTS_FILE}")
     if report is not None:
         report(results, None)
     return results

@@ -76,7 +76,7 @@ def test_training_arguments_without_effect_are_reported_not_rejected():
         ("pref_loss=kto_pair", "pref_loss: 'kto_pair' is not implemented by lf-dist"),
         ("dpo_label_smoothing=0.7", "dpo_label_smoothing: must be in [0, 0.5)"),
         ("pref_beta=0", "pref_beta: must be > 0"),
-        ("ref_model=/nonexistent", "ref_model: /nonexistent is not a local Hugging Face checkpoint"),
+        ("ref_model=/nonexistent", "ref_model: /nonexistent is not a Hugging Face checkpoint folder"),
         ("ref_model_adapters=x", "'ref_model_adapters' is a LLaMA-Factory option that lf-dist does not implement"),
     ],
 )
@@ -96,7 +96,7 @@ def _run_cli(tmp_path, capsys, *extra, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path: '/nonexistent/model' is not a local"),
+        ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path: '/nonexistent/model' is not a folder, nor a hub model name"),
         ({"dataset": "alpaca_dmo"}, "dataset 'alpaca_dmo' is not in"),
         ({"template": "chatmlx"}, "template: unknown template 'chatmlx'; did you mean 'chatml'?"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2 needs the flash-attn package"),

@@ -197,10 +197,23 @@ def test_malformed_records_are_dropped_with_one_count(tmp_path, make_cfg, tokeni
     assert "dropped 2 examples that are malformed" in caplog.text and "2 of 3 train" in caplog.text
 
 
-def test_hub_only_dataset_is_refused_with_advice(tmp_path):
-    (tmp_path / "dataset_info.json").write_text(json.dumps({"h": {"hf_hub_url": "org/data"}}), encoding="utf-8")
-    with pytest.raises(UserError, match="no hub access; download it and use file_name"):
-        get_dataset_attrs("h", tmp_path)
+def test_hub_urls_take_llamafactorys_precedence(tmp_path, monkeypatch):
+    entries = {
+        "hf": {"hf_hub_url": "org/data", "file_name": "local.json"},  # a hub URL wins over file_name, as there
+        "both": {"hf_hub_url": "org/data", "ms_hub_url": "ms-org/data", "subset": "s", "folder": "f"},
+        "ms": {"ms_hub_url": "ms-org/data"},
+        "script": {"script_url": "my_script"},
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(entries), encoding="utf-8")
+    monkeypatch.delenv("USE_MODELSCOPE_HUB", raising=False)
+    hf, both, ms = get_dataset_attrs("hf,both,ms", tmp_path)
+    assert (hf.load_from, hf.file_name) == ("hf_hub", "org/data")
+    assert (both.load_from, both.file_name, both.subset, both.folder) == ("hf_hub", "org/data", "s", "f")
+    assert (ms.load_from, ms.file_name) == ("ms_hub", "ms-org/data")
+    monkeypatch.setenv("USE_MODELSCOPE_HUB", "1")
+    assert get_dataset_attrs("both", tmp_path)[0].file_name == "ms-org/data"
+    with pytest.raises(UserError, match="does not run dataset scripts"):
+        get_dataset_attrs("script", tmp_path)
 
 
 def test_registry_defaults_for_sharegpt():

@@ -146,7 +146,7 @@ def test_plan_json_has_the_documented_fields_and_exits_0_when_it_does_not_fit(ca
     ("args", "message"),
     [
         (["--profile", "a6000"], "--profile: unknown profile 'a6000'"),
-        (["model_name_or_path=/nonexistent"], "model_name_or_path: '/nonexistent' is not a local"),
+        (["model_name_or_path=/nonexistent"], "model_name_or_path: '/nonexistent' is not a folder, nor a hub model name"),
         (
             [
                 f"model_name_or_path={CONFIGS / 'Llama-3.1-405B'}",

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from .conftest import DATA_DIR, ROOT, TINY_MODEL
-from .test_distributed import _config, _free_port, lf_dist_train, losses, weights
+from .test_distributed import _config as _overwriting_config
+from .test_distributed import _free_port, lf_dist_train, losses, weights
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -43,6 +44,15 @@ def cluster(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
 
 
+def _config(tmp_path: Path, method: str) -> Path:
+    """The torchrun tests' config as a user leaves it: no overwrite_output_dir, so every run here starts on a
+    fresh output_dir (Ray's restart marker once made that output_dir non-empty before the workers checked it)."""
+    path = _overwriting_config(tmp_path, method)
+    text = path.read_text(encoding="utf-8").replace("overwrite_output_dir: true\n", "")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
 def _on_ray(cluster, config, *overrides, check=True, timeout=400):
     env = {**cluster["env"], "RAY_ADDRESS": cluster["address"]}
     return lf_dist_train(
@@ -55,7 +65,9 @@ def torchrun_runs(tmp_path_factory):
     """2-rank torchrun runs of the full fine-tuning config, the reference for Ray's 2 workers."""
     root = tmp_path_factory.mktemp("torchrun")
     for strategy in ("fsdp2", "ddp"):
-        lf_dist_train(_config(root, "full"), f"output_dir={root / strategy}", f"strategy={strategy}", "max_steps=8")
+        lf_dist_train(
+            _overwriting_config(root, "full"), f"output_dir={root / strategy}", f"strategy={strategy}", "max_steps=8"
+        )
     return root
 
 
@@ -92,7 +104,7 @@ def test_checkpoints_are_ours_under_the_ray_storage_path_and_outputs_land_in_out
     out = ray_fsdp2 / "out"
     for name in ("model.safetensors", "trainer_log.jsonl", "all_results.json", "run_plan.json"):
         assert (out / name).is_file(), name
-    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".lf-dist-ray-attempt-*"))
+    assert not list(out.glob("checkpoint-*")) and not list(out.parent.glob(".*.lf-dist.ray-attempt-*"))
 
 
 def test_a_killed_worker_is_replaced_and_the_run_ends_with_the_uninterrupted_weights(cluster, ray_fsdp2, tmp_path):

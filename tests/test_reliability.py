@@ -84,6 +84,39 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_bitwise(uni
     assert _bitwise(_adapter(out), _adapter(uninterrupted))
 
 
+def test_ctrl_c_then_the_same_command_with_overwrite_output_dir_resumes_bitwise(uninterrupted, tmp_path):
+    """LLaMA-Factory's examples all set overwrite_output_dir: true; the command a user reruns after Ctrl-C must
+    not throw the preemption checkpoint away."""
+    out = tmp_path / "run"
+    config = _yaml(tmp_path, out, overwrite_output_dir=True)
+    proc = _cli(config, env={"LF_DIST_SIGNAL_AT_STEP": "3", "LF_DIST_SIGNAL": "SIGINT"})
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr)[-1].startswith("lf-dist: preempted: stopped by SIGINT after step 3")
+    again = _cli(config)
+    assert again.returncode == 0, again.stderr[-3000:]
+    notices = [line for line in again.stderr.splitlines() if "written when the last run was stopped" in line]
+    assert len(notices) == 1 and "resume_from_checkpoint: false" in notices[0]
+    assert _bitwise(_adapter(out), _adapter(uninterrupted))
+
+
+def test_overwrite_output_dir_replaces_old_checkpoints_only_when_the_new_run_writes_its_own(tmp_path):
+    out = tmp_path / "run"
+    first = _cli(_yaml(tmp_path, out, save_strategy="steps", save_steps=2))  # checkpoint-2, -4
+    assert first.returncode == 0, first.stderr[-3000:]
+    old = {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in ckpt.list_checkpoints(out)}
+    assert sorted(old) == ["checkpoint-2", "checkpoint-4"]
+    # starts over; crashes after step 3, before its first checkpoint (at 5): the old checkpoints are all there
+    config = _yaml(tmp_path, out, save_strategy="steps", save_steps=5, max_steps=8, overwrite_output_dir=True)
+    crashed = _cli(config, env={"LF_DIST_FAIL_AT_STEP": "3"})
+    assert crashed.returncode != 0
+    assert {p.name: (p / "trainer_state.json").stat().st_mtime_ns for p in ckpt.list_checkpoints(out)} == old
+    done = _cli(config)  # starts over again (not from the previous run's checkpoint-4), writes checkpoint-5
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-5"]
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [e["current_steps"] for e in log if "loss" in e] == list(range(1, 9))
+
+
 def test_a_second_signal_during_the_save_does_not_cut_it_short(tmp_path, monkeypatch, capsys):
     real = ckpt._write_state
 

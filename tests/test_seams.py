@@ -43,13 +43,7 @@ class _CountingLoss(CausalLMLoss):
 
 def test_a_new_stage_is_one_spec_in_the_registry(make_cfg, monkeypatch):
     """Registering one StageSpec is all it takes: config checks, data, model, loss, metrics and display follow."""
-    spec = stages.StageSpec(
-        "toy",
-        SUPERVISED,
-        CAUSAL_LM,
-        lambda cfg, frozen: _CountingLoss(),
-        shown=("eval_loss", "eval_toy/label_tokens"),
-    )
+    spec = stages.StageSpec("toy", SUPERVISED, CAUSAL_LM, lambda cfg, frozen: _CountingLoss())
     monkeypatch.setitem(stages.STAGES, "toy", spec)
     cfg = make_cfg("toy", stage="toy", max_steps=8, learning_rate=5e-3, val_size=8)
     results = run(cfg)

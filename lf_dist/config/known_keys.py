@@ -308,16 +308,18 @@ _LF_NO_EFFECT_PREFIXES = (
     "profiler_",
     "infer_",
 )
+# Keys whose work lf-dist does not do: set, they stop the run in one line instead of being noted as no effect.
+REFUSED_WHEN_SET = {
+    "do_predict": "do_predict: prediction (generating answers for a dataset, with predict_with_generate) is not "
+    "implemented in lf-dist; remove it, or generate with `lf-dist chat` / `lf-dist api`",
+}
 LF_NO_EFFECT = frozenset(
     {k for k in LF_KEYS if k.startswith(_LF_NO_EFFECT_PREFIXES)}
     | LF_GENERATING_KEYS
     | {
         "print_param_status",
         "low_cpu_mem_usage",
-        "hf_hub_token",
-        "ms_hub_token",
         "om_hub_token",
-        "model_revision",
         "media_dir",
         "use_audio_in_video",
         "crop_to_patches",

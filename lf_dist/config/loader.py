@@ -10,7 +10,14 @@ from pathlib import Path
 
 import yaml
 
-from lf_dist.config.known_keys import ALWAYS_ON, HF_TRAINING_ARGS, LF_KEYS, LF_NO_EFFECT, is_hf_training_arg
+from lf_dist.config.known_keys import (
+    ALWAYS_ON,
+    HF_TRAINING_ARGS,
+    LF_KEYS,
+    LF_NO_EFFECT,
+    REFUSED_WHEN_SET,
+    is_hf_training_arg,
+)
 from lf_dist.config.schema import ALIASES, COMMANDS, SECTIONS, RunConfig, key_owner
 from lf_dist.config.validate import validate
 from lf_dist.errors import UserError
@@ -110,6 +117,8 @@ def build_config(raw: dict, source: str | None = None, command: str = "train") -
                 cfg.ignored[key] = value
         elif key in ALWAYS_ON and value in (True, "true", "True", "all", "non_padding"):
             continue
+        elif key in REFUSED_WHEN_SET and value not in (None, False, "false", "False"):
+            raise UserError(REFUSED_WHEN_SET[key])
         elif key in LF_NO_EFFECT:
             cfg.ignored[key] = value
         elif key in LF_KEYS:

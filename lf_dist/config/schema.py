@@ -6,7 +6,17 @@ that depend on each other lives in `validate.py`, in one place.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_name(name: str) -> bool:
+    """`org/name` that is not a local path: a model repository on a hub (lf_dist/model/hub.py downloads it)."""
+    return bool(_REPO_ID.fullmatch(name)) and not Path(name).exists()
+
 
 # `auto`: the planner picks full, lora or 4-bit qlora, whichever fits first (lf-dist's own value)
 FINETUNING_TYPES = ("full", "freeze", "lora", "auto")
@@ -44,7 +54,12 @@ class ModelArgs:
     flash_attn: str = "auto"
     use_fast_tokenizer: bool = True
     resize_vocab: bool = False
+    # Hub names (`org/model`): downloaded once per node into the Hugging Face cache (or ModelScope's with
+    # USE_MODELSCOPE_HUB=1), see lf_dist/model/hub.py
     cache_dir: str | None = None
+    model_revision: str = "main"
+    hf_hub_token: str | None = None
+    ms_hub_token: str | None = None
     # QLoRA through bitsandbytes (LLaMA-Factory's names and defaults)
     quantization_method: str = "bnb"
     quantization_bit: int | None = None
@@ -249,8 +264,9 @@ class RunConfig:
     given: set = field(default_factory=set)
 
     def to_dict(self) -> dict:
+        """Every field by name; hub tokens are not written out (the dict goes into output_dir and checkpoints)."""
         out = {}
         for section in SECTIONS:
             obj = getattr(self, section)
             out.update({f.name: getattr(obj, f.name) for f in fields(obj)})
-        return out
+        return {k: ("<set>" if k.endswith("_hub_token") and v else v) for k, v in out.items()}

@@ -25,6 +25,7 @@ from lf_dist.config.schema import (
     SCHEDULERS,
     TRACKERS,
     RunConfig,
+    is_hub_name,
 )
 from lf_dist.errors import UserError
 
@@ -57,11 +58,16 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"deepspeed: config file not found: {t.deepspeed}")
     _positive("fsdp_shard_size", t.fsdp_shard_size)
     if not m.model_name_or_path:
-        raise UserError("model_name_or_path: required (a local Hugging Face checkpoint directory)")
+        raise UserError("model_name_or_path: required (a Hugging Face checkpoint folder, or a hub name: org/model)")
     if cfg.command == "train":
         if t.do_train and not d.dataset:
             raise UserError(
                 "dataset: required for training (one or more names from dataset_info.json, comma-separated)"
+            )
+        if not t.do_train and not d.eval_dataset and not (d.dataset and d.val_size):
+            raise UserError(
+                "do_train: false leaves only evaluation, and there is nothing to evaluate; set eval_dataset (or "
+                "dataset with val_size)"
             )
         if not t.output_dir:
             raise UserError("output_dir: required")
@@ -234,5 +240,7 @@ def _validate_preference(cfg: RunConfig) -> None:
         _positive(key, getattr(f, key), allow_zero=True)
     if not 0.0 <= f.dpo_label_smoothing < 0.5:
         raise UserError(f"dpo_label_smoothing: must be in [0, 0.5), got {f.dpo_label_smoothing}")
-    if f.ref_model is not None and not (Path(f.ref_model) / "config.json").is_file():
-        raise UserError(f"ref_model: {f.ref_model} is not a local Hugging Face checkpoint (no config.json)")
+    if f.ref_model is not None and not is_hub_name(f.ref_model) and not (Path(f.ref_model) / "config.json").is_file():
+        raise UserError(
+            f"ref_model: {f.ref_model} is not a Hugging Face checkpoint folder (no config.json) or hub name"
+        )

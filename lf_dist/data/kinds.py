@@ -34,6 +34,8 @@ class DataKind:
     packs: bool
     # Sequences per example that go through the model with gradients (chosen and rejected for pairs).
     sequences: int = 1
+    # Whether its datasets are registered with "ranking": true (chosen / rejected answers), as LLaMA-Factory asks.
+    ranking: bool = False
 
     def make_collator(self, tokenizer, cutoff_len: int, separate: bool = False, padding_free: bool = False):
         return self.collator(tokenizer.pad_token_id, cutoff_len, separate, padding_free)
@@ -54,7 +56,7 @@ def _feedback(pad_token_id: int, cutoff_len: int, separate: bool, padding_free: 
 TEXT = DataKind("text", encode=None, pack=None, collator=_plain, packs=True)
 SUPERVISED = DataKind("supervised", encode=encode_supervised_records, pack=pack_dataset, collator=_plain, packs=True)
 PAIRWISE = DataKind(
-    "pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True, sequences=2
+    "pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True, sequences=2, ranking=True
 )
 FEEDBACK = DataKind("feedback", encode=encode_feedback_records, pack=None, collator=_feedback, packs=False)
 

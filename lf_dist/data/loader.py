@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lf_dist.data.converters import convert
 from lf_dist.data.registry import DatasetAttr
-from lf_dist.errors import UserError
+from lf_dist.errors import UserError, error_kinds
 
 FILE_TYPES = {
     ".json": "json",
@@ -56,6 +56,44 @@ def _json_problem(path: str) -> str | None:
     return None
 
 
+def load_hub(attr: DatasetAttr, model_args=None):
+    """A dataset repository on the Hugging Face Hub (or ModelScope), as LLaMA-Factory loads it: `subset` is the
+    configuration, `folder` the data_dir, `split` the split."""
+    cache_dir = getattr(model_args, "cache_dir", None)
+    where = "ModelScope" if attr.load_from == "ms_hub" else "the Hugging Face Hub"
+    try:
+        if attr.load_from == "ms_hub":
+            try:
+                from modelscope import MsDataset
+            except ImportError:
+                raise UserError(
+                    f"dataset '{attr.name}' uses ms_hub_url: install modelscope (pip install 'lf-dist[modelscope]')"
+                ) from None
+            token = getattr(model_args, "ms_hub_token", None)
+            ds = MsDataset.load(
+                attr.file_name, subset_name=attr.subset, data_dir=attr.folder, split=attr.split, cache_dir=cache_dir,
+                token=token,
+            )  # fmt: skip
+            return ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
+        import datasets
+
+        token = getattr(model_args, "hf_hub_token", None)
+        return datasets.load_dataset(
+            attr.file_name, name=attr.subset, data_dir=attr.folder, split=attr.split, cache_dir=cache_dir, token=token
+        )
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - connection, not found, bad subset: one line each
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        kinds = error_kinds(err)
+        if kinds & {"ConnectError", "ConnectionError", "OfflineModeIsEnabled", "LocalEntryNotFoundError", "Timeout"}:
+            first = f"{where} could not be reached ({first})"
+        raise UserError(
+            f"dataset '{attr.name}': cannot load '{attr.file_name}' from {where}: {first}; download it and register "
+            "its files with file_name (or fill the cache and set HF_HUB_OFFLINE=1)"
+        ) from None
+
+
 def load_raw(attr: DatasetAttr, cache_dir: str | None = None):
     import datasets
 
@@ -73,9 +111,13 @@ def load_raw(attr: DatasetAttr, cache_dir: str | None = None):
     return ds
 
 
-def load_source(attr: DatasetAttr, data_args, seed: int, cache_dir=None):
-    """One registered dataset, sampled (num_samples, max_samples) and checked for its columns; not yet aligned."""
-    ds = load_raw(attr, cache_dir)
+def load_source(attr: DatasetAttr, data_args, seed: int, model_args=None):
+    """One registered dataset, sampled (num_samples, max_samples) and checked for its columns; not yet aligned.
+    `model_args` gives the cache folder and hub tokens."""
+    if attr.load_from == "file":
+        ds = load_raw(attr, getattr(model_args, "cache_dir", None))
+    else:
+        ds = load_hub(attr, model_args)
     if attr.num_samples is not None:
         import numpy as np
 

@@ -38,12 +38,33 @@ def _has_label(example: dict) -> bool:
     return len(example["input_ids"]) > 0 and any(x != IGNORE_INDEX for x in example["labels"])
 
 
+def _dataset_attrs(names: str, cfg: RunConfig, kind: DataKind):
+    """The registered datasets, each of the kind the stage trains on (pairs need "ranking": true, and only
+    pairs have it)."""
+    attrs = get_dataset_attrs(names, cfg.data.dataset_dir)
+    stage = cfg.finetuning.stage
+    for attr in attrs:
+        if kind.ranking and not attr.ranking:
+            raise UserError(
+                f"dataset '{attr.name}': stage {stage} trains on pairs of answers (chosen and rejected), and this "
+                'dataset is not registered as pairwise; in dataset_info.json add "ranking": true to its entry and '
+                'name its answer columns, e.g. "columns": {"prompt": "instruction", "chosen": "chosen", '
+                '"rejected": "rejected"}'
+            )
+        if attr.ranking and not kind.ranking:
+            raise UserError(
+                f"dataset '{attr.name}' is registered as pairwise (\"ranking\": true: chosen and rejected answers), "
+                f"but stage {stage} trains on single answers; use it with stage dpo or rm, or use another dataset"
+            )
+    return attrs
+
+
 def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, kind: DataKind, what: str):
     """Each registered dataset encoded record by record, then merged as LLaMA-Factory merges them."""
     d = cfg.data
     parts = []
-    for attr in get_dataset_attrs(names, d.dataset_dir):
-        raw = load_source(attr, d, cfg.train.seed, cfg.model.cache_dir)
+    for attr in _dataset_attrs(names, cfg, kind):
+        raw = load_source(attr, d, cfg.train.seed, cfg.model)
         parts.append(
             raw.map(
                 kind.encode,
@@ -59,11 +80,11 @@ def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, k
     return merge(parts, d, cfg.train.seed)
 
 
-def _align_sources(names: str, cfg: RunConfig):
+def _align_sources(names: str, cfg: RunConfig, kind: DataKind):
     d = cfg.data
     parts = [
-        align(load_source(a, d, cfg.train.seed, cfg.model.cache_dir), a, d.preprocessing_num_workers)
-        for a in get_dataset_attrs(names, d.dataset_dir)
+        align(load_source(a, d, cfg.train.seed, cfg.model), a, d.preprocessing_num_workers)
+        for a in _dataset_attrs(names, cfg, kind)
     ]
     return merge(parts, d, cfg.train.seed)
 
@@ -98,7 +119,7 @@ def _process(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) -> D
     d, t = cfg.data, cfg.train
     text = kind.encode is None  # texts are aligned now and tokenized into blocks after the split
     source = (
-        (lambda names, what: _align_sources(names, cfg))
+        (lambda names, what: _align_sources(names, cfg, kind))
         if text
         else (lambda names, what: _encode_sources(names, cfg, tokenizer, template, kind, what))
     )
@@ -166,6 +187,9 @@ def _cache_dir(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) ->
     files = []
     for names in (cfg.data.dataset, cfg.data.eval_dataset):
         for attr in get_dataset_attrs(names, cfg.data.dataset_dir):
+            if attr.load_from != "file":  # a hub dataset: its name and selection (the hub's cache holds the files)
+                files.append((attr.load_from, attr.file_name, attr.subset, attr.folder, attr.split))
+                continue
             p = Path(attr.file_name)
             for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
                 if f.is_file():

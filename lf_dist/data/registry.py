@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,8 @@ _KNOWN = {"file_name", "formatting", "ranking", "columns", "tags", "split", "sub
 @dataclass
 class DatasetAttr:
     name: str
-    file_name: str
+    file_name: str  # a local file or folder; the repository id where load_from is a hub
+    load_from: str = "file"  # file | hf_hub | ms_hub (LLaMA-Factory's hf_hub_url / ms_hub_url)
     formatting: str = "alpaca"
     ranking: bool = False
     columns: dict = field(default_factory=dict)
@@ -90,17 +92,40 @@ def get_dataset_attrs(names: str | None, dataset_dir: str | Path) -> list[Datase
     return attrs
 
 
+def _use(env: str) -> bool:
+    return os.environ.get(env, "0").lower() in ("1", "true", "y", "yes")
+
+
+def _source(name: str, entry: dict, dataset_dir: str | Path) -> tuple[str, str]:
+    """(load_from, where) with LLaMA-Factory's precedence: a hub URL before file_name, ModelScope's with
+    USE_MODELSCOPE_HUB=1 (or when it is the only one); a hub URL naming a local path is that path."""
+    has = {k: entry[k] for k in _HUB_KEYS if entry.get(k)}
+    if {"hf_hub_url", "ms_hub_url", "om_hub_url"} & set(has):
+        if "ms_hub_url" in has and (_use("USE_MODELSCOPE_HUB") or "hf_hub_url" not in has):
+            key, load_from = "ms_hub_url", "ms_hub"
+        elif "hf_hub_url" in has:
+            key, load_from = "hf_hub_url", "hf_hub"
+        else:
+            raise UserError(
+                f"dataset '{name}' uses om_hub_url: lf-dist does not download from OpenMind; use file_name"
+            )
+        local = next((p for p in (Path(dataset_dir) / has[key], Path(has[key])) if p.exists()), None)
+        return ("file", str(local.resolve())) if local is not None else (load_from, has[key])
+    for key in ("script_url", "cloud_file_name"):
+        if key in has:
+            raise UserError(
+                f"dataset '{name}' uses {key}: lf-dist does not run dataset scripts or read cloud storage; download "
+                "the data and register it with file_name (or hf_hub_url)"
+            )
+    if "file_name" not in entry:
+        raise UserError(f"dataset_info.json: entry '{name}' has no file_name (or hf_hub_url / ms_hub_url)")
+    return "file", str(Path(dataset_dir) / entry["file_name"])
+
+
 def _parse_entry(name: str, entry: dict, dataset_dir: str | Path) -> DatasetAttr:
     if not isinstance(entry, dict):
         raise UserError(f"dataset_info.json: entry '{name}' must be an object")
-    if "file_name" not in entry:
-        hub = next((k for k in _HUB_KEYS if k in entry), None)
-        if hub is None:
-            raise UserError(f"dataset_info.json: entry '{name}' has no file_name")
-        local = next((p for p in (Path(dataset_dir) / entry[hub], Path(entry[hub])) if p.exists()), None)
-        if local is None:
-            raise UserError(f"dataset '{name}' uses {hub}: lf-dist has no hub access; download it and use file_name")
-        entry = {**entry, "file_name": str(local.resolve())}  # already downloaded to that path: use it
+    load_from, source = _source(name, entry, dataset_dir)
     unknown = set(entry) - _KNOWN - set(_HUB_KEYS)
     if unknown:
         raise UserError(f"dataset_info.json: entry '{name}' has unknown attribute(s) {', '.join(sorted(unknown))}")
@@ -123,7 +148,8 @@ def _parse_entry(name: str, entry: dict, dataset_dir: str | Path) -> DatasetAttr
         tags = {**(OPENAI_TAGS if openai else SHAREGPT_TAGS), **tags}
     return DatasetAttr(
         name=name,
-        file_name=str(Path(dataset_dir) / entry["file_name"]),
+        file_name=source,
+        load_from=load_from,
         formatting=formatting,
         ranking=bool(entry.get("ranking", False)),
         columns=columns,

@@ -19,8 +19,14 @@ from lf_dist.launch_env import int_env
 
 
 def lock_path(output_dir: str | Path) -> Path:
+    return beside(output_dir, "lock")
+
+
+def beside(output_dir: str | Path, what: str) -> Path:
+    """A control file of the run next to output_dir, never in it (output_dir must stay empty until the workers
+    have checked it): `.NAME.lf-dist.WHAT`."""
     out = Path(output_dir).resolve()
-    return out.parent / f".{out.name}.lf-dist.lock"
+    return out.parent / f".{out.name}.lf-dist.{what}"
 
 
 @contextlib.contextmanager

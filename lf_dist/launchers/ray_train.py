@@ -17,12 +17,13 @@ from pathlib import Path
 
 from lf_dist.errors import EXIT_PREEMPTED, RunStopped, UserError
 from lf_dist.launch_env import RESTART_ENV
+from lf_dist.launchers.lock import beside
 from lf_dist.log import get_logger
 from lf_dist.signals import on_signals
 from lf_dist.train.guard import STOP_FILE
 
 logger = get_logger(__name__)
-MARKER = ".lf-dist-ray-attempt-{}"  # in output_dir: a run's workers that find it were restarted by Ray
+MARKER = "ray-attempt-{}"  # beside output_dir: a run's workers that find it were restarted by Ray
 PREEMPTED_FILE = ".lf-dist-preempted.json"  # in output_dir: rank 0's message when it stopped on a request
 
 
@@ -179,7 +180,7 @@ def _worker(config: dict) -> None:
     if Path(config["cwd"]).is_dir():  # relative paths in the YAML mean what they meant for the driver
         os.chdir(config["cwd"])
     cfg = load_config(config["config"], config["overrides"])
-    marker = Path(cfg.train.output_dir) / config["attempt_marker"]
+    marker = beside(cfg.train.output_dir, config["attempt_marker"])
     rank0 = ray.train.get_context().get_world_rank() == 0
     restarted = [ray.train.get_checkpoint() is not None or marker.exists()]  # Ray restarted this run
     torch.distributed.broadcast_object_list(restarted, src=0)  # rank 0 decides, for every rank alike

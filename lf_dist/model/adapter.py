@@ -50,7 +50,10 @@ def _apply_lora(model, cfg: RunConfig, head: Head):
 
     f = cfg.finetuning
     if cfg.model.adapter_name_or_path:
-        return _lean(PeftModel.from_pretrained(model, cfg.model.adapter_name_or_path, is_trainable=True), cfg)
+        from lf_dist.model.hub import local_model
+
+        adapter = local_model(cfg.model.adapter_name_or_path, cfg.model, "adapter_name_or_path")
+        return _lean(PeftModel.from_pretrained(model, adapter, is_trainable=True), cfg)
     targets = _split(f.lora_target)
     config = LoraConfig(
         task_type=head.peft_task,

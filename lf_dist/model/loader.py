@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -15,29 +16,58 @@ from lf_dist.model.heads import CAUSAL_LM, Head
 logger = get_logger(__name__)
 
 
-def check_local(path: str) -> None:
-    """A local checkpoint folder with config.json, or a model already in the Hugging Face cache."""
-    if Path(path).is_dir():
-        if not (Path(path) / "config.json").is_file():
-            raise UserError(f"model_name_or_path: {path} has no config.json (not a Hugging Face checkpoint)")
-        return
-    try:  # a model already in the local Hugging Face cache is fine; nothing is downloaded
-        from huggingface_hub import snapshot_download
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
-        snapshot_download(path, local_files_only=True)
-    except Exception:  # noqa: BLE001
-        raise UserError(
-            f"model_name_or_path: '{path}' is not a local directory or a cached model (no hub access)"
-        ) from None
+
+def check_local(path: str, key: str = "model_name_or_path") -> None:
+    """A local Hugging Face checkpoint folder (with config.json); hub names are resolved before (model/hub.py)."""
+    if not Path(path).is_dir():
+        raise UserError(f"{key}: '{path}' is not a folder, nor a hub model name (org/name)")
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"{key}: {path} has no config.json (not a Hugging Face checkpoint)")
+
+
+def check_weights(path: str, key: str = "model_name_or_path") -> None:
+    """The folder holds its weights: one file, or every shard its index names (an interrupted download has
+    config and tokenizer but not these)."""
+    folder = Path(path)
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError):
+                raise UserError(f"{key}: {index} is not a valid weights index; download the model again") from None
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise UserError(
+                    f"{key}: {path} lacks {len(missing)} of the {len(shards)} weight files its index names "
+                    f"({missing[0]}, ...): an interrupted download? download the model again"
+                )
+            return
+    raise UserError(
+        f"{key}: {path} has config.json but no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index): an "
+        "interrupted download? download the model again, or give the folder that holds them"
+    )
+
+
+def model_folder(cfg: RunConfig, name: str | None = None, key: str = "model_name_or_path") -> str:
+    """The local folder of a model key's value (model_name_or_path unless `name`), downloaded if it is a hub name."""
+    from lf_dist.model.hub import local_model
+
+    path = local_model(name or cfg.model.model_name_or_path, cfg.model, key)
+    check_local(path, key)
+    return path
 
 
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
     m = cfg.model
-    check_local(m.model_name_or_path)
     return AutoTokenizer.from_pretrained(
-        m.model_name_or_path,
+        model_folder(cfg),
         trust_remote_code=m.trust_remote_code,
         use_fast=m.use_fast_tokenizer,
         padding_side="right",
@@ -108,7 +138,8 @@ def load_model(
     from transformers import AutoConfig
 
     m = cfg.model
-    path = path or m.model_name_or_path
+    policy = path in (None, m.model_name_or_path)
+    path = model_folder(cfg, path, "model_name_or_path" if policy else "ref_model")
     kwargs = {"dtype": dtype or compute_dtype(cfg), "trust_remote_code": m.trust_remote_code}
     attn = attn_implementation(m.flash_attn)
     if attn is not None:
@@ -120,7 +151,7 @@ def load_model(
             setattr(config, key, value)
         model = _from_config(auto, config, head, kwargs)
     else:
-        if m.quantization_bit and path == m.model_name_or_path:
+        if m.quantization_bit and policy:
             device = device or torch.device("cpu")
             kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
         model = auto.from_pretrained(path, cache_dir=m.cache_dir, **head_config, **kwargs)

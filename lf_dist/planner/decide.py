@@ -170,7 +170,7 @@ def _ds_setup(cfg: RunConfig) -> tuple[int, bool]:
 class _Planner:
     def __init__(self, cfg: RunConfig, hw: HardwareProfile, stage, launching: bool):
         self.cfg, self.hw, self.stage = cfg, hw, stage
-        self.config = read_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code)
+        self.config = read_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model)
         self.size: ModelSize = measure(self.config, stage.head)
         self.world, self.per_node = _env_world(hw, launching, cfg)
         # a CPU machine's RAM is shared by the processes on it

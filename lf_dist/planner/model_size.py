@@ -35,9 +35,14 @@ class ModelSize:
         return self.num_kv_heads * self.head_dim
 
 
-def read_model_config(path: str, trust_remote_code: bool = False):
+def read_model_config(path: str, trust_remote_code: bool = False, model_args=None):
+    """The model's config.json; a hub name is resolved first (config.json alone is fetched, no weights)."""
     from transformers import AutoConfig
 
+    if model_args is not None:
+        from lf_dist.model.hub import local_model
+
+        path = local_model(path, model_args, config_only=True)
     check_local(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)

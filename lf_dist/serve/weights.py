@@ -23,7 +23,8 @@ from lf_dist.config import RunConfig
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE
-from lf_dist.model.loader import check_local, load_model
+from lf_dist.model.hub import local_model
+from lf_dist.model.loader import check_local, check_weights, load_model
 from lf_dist.parallel.deepspeed import TAG
 from lf_dist.parallel.distributed import DCP_DIR
 from lf_dist.train.checkpoint import RUN_FILE
@@ -53,14 +54,17 @@ class Sources:
 
 def resolve(cfg: RunConfig) -> Sources:
     """Where the weights come from, checked before anything is loaded."""
-    model_path = Path(cfg.model.model_name_or_path)
-    adapters = [Path(a.strip()) for a in (cfg.model.adapter_name_or_path or "").split(",") if a.strip()]
+    m = cfg.model
+    model_path = Path(local_model(m.model_name_or_path, m))
+    names = [a.strip() for a in (m.adapter_name_or_path or "").split(",") if a.strip()]
+    adapters = [Path(local_model(a, m, "adapter_name_or_path")) for a in names]
     sharded = None
     if model_path.is_dir() and sharded_kind(model_path):
-        sharded, base = model_path, _recorded_base(model_path)
+        sharded, base = model_path, _recorded_base(model_path, m)
     else:
         check_local(str(model_path))
         base = str(model_path)
+    check_weights(base)
     for adapter in adapters:
         if not adapter.is_dir():
             raise UserError(f"adapter_name_or_path: {adapter} is not a directory")
@@ -73,7 +77,7 @@ def resolve(cfg: RunConfig) -> Sources:
     return Sources(base, [a for a in adapters if a != sharded], sharded)
 
 
-def _recorded_base(ckpt: Path) -> str:
+def _recorded_base(ckpt: Path, model_args) -> str:
     """The base model of the run that wrote `ckpt` (its own frozen weights are not in the shards)."""
     run_file = ckpt / RUN_FILE
     if not run_file.is_file():
@@ -81,7 +85,7 @@ def _recorded_base(ckpt: Path) -> str:
             f"model_name_or_path: {ckpt} has no {RUN_FILE}; give the base as model_name_or_path and "
             "the checkpoint as adapter_name_or_path"
         )
-    base = json.loads(run_file.read_text(encoding="utf-8"))["model_name_or_path"]
+    base = local_model(json.loads(run_file.read_text(encoding="utf-8"))["model_name_or_path"], model_args)
     if not (Path(base) / "config.json").is_file():
         raise UserError(f"model_name_or_path: the base model of {ckpt} ({base}) is not there any more")
     return base

@@ -21,6 +21,9 @@ PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "lf_dist_run.json"  # the config of the run that wrote a checkpoint (resume checks, export's base)
 FILES_FILE = "checkpoint_files.json"  # every file's size in bytes, recorded when the checkpoint was written
+# Beside the checkpoints: those of a previous run that this run (overwrite_output_dir) replaces. They stay
+# until this run's first checkpoint is complete, and a restart of this run never resumes from them.
+SUPERSEDED_FILE = ".lf-dist-superseded.json"
 
 
 def _step_of(path: Path) -> int | None:
@@ -34,6 +37,36 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
         return []
     found = [(s, p) for p in Path(output_dir).iterdir() if p.is_dir() and (s := _step_of(p)) is not None]
     return [p for _, p in sorted(found)]
+
+
+def is_preemption(path: Path) -> bool:
+    """A checkpoint written because the run was stopped (SIGTERM / SIGINT / a stop request)."""
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8")).get("reason") == "preemption"
+    except (OSError, ValueError):
+        return False
+
+
+def supersede(output_dir: Path) -> None:
+    """Mark the checkpoints now in output_dir as a previous run's (see SUPERSEDED_FILE)."""
+    names = sorted({p.name for p in list_checkpoints(output_dir)} | set(superseded(output_dir)))
+    if names:
+        (Path(output_dir) / SUPERSEDED_FILE).write_text(json.dumps(names) + "\n", encoding="utf-8")
+
+
+def superseded(output_dir: Path) -> list[str]:
+    try:
+        return json.loads((Path(output_dir) / SUPERSEDED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+
+
+def drop_superseded(output_dir: Path, written: Path | None = None) -> None:
+    """This run wrote a checkpoint (`written`) or its final model: the previous run's checkpoints go."""
+    for name in superseded(output_dir):
+        if written is None or name != written.name:  # a same-named one was replaced by the rename already
+            shutil.rmtree(Path(output_dir) / name, ignore_errors=True)
+    (Path(output_dir) / SUPERSEDED_FILE).unlink(missing_ok=True)
 
 
 def rng_state() -> dict:
@@ -83,6 +116,8 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         detail = f": {error}" if error else " on another rank"
         raise RunStopped(f"could not write {final.name} in {output_dir}{detail}; the earlier checkpoints are intact")
+    if strategy.is_main:
+        drop_superseded(output_dir, final)
     if strategy.is_main and total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -140,10 +175,10 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def latest_intact(output_dir: Path) -> Path | None:
+def latest_intact(output_dir: Path, skip: list[str] = ()) -> Path | None:
     """The newest complete checkpoint whose files are as they were written; damaged ones are skipped, with a
-    warning."""
-    for path in reversed(list_checkpoints(output_dir)):
+    warning, and so are those named in `skip`."""
+    for path in reversed([p for p in list_checkpoints(output_dir) if p.name not in skip]):
         problem = damage(path)
         if problem is None:
             return path

@@ -190,6 +190,9 @@ class Trainer:
             )
         return path
 
+    def _samples_per_step(self) -> int:
+        return self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps * self.strategy.dp_size
+
     def _log_now(self, epoch_end: bool) -> bool:
         how = self.t.logging_strategy
         if how == "no":
@@ -236,7 +239,6 @@ class Trainer:
             self.strategy.is_main,
             show,
             self.loss.summarize,
-            self.stage.shown,
             open_reporters(self.cfg, self.output_dir) if self.strategy.is_main else [],
         )
         if state is not None:
@@ -266,6 +268,7 @@ class Trainer:
             "epoch": round(self.step / self.schedule.steps_per_epoch, 4),
             "train_loss": sum(losses) / max(len(losses), 1),
             "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round((self.step - start) * self._samples_per_step() / max(runtime, 1e-9), 3),
             "train_steps_per_second": round((self.step - start) / max(runtime, 1e-9), 4),
             "train_tokens_per_second": round(run_tokens / max(runtime, 1e-9), 2),
             "padding_ratio": round(1 - run_tokens / max(self.padded_tokens, 1), 4),
@@ -292,14 +295,15 @@ def _inject_fault(step: int, fail_at: int, rank: int) -> None:
     LF_DIST_KILL_RANK (default 1) after that step, on the first attempt of a torchrun job only."""
     if step == fail_at:
         raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
-    # LF_DIST_SIGNAL_AT_STEP: SIGTERM after that step to itself, or to LF_DIST_SIGNAL_PID (a launcher, which then
-    # gets LF_DIST_SIGNAL_WAIT seconds, as a longer step would give it), from LF_DIST_SIGNAL_RANK (default: every
-    # rank) — preemption tests
+    # LF_DIST_SIGNAL_AT_STEP: SIGTERM (or LF_DIST_SIGNAL, e.g. SIGINT) after that step to itself, or to
+    # LF_DIST_SIGNAL_PID (a launcher, which then gets LF_DIST_SIGNAL_WAIT seconds, as a longer step would give
+    # it), from LF_DIST_SIGNAL_RANK (default: every rank) — preemption tests
     signal_rank = os.environ.get("LF_DIST_SIGNAL_RANK")
     if step == int(os.environ.get("LF_DIST_SIGNAL_AT_STEP", "0")) and signal_rank in (None, str(rank)):
         import signal
 
-        os.kill(int(os.environ.get("LF_DIST_SIGNAL_PID", "0")) or os.getpid(), signal.SIGTERM)
+        signum = signal.Signals[os.environ.get("LF_DIST_SIGNAL", "SIGTERM")]  # SIGINT: a Ctrl-C
+        os.kill(int(os.environ.get("LF_DIST_SIGNAL_PID", "0")) or os.getpid(), signum)
         time.sleep(float(os.environ.get("LF_DIST_SIGNAL_WAIT", "0")))
     kill_at = int(os.environ.get("LF_DIST_KILL_AT_STEP", "0"))
     first_attempt = restart_count() == 0

@@ -18,8 +18,6 @@ from lf_dist.train.losses import CausalLMLoss, StageLoss
 from lf_dist.train.pref_losses import REFERENCE_LOSSES
 from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss
 
-REWARD_METRICS = ("eval_loss", "eval_rewards/accuracies")
-
 
 @dataclass(frozen=True)
 class FrozenModel:
@@ -40,7 +38,6 @@ class StageSpec:
     build_loss: Callable[[RunConfig, dict], StageLoss]
     # the frozen models this config of the stage needs
     frozen: Callable[[RunConfig], tuple[FrozenModel, ...]] = lambda cfg: ()
-    shown: tuple[str, ...] = ("eval_loss",)  # eval results the console prints after an evaluation
     packing_default: bool = False  # packing when the config leaves it unset
     neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
     prompt_masking: bool = False  # train_on_prompt / mask_history apply
@@ -81,11 +78,9 @@ STAGES = {
             neat_packing=True,
             prompt_masking=True,
         ),
-        StageSpec(
-            "rm", PAIRWISE, SEQUENCE_SCORE, lambda cfg, frozen: RewardLoss(), shown=REWARD_METRICS, neat_packing=True
-        ),
-        StageSpec("dpo", PAIRWISE, CAUSAL_LM, _dpo, frozen=_dpo_reference, shown=REWARD_METRICS, neat_packing=True),
-        StageSpec("kto", FEEDBACK, CAUSAL_LM, _kto, frozen=_reference, shown=REWARD_METRICS),
+        StageSpec("rm", PAIRWISE, SEQUENCE_SCORE, lambda cfg, frozen: RewardLoss(), neat_packing=True),
+        StageSpec("dpo", PAIRWISE, CAUSAL_LM, _dpo, frozen=_dpo_reference, neat_packing=True),
+        StageSpec("kto", FEEDBACK, CAUSAL_LM, _kto, frozen=_reference),
     )
 }
 NOT_IMPLEMENTED = ("ppo",)  # LLaMA-Factory stages lf-dist does not run yet

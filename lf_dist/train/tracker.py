@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,17 +13,68 @@ from pathlib import Path
 from lf_dist.train.reporters import metrics_of
 
 LOG_FILE = "trainer_log.jsonl"
+RESULTS_FILE = "all_results.json"
 
 
 def _hms(seconds: float) -> str:
     return str(datetime.timedelta(seconds=int(seconds)))
 
 
+def _console(line: str, bar=None) -> None:
+    """A line on stdout that stays above the progress bar (on stderr), as Hugging Face's Trainer prints."""
+    if bar is not None:
+        bar.write(line, file=sys.stdout)
+    else:
+        print(line, flush=True)
+
+
+def _short(value):
+    return round(value, 4) if isinstance(value, float) else value
+
+
+def save_metrics(output_dir: Path, results: dict) -> None:
+    """train_results.json / eval_results.json, and both merged into all_results.json (kept from an earlier
+    call: an evaluation of a trained output_dir adds its eval_* to the training's), as LLaMA-Factory's
+    Trainer.save_metrics writes them."""
+    path = Path(output_dir) / RESULTS_FILE
+    try:
+        merged = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        merged = {}
+    evals = {k: v for k, v in results.items() if k.startswith("eval_")}
+    trains = {k: v for k, v in results.items() if k not in evals}
+    for split, values in (("train", trains), ("eval", evals)):
+        if values:
+            text = json.dumps(values, indent=2) + "\n"
+            (Path(output_dir) / f"{split}_results.json").write_text(text, encoding="utf-8")
+    merged.update(results)
+    path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+
+
+def print_metrics(results: dict) -> None:
+    """The closing block of train (and eval) metrics, in the Trainer's layout."""
+    evals = {k: v for k, v in results.items() if k.startswith("eval_")}
+    for split, values in (("train", {k: v for k, v in results.items() if k not in evals}), ("eval", evals)):
+        if not values:
+            continue
+        width = max(map(len, values))
+        lines = [f"***** {split} metrics *****"]
+        for key in sorted(values):
+            value = values[key]
+            if key.endswith("_runtime"):
+                value = str(datetime.timedelta(seconds=round(value, 2))).rstrip("0").rstrip(".")
+            elif isinstance(value, float):
+                value = f"{value:.4g}" if abs(value) < 1e-3 and value else f"{value:.4f}".rstrip("0").rstrip(".")
+            elif isinstance(value, list):
+                value = ", ".join(map(str, value))
+            lines.append(f"  {key:<{width}} = {value:>10}")
+        _console("\n".join(lines))
+
+
 class Tracker:
     """Lives on the main rank only; other ranks get a no-op via `enabled=False`.
 
-    `summarize` turns the stage's reduced (sum, count) metrics into logged values; `shown` names the eval
-    results the console prints after an evaluation (both come from the stage).
+    `summarize` (the stage's) turns the stage's reduced (sum, count) metrics into logged values.
     """
 
     def __init__(
@@ -33,11 +85,10 @@ class Tracker:
         enabled: bool,
         show_progress: bool,
         summarize: Callable[[dict], dict],
-        shown: tuple[str, ...] = ("eval_loss",),
         reporters: list | None = None,
     ):
         self.output_dir, self.total_steps, self.enabled = Path(output_dir), total_steps, enabled
-        self.summarize, self.shown = summarize, shown
+        self.summarize = summarize
         self.reporters = reporters or []  # report_to trackers (train/reporters.py), main rank only
         self.start_time = time.perf_counter()
         self.start_step = start_step
@@ -108,6 +159,7 @@ class Tracker:
         if not log_now:
             return
         now = time.perf_counter()
+        stage_metrics = self.summarize(w["metrics"])
         entry = {
             **self._timing(step),
             "loss": round(w["loss"] / w["steps"], 6),
@@ -116,19 +168,22 @@ class Tracker:
             "epoch": round(epoch, 4),
             "num_tokens": self.num_tokens,
             "tokens_per_second": round(w["tokens"] / max(now - w["time"], 1e-9), 2),
-            **self.summarize(w["metrics"]),
+            **stage_metrics,
             **(extra or {}),
         }
         self.window = self._new_window(now)
         self._append(entry)
+        if self.enabled:  # the Trainer's console line: loss, grad_norm, learning_rate, epoch, the stage's metrics
+            shown = {"loss": entry["loss"], "grad_norm": grad_norm, "learning_rate": float(f"{lr:.4g}")}
+            shown = {**shown, "epoch": round(epoch, 2), **stage_metrics}
+            _console(str({k: _short(v) for k, v in shown.items()}), self.bar)
 
     def on_eval(self, step: int, results: dict, epoch: float) -> None:
         """`results`: eval_loss and the stage's eval_* metrics."""
         rounded = {k: round(v, 6) for k, v in results.items()}
         self._append({**self._timing(step), **rounded, "epoch": round(epoch, 4)})
-        if self.bar is not None:
-            shown = ", ".join(f"{k} {rounded[k]:.4f}" for k in self.shown if k in rounded)
-            self.bar.write(f"[lf-dist] step {step}: {shown}")
+        if self.enabled:
+            _console(str({**{k: _short(v) for k, v in rounded.items()}, "epoch": round(epoch, 2)}), self.bar)
 
     def close(self) -> None:
         if self.bar is not None:
