@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config", help="an inference / export YAML: model_name_or_path, adapter_name_or_path, ...")
         cmd.add_argument("overrides", nargs="*")
+        if name == "api":
+            cmd.add_argument("--host", help="address to listen on (default: API_HOST, else 127.0.0.1: this machine)")
+            cmd.add_argument("--port", type=int, help="TCP port (default: API_PORT, else 8000)")
     env = sub.add_parser("env", help="print this machine's hardware profile and the backends that import")
     env.add_argument("--json", action="store_true")
     sub.add_parser("version", help="print the version")
@@ -82,6 +85,8 @@ def _plan(args) -> int:
     print(f"  profile: {hw.name} ({hw.gpu or 'CPU'}, {hw.world_size} device(s), {plan.gpu_memory_gib:.2f} GiB each)")
     print(f"  parameters: {plan.num_params:,} ({plan.trainable_params:,} trainable)")
     print("  memory per device (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in plan.memory_gib.items()))
+    if plan.fits:
+        print(f"  {plan.most_that_fits()}")
     for reason in plan.reasons:
         print(f"  - {reason}")
     if plan.suggestion:
@@ -135,7 +140,7 @@ def _serve(args) -> int:
         return run_chat(cfg)
     from lf_dist.serve.api import run_api
 
-    return run_api(cfg)
+    return run_api(cfg, host=args.host, port=args.port)
 
 
 def _train(args) -> int:

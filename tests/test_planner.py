@@ -207,3 +207,65 @@ def test_tiny_model_plan_matches_the_model_it_builds():
     cfg = load_config(SFT, [f"model_name_or_path={TINY_MODEL}"])
     plan = make_plan(cfg, load_profile("cpu"), get_stage("sft"), launching=False)
     assert plan.num_params == 427_488 and plan.trainable_params == 27_648  # as the run logs them
+
+
+@pytest.mark.parametrize("model", ["Llama-3.2-1B", "Qwen2.5-0.5B"])
+@pytest.mark.parametrize(
+    "keys", [{}, {"use_dora": True}, {"lora_target": "q_proj,v_proj"}, {"additional_target": "embed_tokens"}]
+)
+def test_lora_counted_on_one_layer_equals_peft_on_the_whole_model(model, keys):
+    """The planner counts LoRA on a one-layer copy (a 405B plan in seconds); peft on every layer agrees."""
+    import copy
+
+    from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE
+    from lf_dist.planner.model_size import _trainable, meta_model, trainable_params
+
+    cfg = load_config(SFT, [f"{k}={v}" for k, v in keys.items()])
+    config = read_model_config(str(CONFIGS / model))
+    for head in (CAUSAL_LM, SEQUENCE_SCORE):
+        whole = copy.deepcopy(cfg)
+        whole.finetuning.disable_gradient_checkpointing = True
+        assert trainable_params(config, head, cfg, "lora") == _trainable(meta_model(config, head), whole, head)
+
+
+def test_the_plan_reports_the_most_rank_length_and_batch_that_fit_each_at_its_edge():
+    plan = _plan("Llama-3.1-8B", "a6000x1", finetuning_type="lora", cutoff_len=2048, lora_rank=8)
+    assert plan.fits and plan.max_lora_rank & (plan.max_lora_rank - 1) == 0  # a power of two
+    assert "most that fits with lora: lora_rank" in plan.most_that_fits()
+    gc = {"disable_gradient_checkpointing": False}  # the most that fits is reckoned with checkpointing on
+    for key, top, above in (
+        ("lora_rank", plan.max_lora_rank, 2 * plan.max_lora_rank),
+        ("cutoff_len", plan.max_cutoff_len, plan.max_cutoff_len + 1),
+        ("per_device_train_batch_size", plan.max_batch_size, plan.max_batch_size + 1),
+    ):
+        base = {"finetuning_type": "lora", "cutoff_len": 2048, "lora_rank": 8, **gc}
+        assert _plan("Llama-3.1-8B", "a6000x1", **{**base, key: top}).fits, key
+        assert not _plan("Llama-3.1-8B", "a6000x1", **{**base, key: above}).fits, key
+
+
+def test_advice_names_the_first_change_that_fits_and_never_a_tiny_cutoff():
+    big_rank = _plan("Llama-3.1-70B", "a6000x1", finetuning_type="auto", lora_rank=256, cutoff_len=1024)
+    assert not big_rank.fits and big_rank.suggestion.startswith("lora_rank: 32 would fit with 4-bit QLoRA")
+    assert _plan("Llama-3.1-70B", "a6000x1", finetuning_type="auto", lora_rank=32, cutoff_len=1024).fits
+    batch = _plan("Llama-3.1-70B", "a6000x1", finetuning_type="lora", cutoff_len=1024, per_device_train_batch_size=8)
+    assert batch.suggestion.startswith(
+        "finetuning_type: lora with quantization_bit: 4 and per_device_train_batch_size: 2 with "
+        "gradient_accumulation_steps: 8"  # 2 × 8 / 2: the YAML accumulates 2 micro-batches of 8
+    )
+    offload = _plan("Llama-3.1-405B", "h100x8", finetuning_type="lora", cutoff_len=1024)
+    assert offload.suggestion.startswith("fsdp_cpu_offload: true would fit")  # 1.5 of the node's 2 TiB of RAM
+    gpus = _plan("Qwen2.5-72B", "rtx4090x1", finetuning_type="full", cutoff_len=1024)  # 64 GiB RAM: no offload
+    assert gpus.suggestion.startswith("finetuning_type: lora, 32 × NVIDIA GeForce RTX 4090 (32 nodes of 1, ")
+    tight = _plan("Qwen2.5-72B", "rtx4090x1", finetuning_type="lora", quantization_bit=4, cutoff_len=1024)
+    assert not tight.fits and "cutoff_len" not in tight.suggestion  # what fits there is far below 256 tokens
+
+
+def test_offloading_plans_check_the_nodes_ram():
+    ds = {"deepspeed": ROOT / "examples" / "deepspeed" / "ds_z3_offload_config.json", "finetuning_type": "lora"}
+    big = _plan("Llama-3.1-70B", "a6000x1", cutoff_len=1024, **ds)
+    assert big.memory_gib["total"] < big.gpu_memory_gib  # the GPU would do ...
+    assert not big.fits and big.host_memory_gib > 128  # ... but ~131 GiB of bf16 weights exceed 128 GiB of RAM
+    assert any("GiB of RAM per node > 90% of 128 GiB" in r for r in big.reasons)
+    assert "quantization_bit: 4 and no deepspeed config" in big.suggestion
+    small = _plan("Llama-3.1-8B", "a6000x1", cutoff_len=1024, **ds)
+    assert small.fits and 15 < small.host_memory_gib < 0.9 * 128

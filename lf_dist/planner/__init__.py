@@ -4,7 +4,8 @@ quantization (with fallback), gradient checkpointing, memory per device term by 
 Decisions are made here once, before launch; launchers and workers read the Plan and never decide again.
 """
 
-from lf_dist.planner.decide import PLAN_FILE, Plan, make_plan, require_fit
+from lf_dist.planner.decide import make_plan
+from lf_dist.planner.plan import PLAN_FILE, Plan, require_fit
 from lf_dist.planner.profiles import PROFILES, HardwareProfile, backends, detect, load_profile
 
 __all__ = [

@@ -110,37 +110,62 @@ def cpu_allocator_slack(transient: float, optimizer: float, uncheckpointed: floa
     return max(0.0, (1.2 if s.quant_bits else 0.85) * transient - 0.5 * optimizer)
 
 
+def _sharded(s: Setup) -> bool:
+    return s.strategy == "fsdp2" or (s.strategy == "deepspeed" and s.zero_stage == 3)
+
+
+def _weight_bytes(size: ModelSize, s: Setup) -> float:
+    """The weights one rank holds (its shards where sharded)."""
+    c, sharded = s.compute_bytes, _sharded(s)
+    frozen = size.num_params - s.trainable
+    if s.quant_bits:
+        quantized = _quantized_bytes(size.quantizable_params, s.quant_bits, s.double_quant)
+        rest = (frozen - size.quantizable_params) * c  # embeddings, norms, output layer
+        return quantized + (rest + 4 * s.trainable) / (s.dp if sharded else 1)
+    frozen_bytes = 4 if s.strategy == "fsdp2" else c  # FSDP2 keeps fp32 shards, computes in bf16
+    train_bytes = c if s.strategy == "deepspeed" and c < 4 else 4  # DeepSpeed casts the module; fp32 masters
+    return (frozen * frozen_bytes + s.trainable * train_bytes) / (s.dp if sharded else 1)
+
+
+def _optimizer_bytes(s: Setup) -> float:
+    """AdamW's states of one rank (and DeepSpeed's fp32 master weights in bf16 / fp16)."""
+    ds = s.strategy == "deepspeed"
+    shard_state = s.dp if (_sharded(s) or (ds and s.zero_stage >= 1)) else 1
+    optimizer = s.trainable * s.optimizer_bytes / shard_state
+    if ds and s.compute_bytes < 4:
+        optimizer += s.trainable * 4 / shard_state
+    return optimizer
+
+
+def host_bytes(size: ModelSize, s: Setup, ranks_per_node: int) -> float:
+    """CPU memory per node for what offload moves there: every rank's optimizer states and fp32 gradients, and
+    under ZeRO-3 / FSDP2 its weight shards (a node holds the shards of all its ranks)."""
+    if not s.offload:
+        return 0.0
+    grads = s.trainable * 4 / (s.dp if _sharded(s) or s.zero_stage >= 2 else 1)
+    per_rank = _optimizer_bytes(s) + grads + (_weight_bytes(size, s) if _sharded(s) else 0.0)
+    return per_rank * ranks_per_node
+
+
 def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     """Bytes per device for each term (GiB), plus their total under "total"."""
     c = s.compute_bytes
-    sharded = s.strategy == "fsdp2" or (s.strategy == "deepspeed" and s.zero_stage == 3)
+    sharded = _sharded(s)
     ds = s.strategy == "deepspeed"
     shard_state = s.dp if (sharded or (ds and s.zero_stage >= 1)) else 1
     shard_grads = s.dp if (sharded or (ds and s.zero_stage >= 2)) else 1
-    frozen = size.num_params - s.trainable
     terms: dict[str, float] = {}
 
     # -- weights ------------------------------------------------------------------------------------------
-    if s.offload and sharded:  # FSDP2 cpu offload / ZeRO-3 offload_param: the shards live in CPU memory
-        terms["weights"] = 0.0
-    elif s.quant_bits:
-        quantized = _quantized_bytes(size.quantizable_params, s.quant_bits, s.double_quant)
-        rest = (frozen - size.quantizable_params) * c  # embeddings, norms, output layer
-        terms["weights"] = quantized + (rest + 4 * s.trainable) / (s.dp if sharded else 1)
-    else:
-        frozen_bytes = 4 if s.strategy == "fsdp2" else c  # FSDP2 keeps fp32 shards, computes in bf16
-        train_bytes = c if ds and c < 4 else 4  # DeepSpeed bf16/fp16 casts the module; fp32 masters below
-        terms["weights"] = (frozen * frozen_bytes + s.trainable * train_bytes) / (s.dp if sharded else 1)
+    # FSDP2 cpu offload / ZeRO-3 offload_param: the shards live in CPU memory (see host_bytes)
+    terms["weights"] = 0.0 if s.offload and sharded else _weight_bytes(size, s)
     if sharded:  # the unsharded copies in flight: the root unit all forward, a layer and the next one prefetched
         gathered = (size.root_params + 2 * size.largest_layer_params) * c
         terms["gathered_layers"] = gathered + size.largest_layer_params * 4 * (s.method == "full")
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
         terms["dequantized_linear"] = size.largest_linear_params * c
     # -- optimizer ---------------------------------------------------------------------------------------------
-    optimizer = s.trainable * s.optimizer_bytes / shard_state
-    if ds and c < 4:
-        optimizer += s.trainable * 4 / shard_state  # fp32 master weights
-    terms["optimizer"] = 0.0 if s.offload else optimizer
+    terms["optimizer"] = 0.0 if s.offload else _optimizer_bytes(s)
     if s.frozen_copies:
         ref_bytes = 4 if s.strategy == "fsdp2" else c
         terms["reference_model"] = s.frozen_copies * size.num_params * ref_bytes / (s.dp if sharded else 1)

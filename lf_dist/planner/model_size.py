@@ -99,13 +99,59 @@ def measure(config, head: Head) -> ModelSize:
     )
 
 
-def trainable_params(config, head: Head, cfg, finetuning_type: str) -> int:
-    """Parameters the method trains, counted on the meta model the run would build (peft's LoRA included)."""
-    from lf_dist.model.adapter import apply_finetuning
-
+def trainable_params(config, head: Head, cfg, finetuning_type: str, rank: int | None = None) -> int:
+    """Parameters the method trains, counted on the meta model the run would build (peft's LoRA included);
+    `rank` overrides lora_rank. LoRA on a model whose decoder layers are all alike is counted on a one-layer copy
+    (peft's adapter injection takes seconds per hundred layers) and scaled to every layer."""
     run_cfg = copy.deepcopy(cfg)
     run_cfg.finetuning.finetuning_type = finetuning_type
     run_cfg.finetuning.disable_gradient_checkpointing = True
     run_cfg.model.adapter_name_or_path = None  # an adapter to continue has the shapes the config gives it
-    model = apply_finetuning(meta_model(config, head), run_cfg, head, quiet=True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run_cfg.model.upcast_layernorm = False
+    if rank is not None:
+        run_cfg.finetuning.lora_rank = rank
+    if finetuning_type == "full":
+        return _count(meta_model(config, head).parameters())
+    if finetuning_type == "lora":
+        scaled = _lora_on_one_layer(config, head, run_cfg)
+        if scaled is not None:
+            return scaled
+    return _trainable(meta_model(config, head), run_cfg, head)
+
+
+def _trainable(model, run_cfg, head: Head) -> int:
+    return sum(p.numel() for p in _apply(model, run_cfg, head).parameters() if p.requires_grad)
+
+
+def _lora_on_one_layer(config, head: Head, run_cfg) -> int | None:
+    """LoRA's count from a copy with one decoder layer: the parts outside the layers once, the layer's share
+    times the layer count; None where the layers differ (then the whole model is counted)."""
+    n = int(config.num_hidden_layers)
+    if n <= 2:
+        return None
+    full = meta_model(config, head)
+    layers = _layers(full)
+    shapes = {tuple((k, tuple(v.shape)) for k, v in layer.named_parameters()) for layer in layers}
+    if len(layers) != n or len(shapes) != 1 or len({type(layer) for layer in layers}) != 1:
+        return None
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    for key, value in vars(config).items():  # per-layer lists (layer_types, ...) keep their first entry
+        if isinstance(value, list) and len(value) == n:
+            setattr(one, key, value[:1])
+    try:
+        small = meta_model(one, head)
+    except Exception:  # noqa: BLE001 - a config that cannot have one layer: count the whole model
+        return None
+    if _count(small.parameters()) != _count(full.parameters()) - (n - 1) * _count(layers[0].parameters()):
+        return None
+    model = _apply(small, run_cfg, head)
+    in_layer = sum(p.numel() for layer in _layers(model) for p in layer.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total + (n - 1) * in_layer
+
+
+def _apply(model, run_cfg, head: Head):
+    from lf_dist.model.adapter import apply_finetuning
+
+    return apply_finetuning(model, run_cfg, head, quiet=True)

@@ -1,0 +1,89 @@
+"""Advice for a plan that does not fit: the first change that would, in the order a person would try them."""
+
+from __future__ import annotations
+
+import math
+
+from lf_dist.config import RunConfig
+from lf_dist.planner.plan import method_name
+from lf_dist.planner.sizing import Sizing
+
+MIN_SUGGESTED_CUTOFF = 256  # a shorter cutoff_len is no advice for fine-tuning
+
+
+def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
+    """The first change that fits, in the order a person would try them: checkpointing, a lower LoRA rank,
+    LoRA, QLoRA (at a lower rank too), a smaller per-device batch with more accumulation, offload, more GPUs of
+    the profile's card, a shorter cutoff_len (256 tokens at least). Each is checked with checkpointing on."""
+    f, t = cfg.finetuning, cfg.train
+    rank, batch, accum = f.lora_rank, t.per_device_train_batch_size, t.gradient_accumulation_steps
+
+    def fits(m, b, **kw):
+        mem = p.memory(m, b, True, **kw)
+        return mem["total"] if p.fits(mem) else None
+
+    if {"disable_gradient_checkpointing", "gradient_checkpointing"} & cfg.given and f.disable_gradient_checkpointing:
+        if (total := fits(method, bits)) is not None:
+            return f"disable_gradient_checkpointing: false would fit ({total:.2f} GiB)"
+    methods = [(method, bits, "", {})]
+    if method in ("full", "freeze"):
+        methods.append(("lora", None, "finetuning_type: lora", {}))
+    if not bits:
+        methods.append(("lora", 4, "finetuning_type: lora with quantization_bit: 4" + _without_deepspeed(p), {}))
+        if p.strategy == "deepspeed":  # a quantized base runs without DeepSpeed
+            methods[-1][3].update(strategy="single" if p.world == 1 else "fsdp2", zero_stage=0, offload=False)
+    for m, b, what, changes in methods:
+        if what and (total := fits(m, b, **changes)) is not None:
+            return f"{what} would fit ({total:.2f} GiB)"
+        for r in (2**i for i in reversed(range(int(math.log2(max(rank, 1)))))) if m == "lora" else ():
+            if (total := fits(m, b, rank=r, **changes)) is not None:
+                how = f"{what} and " if what else ""
+                return f"{how}lora_rank: {r} would fit with {method_name(m, b)} ({total:.2f} GiB)"
+    divisors = [d for d in range(batch - 1, 0, -1) if batch % d == 0]  # the same examples per optimizer step
+    for m, b, what, changes in methods:
+        for d in divisors:
+            if (total := fits(m, b, batch=d, **changes)) is not None:
+                how = f"{what} and " if what else ""
+                return (
+                    f"{how}per_device_train_batch_size: {d} with gradient_accumulation_steps: {accum * batch // d} "
+                    f"would fit ({total:.2f} GiB; the same examples per step)"
+                )
+    return (
+        _offload_option(p, method, bits)
+        or _more_gpus(p, methods)
+        or (f"cutoff_len: {max_cutoff} would fit" if max_cutoff >= MIN_SUGGESTED_CUTOFF else "a smaller model")
+    )
+
+
+def _without_deepspeed(p: Sizing) -> str:
+    return " and no deepspeed config (DeepSpeed takes no quantized base)" if p.strategy == "deepspeed" else ""
+
+
+def _offload_option(p: Sizing, method, bits) -> str | None:
+    """Weights and optimizer states in CPU memory (FSDP2's cpu offload, or DeepSpeed ZeRO-3 offload), checked
+    against the node's RAM."""
+    if p.offload or bits or not p.hw.on_gpu:
+        return None
+    if p.strategy == "fsdp2":
+        setup, mem = "fsdp_cpu_offload: true", p.memory(method, bits, True, offload=True)
+    else:
+        setup = "deepspeed: examples/deepspeed/ds_z3_offload_config.json"
+        mem = p.memory(method, bits, True, offload=True, strategy="deepspeed", zero_stage=3)
+    if p.fits(mem):
+        return f"{setup} would fit ({mem['total']:.2f} GiB per GPU, {mem['host']:.2f} GiB of RAM per node)"
+    return None
+
+
+def _more_gpus(p: Sizing, methods) -> str | None:
+    """The smallest count of the profile's card (FSDP2 over them) on which one of the methods fits."""
+    if not p.hw.on_gpu:
+        return None
+    for n in (2**i for i in range(1, 13)):
+        for m, b, what, _ in methods if n > p.world else ():
+            mem = p.memory(m, b, True, world=n)
+            if p.fits(mem):
+                nodes = -(-n // p.hw.gpus_per_node)
+                where = f"{nodes} nodes of {p.hw.gpus_per_node}" if nodes > 1 else "one node"
+                how = f"{what}, " if what else ""
+                return f"{how}{n} × {p.hw.gpu} ({where}, strategy fsdp2) would fit ({mem['total']:.2f} GiB per GPU)"
+    return None

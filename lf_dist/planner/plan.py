@@ -1,0 +1,116 @@
+"""The Plan: every decision of a run, made once before launch, with the reasons; what launchers and workers read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lf_dist.config import RunConfig
+from lf_dist.errors import UserError
+
+PLAN_FILE = "run_plan.json"
+
+
+def method_name(method: str, bits: int | None) -> str:
+    return f"{bits}-bit QLoRA" if bits else method
+
+
+@dataclass
+class Plan:
+    profile: str
+    device: str  # cuda | cpu
+    launcher: str  # local | torchrun
+    world_size: int
+    nproc_per_node: int
+    strategy: str
+    finetuning_type: str
+    quantization_bit: int | None
+    gradient_checkpointing: bool
+    packing: bool
+    cutoff_len: int
+    num_params: int
+    trainable_params: int
+    per_gpu_memory_gib: float
+    gpu_memory_gib: float
+    fits: bool
+    max_cutoff_len: int
+    memory_gib: dict = field(default_factory=dict)
+    # the most that fits with the chosen method, each with the other settings as configured (0: none fits)
+    max_lora_rank: int | None = None  # a power of two; None for methods without LoRA
+    max_batch_size: int = 0  # per_device_train_batch_size
+    host_memory_gib: float = 0.0  # per node, for what is offloaded to CPU memory (weights, optimizer states)
+    reasons: list = field(default_factory=list)
+    suggestion: str | None = None
+    checkpoint_dir: str | None = None  # where checkpoint-N/ go (output_dir unless Ray storage says otherwise)
+    layout: dict = field(default_factory=dict)  # Ray: workers, resources per worker, placement
+    # kernels (planner/kernels.py): a flash_attn value, padding-free batches, chunked | liger | none, ...
+    attention: str = "auto"
+    padding_free: bool = False
+    cross_entropy: str = "chunked"
+    liger: bool = False
+    lean_lora: bool = False
+    torch_compile: bool = False
+    optim: str = "adamw_torch"
+
+    @property
+    def expected_peak_gib(self) -> float:
+        """What the run's own peak measure should read: CUDA's allocated peak leaves out the runtime overhead
+        (context, allocator slack); a CPU process's peak RSS includes it."""
+        runtime = self.memory_gib.get("runtime", 0.0) if self.device == "cuda" else 0.0
+        return round(self.per_gpu_memory_gib - runtime, 3)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def method(self) -> str:
+        return method_name(self.finetuning_type, self.quantization_bit)
+
+    def most_that_fits(self) -> str:
+        """The workstation owner's question: how far each knob goes with this method."""
+        parts = [f"lora_rank {self.max_lora_rank}"] if self.max_lora_rank is not None else []
+        parts += [f"cutoff_len {self.max_cutoff_len}", f"per_device_train_batch_size {self.max_batch_size}"]
+        return f"most that fits with {self.method()}: " + ", ".join(parts) + " (each with the others as configured)"
+
+    def summary(self) -> str:
+        fit = f"fits; max cutoff_len {self.max_cutoff_len}" if self.fits else "does NOT fit"
+        return (
+            f"plan: {self.method()} · {self.strategy} · {self.launcher} ×{self.world_size} · checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'} · {self.per_gpu_memory_gib:.2f} of "
+            f"{self.gpu_memory_gib:.2f} GiB per {'GPU' if self.device == 'cuda' else 'process'} ({fit}) · "
+            f"attention {self.attention} · "
+            f"{'padding-free' if self.padding_free else 'packed' if self.packing else 'padded'} batches · "
+            f"{self.cross_entropy} cross-entropy{' · liger' if self.liger else ''}"
+            f"{' · compiled' if self.torch_compile else ''}"
+        )
+
+    def apply(self, cfg: RunConfig) -> RunConfig:
+        """Write the plan's decisions into the config the worker and strategies read."""
+        cfg.finetuning.finetuning_type = self.finetuning_type
+        cfg.model.quantization_bit = self.quantization_bit
+        cfg.finetuning.disable_gradient_checkpointing = not self.gradient_checkpointing
+        cfg.train.strategy = self.strategy
+        cfg.model.flash_attn = self.attention
+        cfg.data.padding_free = self.padding_free
+        cfg.model.enable_liger_kernel = self.liger
+        cfg.finetuning.lean_lora = self.lean_lora
+        cfg.train.optim = self.optim
+        return cfg
+
+
+def require_fit(plan: Plan) -> None:
+    """`lf-dist train` refuses a plan that cannot fit, before anything is loaded."""
+    if plan.fits:
+        return
+    raise UserError(
+        f"plan: {plan.method()} needs {plan.per_gpu_memory_gib:.2f} GiB per device, {plan.profile} has "
+        f"{plan.gpu_memory_gib:.2f} GiB; {plan.suggestion or 'no change found that fits'} "
+        "(see `lf-dist plan`, or set finetuning_type: auto)"
+    )

@@ -1,0 +1,140 @@
+"""What a setup needs: the run's memory per device (and per node for what is offloaded) for any method, rank,
+length, batch or GPU count, and the most of each that fits. The planner and its advice ask it."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+
+from lf_dist.config import RunConfig
+from lf_dist.planner import kernels as kernel_choice
+from lf_dist.planner.memory import GIB, Setup, estimate, host_bytes
+from lf_dist.planner.model_size import ModelSize, measure, read_model_config, trainable_params
+from lf_dist.planner.profiles import HardwareProfile
+
+HOST_MARGIN = 0.9  # what is offloaded may take 90% of a node's RAM (the OS, data loading and pinned buffers)
+
+
+class Sizing:
+    """The model read from its config.json (nothing else of it is fetched) and the layout the planner chose:
+    `world` ranks, `per_node` on each, `strategy` with DeepSpeed's `zero_stage` and whether it `offload`s."""
+
+    def __init__(self, cfg: RunConfig, hw: HardwareProfile, stage, world, per_node, strategy, zero_stage, offload):
+        self.cfg, self.hw, self.stage = cfg, hw, stage
+        self.config = read_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model)
+        self.size: ModelSize = measure(self.config, stage.head)
+        self.world, self.per_node, self.strategy = world, per_node, strategy
+        self.zero_stage, self.offload = zero_stage, offload
+        # a CPU machine's RAM is shared by the processes on it
+        self.capacity = hw.gpu_memory_gib if hw.on_gpu else hw.gpu_memory_gib / max(self.per_node, 1)
+        self.kernels = kernel_choice.choose(cfg, hw, self.config, stage, self.strategy)
+        self._trainable: dict[tuple, int] = {}
+
+    def trainable(self, method: str, rank: int | None = None) -> int:
+        """Trainable parameters of `method` (LoRA at `rank`, else lora_rank). LoRA's count is affine in the rank
+        (A and B grow with it; DoRA's magnitudes and saved modules do not): two counts give every rank."""
+        rank = rank or self.cfg.finetuning.lora_rank
+        if method != "lora":
+            rank = 0
+        key = (method, rank)
+        if key not in self._trainable:
+            if method == "lora" and rank not in (1, 2):
+                one, two = self.trainable("lora", 1), self.trainable("lora", 2)
+                self._trainable[key] = one + (rank - 1) * (two - one)
+            else:
+                self._trainable[key] = trainable_params(self.config, self.stage.head, self.cfg, method, rank or None)
+        return self._trainable[key]
+
+    def setup(
+        self, method: str, bits: int | None, checkpointing: bool, cutoff: int, batch: int, rank=None, world=None
+    ) -> Setup:
+        t = self.cfg.train
+        as_run = copy.copy(self.cfg.finetuning)
+        as_run.finetuning_type = method
+        frozen = self.stage.frozen(with_finetuning(self.cfg, as_run))
+        rows = batch * self.stage.data.sequences
+        first_trainable = self.cfg.finetuning.freeze_trainable_layers
+        world = world or self.world
+        sharded_more = world != self.world and self.strategy in ("single", "ddp")  # more GPUs: FSDP2 shards
+        return Setup(
+            method=method,
+            trainable=self.trainable(method, rank),
+            quant_bits=bits,
+            double_quant=self.cfg.model.double_quantization,
+            compute_bytes=2 if (t.bf16 or t.fp16) else 4,
+            strategy="fsdp2" if sharded_more else self.strategy,
+            zero_stage=self.zero_stage,
+            dp=world,
+            offload=self.offload,
+            checkpointing=checkpointing,
+            tokens=rows * cutoff,
+            frozen_copies=sum(1 for fm in frozen if fm.path is not None),
+            frozen_forward=bool(frozen),
+            optimizer_bytes=2 if "8bit" in t.optim else 8,
+            seq_len=cutoff,
+            rows=rows,
+            attention_mask=self._builds_mask(),
+            chunked_logits=self.kernels.cross_entropy != "none",
+            on_cpu=not self.hw.on_gpu,
+            graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
+            accumulation=t.gradient_accumulation_steps,
+            logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
+        )
+
+    def _builds_mask(self) -> bool:
+        """Whether attention gets a 4-D mask: eager always; otherwise only rows whose examples are kept apart
+        (neat packing, packed pairs, padding-free) without a separating kernel (`model_inputs`)."""
+        k, d = self.kernels, self.cfg.data
+        if k.attention == "disabled":
+            return True
+        packed = bool(d.packing) and self.stage.data.packs
+        separated = k.padding_free or (packed and (d.neat_packing or self.stage.data.sequences > 1))
+        return separated and k.attention not in kernel_choice.SEPARATING
+
+    def memory(self, method, bits, checkpointing, cutoff=None, batch=None, rank=None, world=None, **changes) -> dict:
+        """GiB per device, term by term, and "host": per node, what is offloaded. `changes` replace Setup fields
+        (another strategy, offload) to ask what if."""
+        cutoff = cutoff or self.cfg.data.cutoff_len
+        batch = batch or self.cfg.train.per_device_train_batch_size
+        setup = replace(self.setup(method, bits, checkpointing, cutoff, batch, rank, world), **changes)
+        mem = estimate(self.size, setup, self.hw.runtime_overhead_gib)
+        per_node = self.per_node if world is None else min(world, self.hw.devices_per_node)
+        mem["host"] = round(host_bytes(self.size, setup, per_node) / GIB, 3)
+        return mem
+
+    def fits(self, mem: dict, limit: float | None = None) -> bool:
+        """Within the device's memory (or `limit`), and what is offloaded within the node's RAM."""
+        host_ok = not self.hw.ram_gib or mem["host"] <= HOST_MARGIN * self.hw.ram_gib
+        return mem["total"] <= (self.capacity if limit is None else limit) and host_ok
+
+    def largest(self, upper: int, fits_at) -> int:
+        """The largest n in [1, upper] with fits_at(n) (monotone), 0 if none."""
+        if not fits_at(1):
+            return 0
+        lo, hi = 1, upper
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits_at(mid) else (lo, mid - 1)
+        return lo
+
+    def max_cutoff(self, method, bits, checkpointing) -> int:
+        upper = self.size.max_positions or 1 << 20
+        return self.largest(upper, lambda n: self.fits(self.memory(method, bits, checkpointing, cutoff=n)))
+
+    def max_batch(self, method, bits, checkpointing) -> int:
+        return self.largest(4096, lambda n: self.fits(self.memory(method, bits, checkpointing, batch=n)))
+
+    def max_rank(self, method, bits, checkpointing) -> int | None:
+        """The largest power-of-two LoRA rank that fits (up to the hidden size), None without LoRA."""
+        if method != "lora":
+            return None
+        ranks = [2**i for i in range(int(math.log2(self.size.hidden_size)) + 1)]
+        fitting = [r for r in ranks if self.fits(self.memory(method, bits, checkpointing, rank=r))]
+        return max(fitting, default=0)
+
+
+def with_finetuning(cfg: RunConfig, finetuning) -> RunConfig:
+    out = copy.copy(cfg)
+    out.finetuning = finetuning
+    return out
