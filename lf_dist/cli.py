@@ -94,11 +94,34 @@ def _plan(args) -> int:
     return 0
 
 
+def _software() -> dict[str, str]:
+    """What `llamafactory-cli env` reports for a bug report: Python, the OS, torch (with its CUDA) and the
+    Hugging Face libraries."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    out = {"lf-dist": __version__, "Python": platform.python_version(), "OS": platform.platform()}
+    if torch.version.cuda:
+        seen = "a GPU is visible" if torch.cuda.is_available() else "no GPU visible"
+        out["torch"] = f"{torch.__version__} (CUDA {torch.version.cuda}; {seen})"
+    else:
+        out["torch"] = f"{torch.__version__} (CPU build)"
+    for dist in ("transformers", "peft", "datasets", "accelerate", "trl"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
 def _env(args) -> int:
     from lf_dist.planner import PROFILES, backends, detect
 
     hw = detect()
     info = {
+        "software": _software(),
         "profile": hw.to_dict(),
         "nnodes": os.environ.get("NNODES", "1"),
         "node_rank": os.environ.get("NODE_RANK", "0"),
@@ -108,6 +131,8 @@ def _env(args) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
+    for name, version in info["software"].items():
+        print(f"{name}: {version}")
     gpus = f"{hw.gpus_per_node} × {hw.gpu} ({hw.gpu_memory_gib:.2f} GiB, bf16 {'yes' if hw.bf16 else 'no'})"
     print(f"GPUs: {gpus if hw.on_gpu else 'none'}")
     print(f"CPU cores: {hw.cpu_cores}; RAM: {hw.ram_gib:.1f} GiB")
@@ -170,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "version":
             print(f"lf-dist {__version__}")
             return 0
+        if args.command in ("train", "export", "chat", "api"):
+            from lf_dist.log import quiet_libraries
+
+            quiet_libraries()
         commands = {"train": _train, "plan": _plan, "env": _env, "export": _serve, "chat": _serve, "api": _serve}
         return commands[args.command](args)
     except UserError as err:
@@ -184,22 +213,13 @@ _CONSOLE = False  # set by `entry`: this process runs one command and ends
 
 
 def entry() -> None:
-    """The `lf-dist` console script. Once the command is done and every stream flushed, the process ends without
-    the interpreter tearing down its thousands of modules (torch, transformers: ~2 s); exit handlers still run."""
-    import atexit
-    import logging
-
+    """The `lf-dist` console script: one command, then the process ends without interpreter teardown."""
     from lf_dist import startup
 
     global _CONSOLE
     _CONSOLE = True
     startup.pause()  # until the libraries are imported (see lf_dist/startup.py)
-    code = main()
-    atexit._run_exitfuncs()  # trackers, temporary files: what a normal exit would run
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    startup.end_process(main())
 
 
 if __name__ == "__main__":

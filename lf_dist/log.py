@@ -33,3 +33,25 @@ def get_logger(name: str = "lf_dist") -> logging.Logger:
         root.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
         _configured = True
     return logging.getLogger(name)
+
+
+class _Drop(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' start-up chatter that says nothing to a user off the terminal: DeepSpeed guessing its
+    accelerator on a machine without CUDA (told it is the CPU, through the environment its child processes
+    inherit), and the hub-kernel lines bitsandbytes' CPU backend causes at import (a publisher check that offline
+    mode skips, a fallback to bitsandbytes' own kernel)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("kernels").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("from kernels-community"))

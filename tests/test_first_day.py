@@ -145,3 +145,58 @@ def test_the_console_shows_a_metrics_line_per_logging_step_and_a_closing_block(t
     assert "***** eval metrics *****" in block and "eval_loss" in block
     results = json.loads((tmp_path / "out" / "all_results.json").read_text(encoding="utf-8"))
     assert f"{results['train_loss']:.4f}".rstrip("0") in block
+
+
+def test_export_writes_a_left_padding_tokenizer_and_no_library_warnings(tmp_path):
+    config = tmp_path / "export.yaml"
+    config.write_text(
+        f"model_name_or_path: {TINY_MODEL}\ntemplate: chatml\nexport_dir: {tmp_path / 'merged'}\n", encoding="utf-8"
+    )
+    proc = _lf_dist("export", str(config))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert saved["padding_side"] == "left"
+    assert "WARNING" not in proc.stderr and "accelerator" not in proc.stderr  # DeepSpeed's guess on a CPU
+
+
+def test_bitsandbytes_hub_kernel_lines_stay_off_the_terminal_offline():
+    code = "from lf_dist.log import quiet_libraries; quiet_libraries(); import bitsandbytes"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert proc.returncode == 0 and "kernels-community" not in proc.stderr, proc.stderr
+
+
+def test_a_rank_ends_without_interpreter_teardown(tmp_path):
+    """Extension libraries report "leaked" objects from their finalizers at interpreter teardown (nanobind's
+    dozens of lines after every torchrun run); a rank ends as the console script does, after its exit handlers."""
+    hook = tmp_path / "site"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "class _Finalizer:\n"
+        "    def __del__(self, write=os.write):  # module globals may be gone by then\n"
+        "        write(2, b'teardown: leaked 1 instance\\n')\n"
+        "if os.environ.get('LOCAL_RANK') is not None:\n"
+        "    sys.modules['_teardown_probe'] = type(sys)('_teardown_probe')\n"
+        "    sys.modules['_teardown_probe'].probe = _Finalizer()\n",
+        encoding="utf-8",
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "FORCE_TORCHRUN": "1",
+        "NPROC_PER_NODE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "lf_dist", "train", str(_yaml(tmp_path, "out", max_steps=2))],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "teardown: leaked" not in proc.stderr

@@ -146,7 +146,10 @@ def test_plan_json_has_the_documented_fields_and_exits_0_when_it_does_not_fit(ca
     ("args", "message"),
     [
         (["--profile", "a6000"], "--profile: unknown profile 'a6000'"),
-        (["model_name_or_path=/nonexistent"], "model_name_or_path: '/nonexistent' is not a folder, nor a hub model name"),
+        (
+            ["model_name_or_path=/nonexistent"],
+            "model_name_or_path: '/nonexistent' is not a folder, nor a hub model name",
+        ),
         (
             [
                 f"model_name_or_path={CONFIGS / 'Llama-3.1-405B'}",
@@ -189,6 +192,13 @@ def test_env_reports_this_machine_and_the_backends(capsys):
     assert info["profile"]["cpu_cores"] >= 1 and info["profile"]["ram_gib"] > 0
     assert set(info["backends"]) == {"deepspeed", "ray", "megatron-core", "liger-kernel", "flash-attn", "bitsandbytes"}
     assert info["backends"]["deepspeed"] and info["backends"]["bitsandbytes"]  # the dev extra installs both
+    software = info["software"]  # what llamafactory-cli env prints for a bug report
+    assert {"lf-dist", "Python", "OS", "torch", "transformers", "peft", "datasets", "accelerate"} <= set(software)
+    import platform
+
+    import torch
+
+    assert software["Python"] == platform.python_version() and software["torch"].startswith(torch.__version__)
 
 
 def test_train_writes_the_plan_it_ran_and_logs_planned_next_to_measured_peak(make_cfg):

@@ -12,9 +12,11 @@ from lf_dist.errors import UserError
 
 def main(argv: list[str]) -> int:
     from lf_dist.configure import load_config
+    from lf_dist.log import quiet_libraries
     from lf_dist.planner import Plan
     from lf_dist.worker import run
 
+    quiet_libraries()
     _, config_path, *overrides = argv
     try:
         plan_file = os.environ.get("LF_DIST_PLAN")
@@ -40,4 +42,4 @@ if __name__ == "__main__":
     from lf_dist import startup
 
     startup.pause()  # until the libraries are imported (see lf_dist/startup.py)
-    sys.exit(main(sys.argv[1:]))
+    startup.end_process(main(sys.argv[1:]))  # a rank ends as the console script does: no interpreter teardown

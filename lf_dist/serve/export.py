@@ -83,6 +83,8 @@ def export(cfg: RunConfig) -> Path:
     tmp.mkdir(parents=True)
     kwargs = {"safe_serialization": False} if e.export_legacy_format else {}
     model.save_pretrained(tmp, max_shard_size=f"{max(int(e.export_size * 1000), 1)}MB", **kwargs)
+    # as LLaMA-Factory exports it: batched generation pads on the left (transformers 5 saves what init was given)
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     tokenizer.save_pretrained(tmp)
     if out.exists():
         shutil.rmtree(out)

@@ -30,6 +30,7 @@ class _Request:
     index: torch.Tensor  # flat indices (row * seq_len + position) of the hidden states to score
     targets: torch.Tensor  # the label of each
     result: torch.Tensor | None = None  # log-probs, when the output layer computed them itself
+    shaped: torch.Tensor | None = None  # the same [1, N, 1], as the output layer returned them
 
 
 _REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("lf_dist_request", default=None)
@@ -63,7 +64,10 @@ def _forward(self, hidden, *args, **kwargs):
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, request.index)
     if self._lf_dist_fused and not args and not kwargs:
         request.result = _fused_logps(self)(picked, self.weight, self.bias, request.targets)
-        return request.result[None, :, None]  # shaped like logits, so the model's forward passes it on
+        # shaped like logits, so the model's forward passes it on; a copy (N floats), not a view: FSDP2 warns
+        # about views among a module's outputs (an in-place op on one would skip its gradient hooks)
+        request.shaped = request.result[None, :, None].clone()
+        return request.shaped
     return self._lf_dist_inner(picked[None], *args, **kwargs)
 
 
@@ -96,7 +100,7 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | 
     finally:
         _REQUEST.reset(token)
     if request.result is not None:
-        if logits.data_ptr() == request.result.data_ptr() and logits.numel() == targets.numel():
+        if logits.data_ptr() == request.shaped.data_ptr() and logits.numel() == targets.numel():
             # Through the model's own output, not `request.result`: FSDP2 and ZeRO-3 hook the outputs to gather
             # the output layer's weight again before its backward (and to reduce its gradient after).
             return logits.reshape(-1), mask
