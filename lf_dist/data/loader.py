@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lf_dist.data.converters import convert
@@ -62,19 +63,8 @@ def load_hub(attr: DatasetAttr, model_args=None):
     cache_dir = getattr(model_args, "cache_dir", None)
     where = "ModelScope" if attr.load_from == "ms_hub" else "the Hugging Face Hub"
     try:
-        if attr.load_from == "ms_hub":
-            try:
-                from modelscope import MsDataset
-            except ImportError:
-                raise UserError(
-                    f"dataset '{attr.name}' uses ms_hub_url: install modelscope (pip install 'lf-dist[modelscope]')"
-                ) from None
-            token = getattr(model_args, "ms_hub_token", None)
-            ds = MsDataset.load(
-                attr.file_name, subset_name=attr.subset, data_dir=attr.folder, split=attr.split, cache_dir=cache_dir,
-                token=token,
-            )  # fmt: skip
-            return ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
+        if attr.load_from == "ms_hub":  # the repository's files through ModelScope's client, read by datasets
+            return _load_folder(attr, _modelscope_dataset(attr, model_args), cache_dir)
         import datasets
 
         token = getattr(model_args, "hf_hub_token", None)
@@ -92,6 +82,27 @@ def load_hub(attr: DatasetAttr, model_args=None):
             f"dataset '{attr.name}': cannot load '{attr.file_name}' from {where}: {first}; download it and register "
             "its files with file_name (or fill the cache and set HF_HUB_OFFLINE=1)"
         ) from None
+
+
+def _modelscope_dataset(attr: DatasetAttr, model_args) -> str:
+    """The dataset repository's folder in ModelScope's cache (its `MsDataset` needs an older datasets)."""
+    from lf_dist.model.hub import modelscope_client, offline
+
+    download = modelscope_client("dataset_snapshot_download", f"dataset '{attr.name}'")
+    cache_dir = getattr(model_args, "cache_dir", None)
+    if offline():  # the client has no offline mode: the snapshot of its default branch, where it keeps it
+        root = Path(cache_dir or os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope"))
+        folder = root / "datasets" / attr.file_name.replace("/", "--") / "snapshots" / "master"
+        if folder.is_dir():
+            return str(folder)
+        raise UserError(f"dataset '{attr.name}': HF_HUB_OFFLINE is set and {attr.file_name} is not in {root}")
+    return download(attr.file_name, cache_dir=cache_dir, token=getattr(model_args, "ms_hub_token", None))
+
+
+def _load_folder(attr: DatasetAttr, folder: str, cache_dir: str | None):
+    import datasets
+
+    return datasets.load_dataset(folder, name=attr.subset, data_dir=attr.folder, split=attr.split, cache_dir=cache_dir)
 
 
 def load_raw(attr: DatasetAttr, cache_dir: str | None = None):

@@ -94,24 +94,38 @@ def _from_huggingface(name: str, config_only: bool, revision: str, cache_dir, to
 
 
 def _from_modelscope(name: str, config_only: bool, revision: str, cache_dir, token) -> str:
-    try:
-        from modelscope import snapshot_download
-    except ImportError:
-        raise UserError(
-            f"USE_MODELSCOPE_HUB=1: downloading '{name}' needs the modelscope package "
-            "(pip install 'lf-dist[modelscope]')"
-        ) from None
-    if token:
-        from modelscope.hub.api import HubApi
-
-        HubApi().login(token)
+    snapshot_download = modelscope_client("snapshot_download", f"downloading '{name}'")
     revision = "master" if revision == "main" else revision  # ModelScope's default branch, as LLaMA-Factory maps it
-    patterns = ["config.json"] if config_only else WANTED
     folder = snapshot_download(
-        name, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, ignore_patterns=SKIPPED
+        name,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        allow_patterns=["config.json"] if config_only else WANTED,
+        ignore_patterns=SKIPPED,
+        local_files_only=offline(),  # ModelScope has no offline switch of its own: HF_HUB_OFFLINE is lf-dist's
     )
     logger.info(f"{name}: {folder}")
     return folder
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def modelscope_client(function: str, what: str):
+    """A function of the modelscope package (an optional extra), with its info lines kept off the console."""
+    try:
+        import modelscope
+    except ImportError:
+        raise UserError(
+            f"USE_MODELSCOPE_HUB / ms_hub_url: {what} needs the modelscope package (pip install 'lf-dist[modelscope]')"
+        ) from None
+    import logging
+
+    for name in ("modelscope", "modelscope_hub"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return getattr(modelscope, function)
 
 
 def _explain(err: Exception, name: str, key: str, revision: str) -> str:
@@ -129,8 +143,7 @@ def _explain(err: Exception, name: str, key: str, revision: str) -> str:
             f"{key}: '{name}' is neither a local folder nor a model on {hub} (a private or gated model needs a token: "
             "HF_TOKEN or hf_hub_token)"
         )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    reason = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"{hub} could not be reached"
+    reason = "HF_HUB_OFFLINE is set and it is not in the cache" if offline() else f"{hub} could not be reached"
     return (
         f"{key}: cannot get '{name}': {reason}; download it where the hub can be reached and pass its folder "
         "(or fill the cache there and set HF_HUB_OFFLINE=1)"
