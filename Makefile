@@ -15,7 +15,7 @@ LF_LOCK := locks/llamafactory.txt
 PIP_VERSION := 26.3
 UV_VERSION := 0.13.9
 TORCH_VERSION := 2.13.0
-# torch's build: cpu here and in CI; a CUDA machine runs `make install TORCH_BUILD=cu128` (a build PyTorch
+# torch's build: cpu here and in CI; a CUDA machine runs `make install TORCH_BUILD=cu130` (a build PyTorch
 # publishes for this release) and gets every other pin unchanged. The lock names torch==$(TORCH_VERSION),
 # which any build satisfies, so installing it never pulls the CUDA wheels onto a CPU machine.
 TORCH_BUILD ?= cpu
@@ -23,7 +23,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/$(TORCH_BUILD)
 # Where `make lock` finds torch's CPU wheel: a local folder of wheels if the machine has one, else PyTorch's index.
 TORCH_WHEELS ?= /opt/wheels
 LOCK_TORCH := $(if $(wildcard $(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl),--find-links $(TORCH_WHEELS),--torch-backend cpu)
-LOCK_ARGS := -c constraints.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH) \
+LOCK_ARGS := -c constraints.txt -c locks/torch-cpu.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH) \
 	--custom-compile-command "make lock"
 
 .PHONY: install lock test test-slow test-all demo bench style quality clean
