@@ -165,6 +165,11 @@ def make_data(rng: random.Random) -> list[str]:
                 },
             },
             "pretrain_demo": {"file_name": "pretrain_demo.jsonl", "columns": {"prompt": "text"}},
+            "tool_demo": {
+                "file_name": "tool_demo.json",
+                "formatting": "sharegpt",
+                "columns": {"messages": "conversations", "tools": "tools"},
+            },
         },
     )
     corpus = [json.dumps(r, ensure_ascii=False) for r in alpaca + sharegpt + ranking + kto] + [
@@ -250,6 +255,52 @@ def pretrain(model, tokenizer, corpus: list[str], steps: int = 200, seq: int = 1
     model.eval()
 
 
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+    {
+        "name": "get_time",
+        "description": "Local time in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+]
+CONDITIONS = ("sunny", "rainy", "cloudy", "windy", "snowy")
+
+
+def make_tool_data(rng: random.Random) -> None:
+    """Tool calling in LLaMA-Factory's sharegpt format: a question and the call (`function_call`), in half of them
+    followed by the tool's result (`observation`) and the answer; a few questions need no tool. One city per tool:
+    the tiny model learns which tool to call in seconds, not yet to copy a name. Its own random stream, so the other
+    files (and the tiny model, whose tokenizer never saw this data) stay as they are."""
+    rows = []
+    for i in range(56):
+        if i % 4 < 2:
+            city, condition, degrees = "Lunport", rng.choice(CONDITIONS), rng.randrange(-5, 35)
+            call = {"name": "get_weather", "arguments": {"city": city}}
+            question, result = f"What is the weather like in {city}?", {"condition": condition, "temperature": degrees}
+            answer = f"It is {condition} in {city}, {degrees} degrees."
+        else:
+            city, time = "Kestrel", f"{rng.randrange(24):02d}:{rng.randrange(60):02d}"
+            call = {"name": "get_time", "arguments": {"city": city}}
+            question, result, answer = f"What time is it in {city}?", {"time": time}, f"It is {time} in {city}."
+        turns = [("human", question), ("function_call", json.dumps(call))]
+        if i % 2:
+            turns += [("observation", json.dumps(result)), ("gpt", answer)]
+        rows.append(turns)
+    for w in rng.sample(WORDS, 8):
+        rows.append([("human", f"Write the word in capital letters.\n{w}"), ("gpt", w.upper())])
+    rng.shuffle(rows)
+    tools = json.dumps(TOOLS, ensure_ascii=False)
+    write_json(
+        DATA / "tool_demo.json",
+        [{"conversations": [{"from": r, "value": v} for r, v in turns], "tools": tools} for turns in rows],
+    )
+
+
 if __name__ == "__main__":
     make_model(*make_data(random.Random(1234)))
+    make_tool_data(random.Random(4321))
     print(f"wrote {DATA} and {MODEL}")

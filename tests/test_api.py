@@ -153,6 +153,11 @@ def test_a_wrong_or_missing_key_is_401(server):
     assert httpx.get(f"{server}/v1/models").status_code == 401
 
 
+def test_health_answers_without_the_key(server):
+    r = httpx.get(f"{server}/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": NAME}
+
+
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
@@ -174,13 +179,17 @@ def test_malformed_requests_get_a_400_in_openai_shape(server, body, fragment):
     assert error["type"] == "invalid_request_error" and fragment in error["message"] + str(error["param"])
 
 
-def test_a_body_that_is_not_json_and_an_unknown_model_are_4xx(server):
+def test_a_body_that_is_not_json_is_400_and_an_unknown_path_404(server):
     auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=auth)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    with pytest.raises(openai.NotFoundError):
-        client(server).chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert httpx.get(f"{server}/v1/nothing", headers=auth).json()["error"]["type"] == "not_found_error"
+
+
+def test_any_model_name_is_answered_under_that_name(server, engine):
+    expected, _ = _expected(engine, 8)
+    r = client(server).chat.completions.create(model="gpt-4o", messages=MESSAGES, temperature=0, max_tokens=8)
+    assert r.model == "gpt-4o" and r.choices[0].message.content == expected.text
 
 
 def test_twenty_parallel_requests_all_complete(server, engine):

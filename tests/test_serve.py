@@ -289,3 +289,70 @@ def test_a_4bit_base_chats_with_its_adapter_kept_unmerged(tmp_path):
     assert hasattr(engine.model, "peft_config") and getattr(engine.model, "is_loaded_in_4bit", False)
     answer = engine.chat(CONVERSATION[:1])
     assert answer.completion_tokens > 0 and answer.prompt_tokens == len(engine.encode(CONVERSATION[:1]))
+
+
+@pytest.fixture(scope="module")
+def short_context_cfg(tmp_path_factory) -> Path:
+    """The tiny model with a 256-token context and max_new_tokens 64: a few turns fill it."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("short")
+    model = Path(shutil.copytree(TINY_MODEL, root / "model"))
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}), encoding="utf-8")
+    cfg = root / "chat.yaml"
+    cfg.write_text(f"model_name_or_path: {model}\ntemplate: chatml\ndo_sample: false\nmax_new_tokens: 64\n", "utf-8")
+    return cfg
+
+
+def test_chat_drops_the_oldest_exchanges_that_no_longer_fit_and_refuses_a_message_too_long_alone(short_context_cfg):
+    from lf_dist.serve.engine import ChatEngine
+
+    engine = ChatEngine(load_config(short_context_cfg, command="chat"))
+    words = "river stone cloud garden silver lantern meadow candle forest harbor ".split()
+    queries = [
+        "Tell me about rivers.",
+        "And stones? " + " ".join(words * 2),
+        "And clouds? " + " ".join(words * 2),
+        "Read this: " + " ".join(words * 30),  # alone more than the context leaves for a prompt
+        "And gardens?",
+    ]
+    # the rule, plainly: before each answer, drop the oldest exchanges until the prompt leaves room for 64 tokens
+    history, expected = [], []  # (exchanges dropped, exchanges kept, reply) per message
+    for query in queries:
+        if len(engine.encode([{"role": "user", "content": query}])) + 64 > 256:
+            expected.append(("too long", len(history) // 2, None))
+            continue
+        dropped = 0
+        while len(engine.encode(history + [{"role": "user", "content": query}])) + 64 > 256:
+            history, dropped = history[2:], dropped + 1
+        reply = engine.chat(history + [{"role": "user", "content": query}]).text
+        expected.append((dropped, len(history) // 2, reply))
+        history += [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+    # every case: nothing dropped, some dropped while some history stays, a message too long alone (history kept)
+    assert [d for d, _, _ in expected[:2]] == [0, 0] and expected[3][:2] == (
+        "too long",
+        expected[4][1] + expected[4][0],
+    )
+    assert any(d not in (0, "too long") and kept > 0 for d, kept, _ in expected)
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "lf_dist", "chat", str(short_context_cfg)],
+        input="\n".join([*queries, "exit"]) + "\n",
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = proc.stdout.split("\nUser: ")[1:-1]  # what followed each message (the last: `exit`)
+    assert len(answers) == len(queries)
+    for printed, (dropped, _, reply) in zip(answers, expected):
+        if dropped == "too long":
+            assert printed.startswith("This message is too long to answer: the prompt (") and printed.count("\n") == 1
+            assert "the conversation is kept" in printed and "Assistant:" not in printed
+            continue
+        notice = f"(The oldest {dropped} exchange(s) were dropped to fit the model's context of 256 tokens.)\n"
+        assert printed == (notice if dropped else "") + f"Assistant: {reply}\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 from lf_dist.data.converters import convert
 from lf_dist.data.registry import DatasetAttr
 from lf_dist.errors import UserError, error_kinds
+from lf_dist.hubs import modelscope_client, offline
 
 FILE_TYPES = {
     ".json": "json",
@@ -86,8 +87,6 @@ def load_hub(attr: DatasetAttr, model_args=None):
 
 def _modelscope_dataset(attr: DatasetAttr, model_args) -> str:
     """The dataset repository's folder in ModelScope's cache (its `MsDataset` needs an older datasets)."""
-    from lf_dist.model.hub import modelscope_client, offline
-
     download = modelscope_client("dataset_snapshot_download", f"dataset '{attr.name}'")
     cache_dir = getattr(model_args, "cache_dir", None)
     if offline():  # the client has no offline mode: the snapshot of its default branch, where it keeps it

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lf_dist.errors import UserError
+from lf_dist.hubs import use_modelscope
 
 FORMATS = ("alpaca", "sharegpt", "openai")
 # Column and tag defaults per formatting, as LLaMA-Factory defines them.
@@ -92,16 +92,12 @@ def get_dataset_attrs(names: str | None, dataset_dir: str | Path) -> list[Datase
     return attrs
 
 
-def _use(env: str) -> bool:
-    return os.environ.get(env, "0").lower() in ("1", "true", "y", "yes")
-
-
 def _source(name: str, entry: dict, dataset_dir: str | Path) -> tuple[str, str]:
     """(load_from, where) with LLaMA-Factory's precedence: a hub URL before file_name, ModelScope's with
     USE_MODELSCOPE_HUB=1 (or when it is the only one); a hub URL naming a local path is that path."""
     has = {k: entry[k] for k in _HUB_KEYS if entry.get(k)}
     if {"hf_hub_url", "ms_hub_url", "om_hub_url"} & set(has):
-        if "ms_hub_url" in has and (_use("USE_MODELSCOPE_HUB") or "hf_hub_url" not in has):
+        if "ms_hub_url" in has and (use_modelscope() or "hf_hub_url" not in has):
             key, load_from = "ms_hub_url", "ms_hub"
         elif "hf_hub_url" in has:
             key, load_from = "hf_hub_url", "hf_hub"

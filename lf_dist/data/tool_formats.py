@@ -1,12 +1,14 @@
 """Tool descriptions (system side) and function calls (assistant side) as text, per LLaMA-Factory tool format.
 
 `tools` in a dataset is a JSON list of function schemas; a `function` turn's content is a JSON call (or list of
-calls) with `name` and `arguments`. Each format renders them the way the model family expects.
+calls) with `name` and `arguments`. Each format renders them the way the model family expects, and reads a
+model's answer back into calls (`extract_calls`, for the API).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 DEFAULT_TOOL_PROMPT = (
@@ -135,3 +137,71 @@ def parse_calls(content: str) -> list[Call]:
 
 def format_calls(tool_format: str, calls: list[Call]) -> str:
     return TOOL_FORMATS[tool_format][1](calls)
+
+
+# -- a model's answer back into calls: the inverse of each format's calls (LLaMA-Factory's tool extractors) ------
+
+
+def _json_calls(content: str, arguments_key: str) -> str | list[Call]:
+    """A JSON call or list of calls with `name` and `arguments_key` (llama3: parameters, mistral: arguments)."""
+    try:
+        calls = json.loads(content.strip())
+    except json.JSONDecodeError:
+        return content
+    calls = calls if isinstance(calls, list) else [calls]
+    try:
+        return [(c["name"], json.dumps(c[arguments_key], ensure_ascii=False)) for c in calls]
+    except (KeyError, TypeError):
+        return content
+
+
+def _default_extract(content: str) -> str | list[Call]:
+    pattern = re.compile(r"Action:\s*([a-zA-Z0-9_]+)\s*Action Input:\s*(.+?)(?=\s*Action:|\s*$)", re.DOTALL)
+    calls = []
+    for name, args in re.findall(pattern, content):
+        try:
+            arguments = json.loads(args.strip().strip('"').strip("`"))  # as LLaMA-Factory: quotes, code fences
+        except json.JSONDecodeError:
+            return content
+        calls.append((name.strip(), json.dumps(arguments, ensure_ascii=False)))
+    return calls or content
+
+
+def _glm4_extract(content: str) -> str | list[Call]:
+    if "\n" not in content:
+        return content
+    name, args = content.split("\n", maxsplit=1)
+    try:
+        arguments = json.loads(args.strip())
+    except json.JSONDecodeError:
+        return content
+    return [(name, json.dumps(arguments, ensure_ascii=False))]
+
+
+def _qwen_extract(content: str) -> str | list[Call]:
+    blocks = re.findall(r"<tool_call>(.+?)</tool_call>(?=\s*<tool_call>|\s*$)", content, re.DOTALL)
+    calls = []
+    for block in blocks:
+        try:
+            call = json.loads(block.strip())
+        except json.JSONDecodeError:
+            return content
+        if not isinstance(call, dict) or "name" not in call or "arguments" not in call:
+            return content
+        calls.append((call["name"], json.dumps(call["arguments"], ensure_ascii=False)))
+    return calls or content
+
+
+EXTRACTORS = {
+    "default": _default_extract,
+    "glm4": _glm4_extract,
+    "llama3": lambda content: _json_calls(content, "parameters"),
+    "mistral": lambda content: _json_calls(content, "arguments"),
+    "qwen": _qwen_extract,
+}
+
+
+def extract_calls(tool_format: str, content: str) -> str | list[Call]:
+    """The calls in a model's answer as (name, arguments JSON) pairs, or the answer itself when it is not a valid
+    call in `tool_format` (LLaMA-Factory's rule: text that is not a call is plain content)."""
+    return EXTRACTORS[tool_format](content)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lf_dist.config.schema import is_hub_name
 from lf_dist.errors import UserError, error_kinds
+from lf_dist.hubs import modelscope_client, offline, use_modelscope
 from lf_dist.log import get_logger
 
 logger = get_logger(__name__)
@@ -25,11 +26,6 @@ logger = get_logger(__name__)
 # GGUF, ONNX) is never fetched. `*.bin` weights only where a repository has no safetensors.
 WANTED = ["*.json", "*.safetensors", "*.bin", "*.model", "*.tiktoken", "*.txt", "*.py", "*.jinja", "*.npy"]
 SKIPPED = ["original/*", "onnx/*", "openvino/*", "coreml/*", "*.pth", "*.gguf", "*.onnx", "*.h5", "*.msgpack"]
-
-
-def use_modelscope() -> bool:
-    """LLaMA-Factory's switch to ModelScope's hub."""
-    return os.environ.get("USE_MODELSCOPE_HUB", "0").lower() in ("1", "true", "y", "yes")
 
 
 def local_model(name: str, model_args, key: str = "model_name_or_path", config_only: bool = False) -> str:
@@ -107,25 +103,6 @@ def _from_modelscope(name: str, config_only: bool, revision: str, cache_dir, tok
     )
     logger.info(f"{name}: {folder}")
     return folder
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def modelscope_client(function: str, what: str):
-    """A function of the modelscope package (an optional extra), with its info lines kept off the console."""
-    try:
-        import modelscope
-    except ImportError:
-        raise UserError(
-            f"USE_MODELSCOPE_HUB / ms_hub_url: {what} needs the modelscope package (pip install 'lf-dist[modelscope]')"
-        ) from None
-    import logging
-
-    for name in ("modelscope", "modelscope_hub"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return getattr(modelscope, function)
 
 
 def _explain(err: Exception, name: str, key: str, revision: str) -> str:

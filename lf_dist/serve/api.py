@@ -1,25 +1,33 @@
 """`lf-dist api`: an OpenAI-compatible chat server (FastAPI + uvicorn) over one ChatEngine.
 
-Environment (LLaMA-Factory's names): API_HOST (default 127.0.0.1: reachable from this machine only; set
-0.0.0.0 to serve a network), API_PORT (8000), API_KEY (Bearer token; unset: no auth), API_MODEL_NAME (the id
-in /v1/models; default the model folder's name). lf-dist's own: API_MAX_CONCURRENT generations at once
-(default 1: one model, one device) and API_MAX_QUEUE requests waiting behind them (default 64); past that a
-request gets 429 and the server keeps serving the others.
+Routes: GET /v1/models (the served name), POST /v1/chat/completions (any model name: the answer carries the name
+asked for), GET /health (no key needed). Fields honoured or refused: `lf_dist/serve/fields.py`. With `tools`, the
+prompt shows them in the template's tool format and an answer that is a call in that format comes back as
+`tool_calls` (finish_reason tool_calls); a stream with tools sends the answer once it is complete.
 
-A malformed request is a 4xx in OpenAI's error shape, never a 500.
+Settings: `--host` / `--port`, else API_HOST (default 127.0.0.1: reachable from this machine only) / API_PORT
+(8000); a host other than loopback gets a warning at start-up. API_KEY (Bearer token; unset: no auth),
+API_MODEL_NAME (the id in /v1/models; default the model folder's name). lf-dist's own: API_MAX_CONCURRENT
+generations at once (default 1: one model, one device) and API_MAX_QUEUE requests waiting behind them (default
+64); past that a request gets 429 and the server keeps serving the others.
+
+A client that goes away (a closed stream, a dropped connection) cancels its generation at the next token. One
+access-log line per request on stderr (`lf_dist/serve/middleware.py`). A malformed request is a 4xx in OpenAI's
+error shape, never a 500.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request, imported late so a
+# missing fastapi is one line) as objects
 
 import asyncio
-import hmac
-import json
+import ipaddress
 import os
 from pathlib import Path
 
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 from lf_dist.serve import protocol as p
+from lf_dist.serve.fields import check_fields
 
 logger = get_logger(__name__)
 
@@ -31,13 +39,19 @@ class Gate:
         self.slots = asyncio.Semaphore(concurrent)
         self.limit, self.inside = concurrent + queue, 0
 
-    def enter(self) -> None:
+    def enter(self):
+        """A ticket to leave by (once, however the request ends)."""
         if self.inside >= self.limit:
             raise p.RequestError(429, "the server is busy; retry shortly", code="rate_limit_exceeded")
         self.inside += 1
+        left = False
 
-    def leave(self) -> None:
-        self.inside -= 1
+        def leave() -> None:
+            nonlocal left
+            if not left:
+                left, self.inside = True, self.inside - 1
+
+        return leave
 
 
 def _int_env(name: str, default: int, minimum: int) -> int:
@@ -50,13 +64,15 @@ def _int_env(name: str, default: int, minimum: int) -> int:
 def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1, queue: int = 64):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from lf_dist.serve.engine import Answer, Sampling
+    from lf_dist.serve.middleware import Door
+    from lf_dist.serve.replies import answer_once, event_stream
 
-    app = FastAPI(title="lf-dist", docs_url=None, redoc_url=None)
+    app = FastAPI(title="lf-dist", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Door, api_key=api_key)
     gate = Gate(concurrent, queue)
 
     def error(err: p.RequestError) -> JSONResponse:
@@ -83,19 +99,15 @@ def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1
         logger.info(f"error while serving {request.url.path}: {type(err).__name__}: {err}")
         return error(p.RequestError(500, "internal error while generating"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(p.RequestError(401, "invalid or missing API key", code="invalid_api_key"))
-        return await call_next(request)
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "owner"}]}
 
-    def sampling(req: p.ChatRequest) -> Sampling:
+    def sampling(req: p.ChatRequest):
         s = engine.default_sampling()
         limit = req.max_completion_tokens or req.max_tokens
         if limit is not None:
@@ -104,64 +116,59 @@ def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1
             s.max_new_tokens = limit
         if req.temperature is not None:
             s.temperature, s.do_sample = req.temperature, req.temperature > 0
-        if req.top_p is not None:
-            s.top_p = req.top_p
+        if req.do_sample is not None:
+            s.do_sample = req.do_sample
+        for name in ("top_p", "top_k", "repetition_penalty", "seed"):
+            if getattr(req, name) is not None:
+                setattr(s, name, getattr(req, name))
         s.stop = req.stop_list()
         return s
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: p.ChatRequest):
-        if req.model != model_name:
-            raise p.RequestError(
-                404,
-                f"the model '{req.model}' does not exist (this server: {model_name})",
-                param="model",
-                code="model_not_found",
-            )
-        if req.n != 1:
-            raise p.RequestError(400, "n: only 1 is supported", param="n")
-        if req.stop is not None and len(req.stop_list()) > 4:
-            raise p.RequestError(400, "stop: at most 4 sequences", param="stop")
+    def prepare(req: p.ChatRequest):
+        from lf_dist.serve.engine import ContextTooLong
+
+        check_fields(req)
         system, turns = p.split_messages(req.messages)
+        tools = req.tools_json()
         s = sampling(req)
-        cid = p.new_id()
-        gate.enter()
+        try:
+            return engine.prepare(turns, s, system, tools), tools
+        except ContextTooLong as err:
+            raise p.RequestError(400, str(err), param="messages", code="context_length_exceeded") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if not tools and all(t["role"] != "function" for t in turns):
+                raise
+            where = "tools" if tools else "messages"  # tools or calls the tool format cannot render
+            message = f"{where}: cannot be rendered in the template's tool format: {type(err).__name__}: {err}"
+            raise p.RequestError(400, message, param=where) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: p.ChatRequest, request: Request):
+        generation, tools = await run_in_threadpool(prepare, req)
+        tool_format = engine.template.tool_format if tools else None  # read the answer's calls in this format
+        leave = gate.enter()
+        request.state.generation = generation  # the access log reads its token counts
         if not req.stream:
             try:
                 async with gate.slots:
-                    answer = await run_in_threadpool(engine.chat, turns, s, system)
-            except UserError as err:
-                raise p.RequestError(400, str(err), param="messages", code="context_length_exceeded") from None
+                    return await answer_once(generation, request, req, tool_format)
             finally:
-                gate.leave()
-            return p.completion(cid, model_name, answer.text, answer.finish_reason, p.usage_of(answer))
-        return StreamingResponse(_events(cid, turns, s, system, req), media_type="text/event-stream")
-
-    async def _events(cid, turns, s, system, req):
-        def sse(obj) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        answer = Answer()
-        try:
-            async with gate.slots:
-                yield sse(p.chunk(cid, model_name, {"role": "assistant", "content": ""}))
-                try:
-                    async for piece in iterate_in_threadpool(engine.stream(turns, s, system, answer)):
-                        yield sse(p.chunk(cid, model_name, {"content": piece}))
-                except UserError as err:  # the headers are sent: the error goes in the stream
-                    yield sse(p.RequestError(400, str(err), code="context_length_exceeded").body())
-                    return
-                yield sse(p.chunk(cid, model_name, {}, finish=answer.finish_reason))
-                if req.stream_options and req.stream_options.include_usage:
-                    yield sse(p.chunk(cid, model_name, {}, usage=p.usage_of(answer)))
-                yield "data: [DONE]\n\n"
-        finally:
-            gate.leave()
+                leave()
+        return event_stream(generation, req, tool_format, gate.slots, leave)
 
     return app
 
 
-def run_api(cfg) -> int:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve to any interface
+        return False
+
+
+def run_api(cfg, host: str | None = None, port: int | None = None) -> int:
     import importlib.util
 
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
@@ -171,13 +178,19 @@ def run_api(cfg) -> int:
 
     from lf_dist.serve.engine import ChatEngine
 
-    host = os.environ.get("API_HOST", "127.0.0.1")
-    port = _int_env("API_PORT", 8000, 1)
+    host = host or os.environ.get("API_HOST", "127.0.0.1")
+    port = port if port is not None else _int_env("API_PORT", 8000, 1)
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port: expected a TCP port from 1 to 65535, got {port}")
     concurrent, queue = _int_env("API_MAX_CONCURRENT", 1, 1), _int_env("API_MAX_QUEUE", 64, 0)
+    api_key = os.environ.get("API_KEY") or None
     engine = ChatEngine(cfg)
     name = os.environ.get("API_MODEL_NAME") or Path(cfg.model.model_name_or_path).name
-    app = create_app(engine, name, os.environ.get("API_KEY") or None, concurrent, queue)
-    auth = "Bearer API_KEY required" if os.environ.get("API_KEY") else "no API key"
+    app = create_app(engine, name, api_key, concurrent, queue)
+    auth = "Bearer API_KEY required" if api_key else "no API key"
     logger.info(f"serving '{name}' on http://{host}:{port}/v1 ({auth}; {concurrent} at a time, {queue} waiting)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if not _is_loopback(host):
+        who = "callers need API_KEY" if api_key else "no API_KEY is set: anyone who reaches it can use it"
+        logger.info(f"warning: host {host} is not loopback: the model is reachable from the network ({who})")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

@@ -1,5 +1,10 @@
 """One model answering chats: prompts rendered by the training template, generation with a KV cache, tokens
-streamed as they come, stop strings, token counts. `chat` and `api` both talk to a `ChatEngine`."""
+streamed as they come, stop strings, token counts. `chat` and `api` both talk to a `ChatEngine`.
+
+Each answer is a `Generation` run by a thread of its own, which holds the engine's lock (one generation at a time
+on the one model) only while it generates. Whoever reads the text never holds the lock, so a reader that goes
+away (a client that closed its stream) blocks nobody: `cancel()` stops the generation at its next token.
+"""
 
 from __future__ import annotations
 
@@ -36,26 +41,127 @@ class Sampling:
     max_new_tokens: int
     repetition_penalty: float
     stop: list[str] = field(default_factory=list)
+    seed: int | None = None  # set under the lock, right before this generation: reproducible sampling
+
+
+class ContextTooLong(UserError):
+    """The prompt and max_new_tokens do not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int):
+        super().__init__(
+            f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens}) exceed the model's context "
+            f"of {context} tokens"
+        )
+        self.prompt_tokens = prompt_tokens
 
 
 class _Streamer:
-    """Receives generated ids from `generate` (a streamer), hands out decoded text pieces."""
+    """Receives generated ids from `generate` (a streamer), hands out decoded text pieces. The end-of-turn ids
+    and hidden special tokens never reach the text."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool):
+    def __init__(self, tokenizer, hidden: set[int]):
         from transformers import TextIteratorStreamer
 
-        self.inner = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=skip_special_tokens)
+        self.inner = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=False)
+        self.hidden = hidden
         self.ids: list[int] = []
+        self.ended = False
         self._prompt_seen = False
 
     def put(self, value):
-        if self._prompt_seen:
-            self.ids += value.reshape(-1).tolist()
-        self._prompt_seen = True
-        self.inner.put(value)
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            self.inner.put(value)
+            return
+        new = value.reshape(-1).tolist()
+        self.ids += new
+        shown = [i for i in new if i not in self.hidden]
+        if shown:
+            self.inner.put(torch.tensor(shown))
 
     def end(self):
-        self.inner.end()
+        if not self.ended:
+            self.ended = True
+            self.inner.end()
+
+
+class Generation:
+    """One answer: `start()` runs it on its own thread; iterating yields its text pieces (text from a stop string on
+    is held back and dropped); `cancel()` stops it at the next token, from any thread."""
+
+    def __init__(self, engine: ChatEngine, ids: list[int], sampling: Sampling):
+        self.engine, self.sampling, self.prompt_tokens = engine, sampling, len(ids)
+        self.streamer = _Streamer(engine.tokenizer, engine.hidden_ids)
+        self._cancel = threading.Event()
+        self.kwargs = engine._generate_kwargs(ids, sampling, self.streamer)
+        self.kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(self._cancel)])
+        self.error: Exception | None = None
+        self.stopped = False  # ended by a stop string
+        self.cancelled = False  # stopped by cancel() before it ended by itself
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._pieces = self._read()
+
+    def start(self) -> Generation:
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        if not self._cancel.is_set() and not self.streamer.ended:
+            self.cancelled = True
+        self._cancel.set()
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.streamer.ids)
+
+    @property
+    def finish_reason(self) -> str:
+        ids, s = self.streamer.ids, self.sampling
+        ended = bool(ids) and ids[-1] in self.engine.eos_ids
+        return "length" if len(ids) >= s.max_new_tokens and not ended and not self.stopped else "stop"
+
+    def _run(self) -> None:
+        try:
+            with self.engine.lock:
+                if not self._cancel.is_set():  # a request cancelled while it waited never generates
+                    if self.sampling.seed is not None:
+                        torch.manual_seed(self.sampling.seed)
+                    with torch.inference_mode():
+                        self.engine.model.generate(**self.kwargs)
+        except Exception as err:  # noqa: BLE001 - re-raised in the reader's thread
+            self.error = err
+        finally:
+            self.streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def next_piece(self) -> str | None:
+        """The next text piece, None at the end (for readers on another thread)."""
+        return next(self._pieces, None)
+
+    def _read(self) -> Iterator[str]:
+        stops, held = self.sampling.stop, ""
+        for piece in self.streamer.inner:
+            if self.stopped:
+                continue
+            held += piece
+            cut = _first_stop(held, stops)
+            if cut is not None:
+                held, self.stopped = held[:cut], True
+            safe = len(held) if self.stopped else len(held) - _partial_stop(held, stops)
+            if safe:
+                yield held[:safe]
+                held = held[safe:]
+        self.wait()
+        if self.error is not None:
+            raise self.error
+        if held and not self.stopped:
+            yield held
 
 
 class ChatEngine:
@@ -72,7 +178,16 @@ class ChatEngine:
         tok = self.tokenizer
         stop_ids = [tok.eos_token_id] + [tok.convert_tokens_to_ids(w) for w in self.template.stop_words]
         self.eos_ids = list(dict.fromkeys(i for i in stop_ids if i is not None and i != tok.unk_token_id))
+        self.hidden_ids = set(self.eos_ids) | (self._special_ids() if cfg.generation.skip_special_tokens else set())
         self.lock = threading.Lock()  # one generation at a time on the one model
+
+    def _special_ids(self) -> set[int]:
+        """What skip_special_tokens hides, except the template's tool-call words: some tokenizers mark them
+        special, and the API reads calls by them."""
+        tok = self.tokenizer
+        special = {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+        keep = {tok.convert_tokens_to_ids(w) for w in self.template.tool_call_words}
+        return (special | set(tok.all_special_ids)) - keep
 
     def _dtype(self) -> torch.dtype:
         name = self.cfg.generation.infer_dtype
@@ -113,66 +228,50 @@ class ChatEngine:
             kwargs.update(stop_strings=s.stop, tokenizer=self.tokenizer)
         return kwargs
 
+    def prepare(
+        self,
+        messages: list[dict],
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        tools: str | None = None,
+    ) -> Generation:
+        """The answer to `messages`, rendered and checked (ContextTooLong) but not started."""
+        s = sampling or self.default_sampling()
+        ids = self.encode(messages, system or self.cfg.data.default_system, tools)
+        if len(ids) + s.max_new_tokens > self.context_length:
+            raise ContextTooLong(len(ids), s.max_new_tokens, self.context_length)
+        return Generation(self, ids, s)
+
     def stream(
-        self, messages: list[dict], sampling: Sampling | None = None, system: str | None = None, answer=None
+        self,
+        messages: list[dict],
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        answer: Answer | None = None,
+        tools: str | None = None,
     ) -> Iterator[str]:
         """Text pieces of the answer as they are generated; `answer` (an Answer) gets the counts and finish
-        reason when the stream ends. Text from a stop string on is held back and dropped."""
-        s = sampling or self.default_sampling()
+        reason when the stream ends."""
+        generation = self.prepare(messages, sampling, system, tools)
         answer = answer if answer is not None else Answer()
-        ids = self.encode(messages, system or self.cfg.data.default_system)
-        answer.prompt_tokens = len(ids)
-        if len(ids) + s.max_new_tokens > self.context_length:
-            raise UserError(
-                f"the prompt ({len(ids)} tokens) and max_new_tokens ({s.max_new_tokens}) exceed the model's "
-                f"context of {self.context_length} tokens"
-            )
-        streamer = _Streamer(self.tokenizer, self.cfg.generation.skip_special_tokens)
-        cancel = threading.Event()  # set when the reader goes away (a client that disconnected)
-        kwargs = self._generate_kwargs(ids, s, streamer)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancel)])
-        errors: list[Exception] = []
+        answer.prompt_tokens = generation.prompt_tokens
+        generation.start()
+        try:
+            yield from generation
+        finally:  # a reader that stops early stops the generation
+            generation.cancel()
+            generation.wait()
+        answer.completion_tokens, answer.finish_reason = generation.completion_tokens, generation.finish_reason
 
-        def run():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except Exception as err:  # noqa: BLE001 - re-raised in the reader's thread
-                errors.append(err)
-                streamer.end()
-
-        held, stopped = "", False
-        with self.lock:
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
-            try:
-                for piece in streamer.inner:
-                    if stopped:
-                        continue
-                    held += piece
-                    cut = _first_stop(held, s.stop)
-                    if cut is not None:
-                        held, stopped = held[:cut], True
-                    safe = len(held) if stopped else len(held) - _partial_stop(held, s.stop)
-                    if safe:
-                        yield held[:safe]
-                        held = held[safe:]
-            finally:
-                cancel.set()
-                worker.join()
-        if errors:
-            raise errors[0]
-        if held and not stopped:
-            yield held
-        answer.completion_tokens = len(streamer.ids)
-        ended = bool(streamer.ids) and streamer.ids[-1] in self.eos_ids
-        answer.finish_reason = (
-            "length" if len(streamer.ids) >= s.max_new_tokens and not ended and not stopped else "stop"
-        )
-
-    def chat(self, messages: list[dict], sampling: Sampling | None = None, system: str | None = None) -> Answer:
+    def chat(
+        self,
+        messages: list[dict],
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        tools: str | None = None,
+    ) -> Answer:
         answer = Answer()
-        answer.text = "".join(self.stream(messages, sampling, system, answer))
+        answer.text = "".join(self.stream(messages, sampling, system, answer, tools))
         return answer
 
 
