@@ -96,7 +96,10 @@ def _run_cli(tmp_path, capsys, *extra, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path: '/nonexistent/model' is not a folder, nor a hub model name"),
+        (
+            {"model_name_or_path": "/nonexistent/model"},
+            "model_name_or_path: '/nonexistent/model' is not a folder, nor a hub model name",
+        ),
         ({"dataset": "alpaca_dmo"}, "dataset 'alpaca_dmo' is not in"),
         ({"template": "chatmlx"}, "template: unknown template 'chatmlx'; did you mean 'chatml'?"),
         ({"flash_attn": "fa2"}, "flash_attn: fa2 needs the flash-attn package"),
