@@ -57,3 +57,41 @@ def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer_config.json").is_file()
     assert "adapter_config.json" not in os.listdir(merged)
     assert "<|im_start|>" in (merged / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def test_the_quick_start_trains_chats_and_serves_as_written(tmp_path):
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    (tmp_path / "quick.sh").write_text("set -e\n" + _block("<!-- quick-start -->") + "\n", encoding="utf-8")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "API_PORT": str(free_port()),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.Popen(
+        ["bash", "quick.sh"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        start_new_session=True,
+    )
+    try:  # what a person types into the chat
+        out, err = proc.communicate("Give three tips for staying healthy.\nexit\n", timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-4000:]
+    adapter = tmp_path / "saves" / "tiny" / "lora" / "sft"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    results = json.loads((adapter / "all_results.json").read_text(encoding="utf-8"))
+    log = [json.loads(x) for x in (adapter / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0] and results["eval_loss"] < 6  # it learned (its first steps: a loss of ~8)
+    assert out.count("Assistant: ") == 1  # the chat answered once, then `exit`
+    answer = out.rsplit("\n", 2)[-2] if out.endswith("\n") else out.rsplit("\n", 1)[-1]
+    assert answer.strip() and "Traceback" not in err  # the openai client's answer, printed last
+    assert "POST /v1/chat/completions 200" in err  # the server's access log
