@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("export", "merge adapters / consolidate a checkpoint into a Hugging Face model (export_dir)"),
         ("chat", "chat with the model in the terminal (streamed; `clear`, `exit`)"),
-        ("api", "serve the model through an OpenAI-compatible API (API_HOST, API_PORT, API_KEY)"),
+        ("api", "serve the model, OpenAI-compatible (--host / API_HOST, --port / API_PORT, API_KEY)"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("config", help="an inference / export YAML: model_name_or_path, adapter_name_or_path, ...")

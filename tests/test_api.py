@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import pytest
 
 from lf_dist.cli import main
 from lf_dist.configure import load_config
-from lf_dist.ports import free_port
 
+from . import api_server
 from .conftest import TINY_MODEL, base_overrides
 
 KEY = "sk-test-lf-dist"
@@ -43,42 +42,10 @@ def setup(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    port = free_port()
-    env = {
-        **os.environ,
-        "API_PORT": str(port),
-        "API_KEY": KEY,
-        "API_MODEL_NAME": NAME,
-        "API_MAX_QUEUE": "19",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    env.pop("API_HOST", None)  # the default: this machine only
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lf_dist", "api", str(setup)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            if httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"the server did not start:\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.3)
+    # API_HOST unset: the default, this machine only
+    proc, base = api_server.start(setup, env={"API_KEY": KEY, "API_MODEL_NAME": NAME, "API_MAX_QUEUE": "19"})
     yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    api_server.stop(proc)
 
 
 @pytest.fixture(scope="module")

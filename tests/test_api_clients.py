@@ -20,6 +20,7 @@ import pytest
 
 from lf_dist.ports import free_port
 
+from .api_server import stop, wait_healthy
 from .conftest import make_llama
 
 LONG = 1900  # max_tokens of answers that are meant to be cut short
@@ -34,28 +35,6 @@ def _start(cfg: Path, stderr: Path, args=(), **env) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "lf_dist", "api", str(cfg), *args], env=full, stdout=subprocess.DEVNULL, stderr=err
         )
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, stderr: Path) -> None:
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"the server did not start:\n{stderr.read_text(encoding='utf-8')[-3000:]}")
-        time.sleep(0.3)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +52,9 @@ def server(infer_cfg):
     log = infer_cfg.parent / "server.log"
     proc = _start(infer_cfg, log, API_PORT=str(port))
     base = f"http://127.0.0.1:{port}"
-    _wait_healthy(proc, base, log)
+    wait_healthy(proc, base, lambda: log.read_text(encoding="utf-8"))
     yield base, port, log
-    _stop(proc)
+    stop(proc)
 
 
 class AccessLog:
@@ -256,12 +235,12 @@ def test_port_and_host_options_win_over_the_environment_and_a_network_host_is_wa
     log = infer_cfg.parent / "network.log"
     proc = _start(infer_cfg, log, ("--host", "0.0.0.0", "--port", str(port)), API_PORT=str(env_port), API_KEY="sk-x")
     try:
-        _wait_healthy(proc, f"http://127.0.0.1:{port}", log)  # /health needs no key
+        wait_healthy(proc, f"http://127.0.0.1:{port}", lambda: log.read_text(encoding="utf-8"))  # /health needs no key
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{env_port}/health")
     finally:
-        _stop(proc)
+        stop(proc)
     text = log.read_text(encoding="utf-8")
     assert f"on http://0.0.0.0:{port}/v1" in text
     assert "warning: host 0.0.0.0 is not loopback: the model is reachable from the network (callers need API_KEY)" in (

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -24,9 +23,9 @@ from lf_dist.data.registry import get_dataset_attrs
 from lf_dist.data.templates import fix_tokenizer, get_template
 from lf_dist.data.tokenize import encode_prompt, encode_turns
 from lf_dist.data.tool_formats import TOOL_FORMATS, extract_calls, format_calls
-from lf_dist.ports import free_port
 from lf_dist.serve.protocol import Message, split_messages
 
+from . import api_server
 from .conftest import DATA_DIR, TINY_MODEL
 
 ROWS = json.loads((DATA_DIR / "tool_demo.json").read_text(encoding="utf-8"))
@@ -109,34 +108,9 @@ def server(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     infer = root / "infer.yaml"
     infer.write_text(f"model_name_or_path: {root / 'model'}\ntemplate: qwen\nmax_new_tokens: 64\n", encoding="utf-8")
-    port = free_port()
-    for name in ("API_KEY", "API_HOST", "API_MODEL_NAME"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lf_dist", "api", str(infer), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/health").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise AssertionError(f"the server did not start:\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.3)
+    proc, base = api_server.start(infer)
     yield base
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    api_server.stop(proc)
 
 
 def _client(base: str) -> openai.OpenAI:

@@ -21,9 +21,11 @@ def _block(marker: str = "<!-- seeds-path -->") -> str:
     return after.split("```bash\n", 1)[1].split("\n```\n", 1)[0]
 
 
-def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path):
+def _run_as_written(tmp_path: Path, marker: str, typed: str) -> tuple[str, str]:
+    """Run a README block in bash from an empty folder (with the repository's examples/), `typed` on its stdin as
+    a person types into the chat; returns its stdout and stderr."""
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    (tmp_path / "path.sh").write_text("set -e\n" + _block() + "\n", encoding="utf-8")
+    (tmp_path / "block.sh").write_text("set -e\n" + _block(marker) + "\n", encoding="utf-8")
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -31,7 +33,7 @@ def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path
         "TOKENIZERS_PARALLELISM": "false",
     }
     proc = subprocess.Popen(
-        ["bash", "path.sh"],
+        ["bash", "block.sh"],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.PIPE,
@@ -41,12 +43,19 @@ def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path
         encoding="utf-8",
         start_new_session=True,
     )
-    try:  # what a person types into the chat step
-        out, err = proc.communicate("Write the word in capital letters.\nriver\nclear\nexit\n", timeout=400)
+    try:
+        out, err = proc.communicate(typed, timeout=400)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-4000:]
+    return out, err
+
+
+def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path):
+    out, _ = _run_as_written(
+        tmp_path, "<!-- seeds-path -->", "Write the word in capital letters.\nriver\nclear\nexit\n"
+    )
 
     log = [json.loads(x) for x in (tmp_path / "saves/my_dpo/trainer_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "loss" in e]
@@ -60,31 +69,7 @@ def test_the_readme_path_from_dataset_to_served_and_exported_model_runs(tmp_path
 
 
 def test_the_quick_start_trains_chats_and_serves_as_written(tmp_path):
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
-    (tmp_path / "quick.sh").write_text("set -e\n" + _block("<!-- quick-start -->") + "\n", encoding="utf-8")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "API_PORT": str(free_port()),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    proc = subprocess.Popen(
-        ["bash", "quick.sh"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        start_new_session=True,
-    )
-    try:  # what a person types into the chat
-        out, err = proc.communicate("Give three tips for staying healthy.\nexit\n", timeout=400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-4000:]
+    out, err = _run_as_written(tmp_path, "<!-- quick-start -->", "Give three tips for staying healthy.\nexit\n")
     adapter = tmp_path / "saves" / "tiny" / "lora" / "sft"
     assert (adapter / "adapter_model.safetensors").is_file()
     results = json.loads((adapter / "all_results.json").read_text(encoding="utf-8"))

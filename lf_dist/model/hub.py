@@ -85,7 +85,7 @@ def _from_huggingface(name: str, config_only: bool, revision: str, cache_dir, to
     folder = snapshot_download(
         name, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=WANTED, ignore_patterns=skipped
     )
-    logger.info(f"{name}: {folder}")
+    logger.info(f"{name} from the hub: {folder}")
     return folder
 
 
@@ -101,7 +101,7 @@ def _from_modelscope(name: str, config_only: bool, revision: str, cache_dir, tok
         ignore_patterns=SKIPPED,
         local_files_only=offline(),  # ModelScope has no offline switch of its own: HF_HUB_OFFLINE is lf-dist's
     )
-    logger.info(f"{name}: {folder}")
+    logger.info(f"{name} from the hub: {folder}")
     return folder
 
 
