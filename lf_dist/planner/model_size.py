@@ -29,6 +29,7 @@ class ModelSize:
     intermediate_size: int
     vocab_size: int
     max_positions: int
+    uniform_layers: bool = False  # every decoder layer has the same class and parameter shapes
 
     @property
     def kv_size(self) -> int:
@@ -96,13 +97,17 @@ def measure(config, head: Head) -> ModelSize:
         intermediate_size=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
         vocab_size=int(config.vocab_size),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+        uniform_layers=_uniform(layers, int(config.num_hidden_layers)),
     )
 
 
-def trainable_params(config, head: Head, cfg, finetuning_type: str, rank: int | None = None) -> int:
+def trainable_params(
+    config, head: Head, cfg, finetuning_type: str, rank: int | None = None, size: ModelSize | None = None
+) -> int:
     """Parameters the method trains, counted on the meta model the run would build (peft's LoRA included);
-    `rank` overrides lora_rank. LoRA on a model whose decoder layers are all alike is counted on a one-layer copy
-    (peft's adapter injection takes seconds per hundred layers) and scaled to every layer."""
+    `rank` overrides lora_rank; `size` (the model's ModelSize) saves measuring it again. LoRA on a model whose
+    decoder layers are all alike is counted on a one-layer copy (peft's adapter injection takes seconds per
+    hundred layers) and scaled to every layer."""
     run_cfg = copy.deepcopy(cfg)
     run_cfg.finetuning.finetuning_type = finetuning_type
     run_cfg.finetuning.disable_gradient_checkpointing = True
@@ -113,7 +118,7 @@ def trainable_params(config, head: Head, cfg, finetuning_type: str, rank: int | 
     if finetuning_type == "full":
         return _count(meta_model(config, head).parameters())
     if finetuning_type == "lora":
-        scaled = _lora_on_one_layer(config, head, run_cfg)
+        scaled = _lora_on_one_layer(config, head, run_cfg, size)
         if scaled is not None:
             return scaled
     return _trainable(meta_model(config, head), run_cfg, head)
@@ -123,16 +128,17 @@ def _trainable(model, run_cfg, head: Head) -> int:
     return sum(p.numel() for p in _apply(model, run_cfg, head).parameters() if p.requires_grad)
 
 
-def _lora_on_one_layer(config, head: Head, run_cfg) -> int | None:
+def _uniform(layers, n: int) -> bool:
+    shapes = {tuple((k, tuple(v.shape)) for k, v in layer.named_parameters()) for layer in layers}
+    return len(layers) == n and len(shapes) == 1 and len({type(layer) for layer in layers}) == 1
+
+
+def _lora_on_one_layer(config, head: Head, run_cfg, size: ModelSize | None) -> int | None:
     """LoRA's count from a copy with one decoder layer: the parts outside the layers once, the layer's share
     times the layer count; None where the layers differ (then the whole model is counted)."""
     n = int(config.num_hidden_layers)
-    if n <= 2:
-        return None
-    full = meta_model(config, head)
-    layers = _layers(full)
-    shapes = {tuple((k, tuple(v.shape)) for k, v in layer.named_parameters()) for layer in layers}
-    if len(layers) != n or len(shapes) != 1 or len({type(layer) for layer in layers}) != 1:
+    size = size or measure(config, head)
+    if n <= 2 or not size.uniform_layers:
         return None
     one = copy.deepcopy(config)
     one.num_hidden_layers = 1
@@ -143,7 +149,7 @@ def _lora_on_one_layer(config, head: Head, run_cfg) -> int | None:
         small = meta_model(one, head)
     except Exception:  # noqa: BLE001 - a config that cannot have one layer: count the whole model
         return None
-    if _count(small.parameters()) != _count(full.parameters()) - (n - 1) * _count(layers[0].parameters()):
+    if _count(small.parameters()) != size.num_params - (n - 1) * size.largest_layer_params:
         return None
     model = _apply(small, run_cfg, head)
     in_layer = sum(p.numel() for layer in _layers(model) for p in layer.parameters() if p.requires_grad)

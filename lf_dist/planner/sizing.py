@@ -39,11 +39,15 @@ class Sizing:
             rank = 0
         key = (method, rank)
         if key not in self._trainable:
-            if method == "lora" and rank not in (1, 2):
+            if method == "full":  # every parameter: measured already
+                self._trainable[key] = self.size.num_params
+            elif method == "lora" and rank not in (1, 2):
                 one, two = self.trainable("lora", 1), self.trainable("lora", 2)
                 self._trainable[key] = one + (rank - 1) * (two - one)
             else:
-                self._trainable[key] = trainable_params(self.config, self.stage.head, self.cfg, method, rank or None)
+                self._trainable[key] = trainable_params(
+                    self.config, self.stage.head, self.cfg, method, rank or None, self.size
+                )
         return self._trainable[key]
 
     def setup(
