@@ -30,12 +30,12 @@ from benchmarks.bench_vs_llamafactory import CONFIGS, write_assets, write_yaml  
 def trainer(yaml_path: Path):
     """The Trainer `lf-dist train` would build for this config, in this process."""
     from lf_dist import worker
-    from lf_dist.configure import load_config
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
     from lf_dist.model import load_tokenizer
     from lf_dist.parallel import build_strategy
     from lf_dist.planner import detect, make_plan
+    from lf_dist.run_checks import load_config
     from lf_dist.train.loop import Trainer
     from lf_dist.train.stages import get_stage
 
@@ -47,10 +47,9 @@ def trainer(yaml_path: Path):
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
     datasets = build_datasets(cfg, tok, template, stage.data)
-    factory = worker._model_factory(cfg, stage.head, tok, strategy.load_dtype(), strategy.device)
-    model = strategy.create_model(factory)
+    model, optimizer = worker.build_policy(cfg, stage, strategy, tok)
     loss = stage.build_loss(cfg, worker.build_frozen(cfg, stage, strategy, tok))
-    return Trainer(cfg, strategy, stage, loss, model, tok, datasets, None, yaml_path.parent / "ckpt")
+    return Trainer(cfg, strategy, stage, loss, model, optimizer, tok, datasets, None, yaml_path.parent / "ckpt")
 
 
 def use(model, lean: bool) -> None:
@@ -89,7 +88,7 @@ def main() -> None:
             losses = {}
             for side, lean in sides.items():
                 use(tr.model, lean)
-                losses[side] = sum(float(tr.loss.loss(tr.model, b)[0]) for b in batch)
+                losses[side] = sum(float(tr.loss(tr.model, b)[0]) for b in batch)
         times: dict[str, list[float]] = {s: [] for s in sides}
         for r in range(args.rounds):
             for side in sorted(sides, reverse=r % 2 == 1):  # either side first in turn

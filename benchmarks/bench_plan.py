@@ -49,9 +49,9 @@ def plan_seconds(args: list[str]) -> float:
 def lora_count_seconds(model: str) -> dict:
     import copy
 
-    from lf_dist.configure import load_config
     from lf_dist.model.heads import CAUSAL_LM
     from lf_dist.planner.model_size import _trainable, meta_model, read_model_config, trainable_params
+    from lf_dist.run_checks import load_config
 
     cfg = load_config(YAML, [f"model_name_or_path={CONFIGS / model}"])
     config = read_model_config(str(CONFIGS / model))

@@ -58,7 +58,7 @@ def write_pairs(root: Path, n: int, seed: int = 0) -> Path:
 
 
 def run_side(args) -> dict:
-    from lf_dist.configure import load_config
+    from lf_dist.run_checks import load_config
     from lf_dist.worker import run
 
     packed = args.side == "packed"

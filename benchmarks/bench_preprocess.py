@@ -44,9 +44,9 @@ def _build(args, data_dir: Path, *extra: str) -> tuple[object, float]:
     """lf-dist's train split for the synthetic data, and the seconds `build_datasets` took."""
     from transformers import AutoTokenizer
 
-    from lf_dist.configure import load_config
     from lf_dist.data import SUPERVISED, build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
+    from lf_dist.run_checks import load_config
 
     keys = {
         "model_name_or_path": MODEL,

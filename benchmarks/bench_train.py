@@ -175,7 +175,7 @@ def main() -> None:
         )
         return
 
-    from lf_dist.configure import load_config
+    from lf_dist.run_checks import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(args.model, Path(tmp))

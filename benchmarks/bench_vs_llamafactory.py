@@ -143,9 +143,9 @@ def real_tokens(yaml_path: Path) -> int:
     """Non-padding tokens of one epoch of the config's train set, as lf-dist tokenizes it."""
     from transformers import AutoTokenizer
 
-    from lf_dist.configure import load_config
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
+    from lf_dist.run_checks import load_config
     from lf_dist.train.stages import get_stage
 
     cfg = load_config(yaml_path, [])

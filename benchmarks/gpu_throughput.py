@@ -129,7 +129,7 @@ def step(model, opt, batch: dict, variant: str) -> None:
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         loss = model(**inputs, labels=batch["labels"], use_cache=False).loss
     else:
-        loss = CausalLMLoss().loss(model, batch)[0] / CausalLMLoss.num_units(batch)
+        loss = CausalLMLoss()(model, batch)[0] / CausalLMLoss.num_units(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     opt.step()

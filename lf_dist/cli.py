@@ -69,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _plan(args) -> int:
-    from lf_dist.configure import load_config
     from lf_dist.planner import detect, load_profile, make_plan
+    from lf_dist.run_checks import load_config
     from lf_dist.train.stages import get_stage
 
     cfg = load_config(args.config, args.overrides)
@@ -144,8 +144,8 @@ def _env(args) -> int:
 
 
 def _serve(args) -> int:
-    from lf_dist.configure import load_config
     from lf_dist.log import get_logger
+    from lf_dist.run_checks import load_config
 
     cfg = load_config(args.config, args.overrides, command=args.command)
     if _CONSOLE and not cfg.model.quantization_bit:
@@ -169,11 +169,11 @@ def _serve(args) -> int:
 
 
 def _train(args) -> int:
-    from lf_dist.configure import load_config
     from lf_dist.launchers import launch
     from lf_dist.launchers.lock import output_dir_lock
     from lf_dist.log import get_logger
     from lf_dist.planner import detect, make_plan, require_fit
+    from lf_dist.run_checks import load_config
     from lf_dist.train.stages import get_stage
 
     cfg = load_config(args.config, args.overrides)

@@ -7,6 +7,9 @@ import signal
 import threading
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# A stop request as a file in output_dir: what a launcher whose workers cannot get the signal (Ray's driver)
+# writes when it is signalled; rank 0 of the run looks for it after every step.
+STOP_FILE = ".lf-dist-stop"
 
 
 @contextlib.contextmanager

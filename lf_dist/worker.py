@@ -7,14 +7,13 @@ data) is checked before the first byte goes to output_dir.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 from lf_dist import startup
 from lf_dist.config import RunConfig
+from lf_dist.env_contract import restart_count
 from lf_dist.errors import UserError
-from lf_dist.launch_env import restart_count
 from lf_dist.log import get_logger
 from lf_dist.train import checkpoint as ckpt
 from lf_dist.train.tracker import RESULTS_FILE, print_metrics, save_metrics
@@ -26,12 +25,12 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
     """Decide what happens to output_dir and the checkpoint folder (without touching them): returns the
     checkpoint to resume from, and whether the run starts over (the previous run's logs go at once, its
     checkpoints only once this run has written one of its own: work is never thrown away up front)."""
-    t = cfg.train
-    out = Path(t.output_dir)
+    training_args = cfg.train
+    out = Path(training_args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir: {out} exists and is not a directory")
-    resume = t.resume_from_checkpoint
-    if not t.do_train:
+    resume = training_args.resume_from_checkpoint
+    if not training_args.do_train:
         return None, False
     if restart_count() > 0:  # the launcher restarted this run after a failure: never wipe what it saved
         found = ckpt.latest_intact(checkpoints, skip=ckpt.superseded(checkpoints))
@@ -40,7 +39,7 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
             return found, False
         logger.info("restart after a failure before any checkpoint: starting over")
         return None, True
-    if resume is None and t.overwrite_output_dir:
+    if resume is None and training_args.overwrite_output_dir:
         found = ckpt.latest_intact(checkpoints)
         if found is not None and ckpt.is_preemption(found):  # a stopped run: the same command goes on with it
             logger.info(
@@ -48,7 +47,7 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
                 "keeps it); to start over instead, set resume_from_checkpoint: false"
             )
             return found, False
-    if resume in (None, False) and _has_outputs(out) and not t.overwrite_output_dir:
+    if resume in (None, False) and _has_outputs(out) and not training_args.overwrite_output_dir:
         if ckpt.list_checkpoints(checkpoints) and resume is None:
             resume = True
             logger.info(
@@ -60,7 +59,7 @@ def plan_output_dir(cfg: RunConfig, checkpoints: Path) -> tuple[Path | None, boo
                 "or resume_from_checkpoint"
             )
     resume_from = ckpt.resolve_resume(resume, checkpoints)
-    return resume_from, bool(t.overwrite_output_dir and resume_from is None)
+    return resume_from, bool(training_args.overwrite_output_dir and resume_from is None)
 
 
 def _has_outputs(out: Path) -> bool:
@@ -76,56 +75,33 @@ def _start_over(out: Path, checkpoints: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def check_model(cfg: RunConfig, stage, tokenizer) -> None:
-    """Build the fine-tuning model on the meta device (no weights, no memory) so that a freeze, lora_target or
-    head mistake fails in one line before any data is preprocessed."""
-    import warnings
+def build_policy(cfg: RunConfig, stage, strategy, tokenizer):
+    """The one place the trained model is built and wrapped: the strategy builds it (on the meta device on ranks
+    that receive their shards), places and wraps it, with its optimizer; its blocks compiled when asked."""
+    from lf_dist.model.recipe import ModelRecipe
+    from lf_dist.parallel.base import compile_blocks
+    from lf_dist.train.optim import build_optimizer
 
-    import torch
-
-    from lf_dist.model import apply_finetuning, load_model
-
-    with torch.device("meta"), warnings.catch_warnings():
-        # an adapter_name_or_path's weights copied onto meta parameters: a no-op here, and torch says so per tensor
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        apply_finetuning(load_model(cfg, tokenizer, stage.head, meta=True), cfg, stage.head, quiet=True)
-
-
-def _model_factory(cfg: RunConfig, head, tokenizer, dtype, device):
-    """Build the fine-tuning model; `meta=True` builds it on the meta device (no memory, weights come later).
-    A quantized base is loaded straight onto `device`."""
-    import torch
-
-    from lf_dist.model import apply_finetuning, load_model
-
-    def build(meta: bool):
-        if not meta:
-            return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype, device=device), cfg, head)
-        with torch.device("meta"):
-            return apply_finetuning(load_model(cfg, tokenizer, head, dtype=dtype, meta=True), cfg, head)
-
-    return build
+    recipe = ModelRecipe(cfg, tokenizer, stage.head, strategy.load_dtype(), strategy.device)
+    model, optimizer = strategy.setup(strategy.create_model(recipe.build), lambda m: build_optimizer(m, cfg))
+    if cfg.train.torch_compile:
+        compile_blocks(model)
+    return model, optimizer
 
 
 def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
     """The frozen models the stage asks for, by role, as `Frozen` handles: the policy with its adapters
     disabled, or a model loaded and placed by the strategy like the policy."""
-    import torch
-
-    from lf_dist.model import load_model
+    from lf_dist.model.recipe import ModelRecipe
     from lf_dist.train.losses import Frozen
 
     frozen = {}
     for need in stage.frozen(cfg):
         if need.path is None:
             frozen[need.role] = Frozen(None, strategy.unwrap)
-            continue
-
-        def build(meta: bool, need=need):
-            with torch.device("meta") if meta else contextlib.nullcontext():
-                return load_model(cfg, tokenizer, need.head, dtype=strategy.load_dtype(), meta=meta, path=need.path)
-
-        frozen[need.role] = Frozen(strategy.prepare_frozen(build))
+        else:
+            recipe = ModelRecipe(cfg, tokenizer, need.head, strategy.load_dtype(), path=need.path)
+            frozen[need.role] = Frozen(strategy.prepare_frozen(recipe.build))
     return frozen
 
 
@@ -160,6 +136,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from lf_dist.data.templates import fix_tokenizer, get_template
     from lf_dist.model import load_tokenizer
     from lf_dist.model.loader import check_weights, model_folder
+    from lf_dist.model.recipe import ModelRecipe
     from lf_dist.planner import PLAN_FILE
     from lf_dist.train.loop import Trainer
     from lf_dist.train.resume import check_resume
@@ -169,7 +146,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     check_weights(model_folder(cfg))  # an interrupted download: one line before any data is read
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
-    check_model(cfg, stage, tokenizer)
+    ModelRecipe(cfg, tokenizer, stage.head).check()  # a freeze / lora_target / head mistake, before any data
     startup.settle()  # the libraries are in: what follows is the run's own memory
     checkpoints = Path(plan.checkpoint_dir or cfg.train.output_dir)
     resume_from, clear = plan_output_dir(cfg, checkpoints)
@@ -180,11 +157,10 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
             logger.info(f"notice: resuming {resume_from.name} with changes: " + "; ".join(changes))
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
     set_seed(cfg.train.seed)
-    factory = _model_factory(cfg, stage.head, tokenizer, strategy.load_dtype(), strategy.device)
-    model = strategy.create_model(factory)
+    model, optimizer = build_policy(cfg, stage, strategy, tokenizer)
     loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
     trainer = Trainer(
-        cfg, strategy, stage, loss, model, tokenizer, datasets, plan.expected_peak_gib, checkpoints, report
+        cfg, strategy, stage, loss, model, optimizer, tokenizer, datasets, plan.expected_peak_gib, checkpoints, report
     )
     out = Path(cfg.train.output_dir)
     if strategy.is_main:

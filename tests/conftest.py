@@ -60,7 +60,7 @@ def stage_data(cfg):
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    from lf_dist.configure import load_config
+    from lf_dist.run_checks import load_config
 
     def _make(name: str = "run", **extra):
         return load_config(None, base_overrides(tmp_path / name, **extra))

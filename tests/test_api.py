@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from lf_dist.cli import main
-from lf_dist.configure import load_config
+from lf_dist.run_checks import load_config
 
 from . import api_server
 from .conftest import TINY_MODEL, base_overrides

@@ -8,7 +8,9 @@
 - serve/ (export, chat, api) reads models and checkpoints and never trains, launches or plans; only the CLI
   imports it;
 - no import cycle between modules, counting imports inside functions too;
-- no module but the stage registry compares a stage's name.
+- no module but the stage registry compares a stage's name, and none but the backend registry a backend's;
+- serve/ imports no strategy module (checkpoint layouts come from `parallel/formats.py`);
+- no module of launchers/ imports train/ (the worker is the bridge between them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lf_dist"
 STAGE_NAMES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
 REGISTRY = "lf_dist.train.stages"
+BACKEND_NAMES = {"single", "ddp", "fsdp2", "deepspeed"}
+BACKEND_REGISTRY = "lf_dist.parallel.registry"
 
 
 def _modules() -> dict[str, Path]:
@@ -59,7 +63,7 @@ GRAPH = {m: imports_of(m) for m in MODULES}
 _ABOVE = (
     "lf_dist.launchers",
     "lf_dist.worker",
-    "lf_dist.configure",
+    "lf_dist.run_checks",
     "lf_dist.planner",
     "lf_dist.cli",
     "lf_dist.serve",
@@ -119,21 +123,53 @@ def test_no_import_cycles_even_through_function_level_imports():
             visit(m)
 
 
-def _stage_names_in(node: ast.AST) -> set[str]:
-    return {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in STAGE_NAMES}
+def _names_compared(names: set[str], registry: str) -> list[str]:
+    """Where a module other than `registry` compares one of `names`, keys a table by one, or passes one as a
+    keyword argument's value."""
+    found = []
+    for module, path in MODULES.items():
+        if module == registry:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            hits = set()
+            if isinstance(node, ast.Compare):
+                hits = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in names}
+            elif isinstance(node, ast.Dict):  # a lookup table keyed by name
+                hits = {k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names}
+            elif isinstance(node, ast.keyword) and isinstance(node.value, ast.Constant):
+                hits = {node.value.value} & names
+            if hits:
+                found.append(f"{module}:{getattr(node, 'lineno', '?')} {sorted(hits)}")
+    return found
 
 
 def test_only_the_stage_registry_compares_stage_names():
-    found = []
-    for module, path in MODULES.items():
-        if module == REGISTRY:
-            continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = set()
-            if isinstance(node, ast.Compare):
-                names = _stage_names_in(node)
-            elif isinstance(node, ast.Dict):  # a lookup table keyed by stage
-                names = {k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in STAGE_NAMES}
-            if names:
-                found.append(f"{module}:{node.lineno} {sorted(names)}")
+    found = _names_compared(STAGE_NAMES, REGISTRY)
+    assert not found, found
+
+
+def test_only_the_backend_registry_names_a_backend():
+    from lf_dist.parallel.registry import BACKENDS
+
+    assert set(BACKENDS) == BACKEND_NAMES  # the names this rule looks for are the registered ones
+    found = _names_compared(BACKEND_NAMES, BACKEND_REGISTRY)
+    assert not found, found
+
+
+STRATEGY_MODULES = {
+    m
+    for m in MODULES
+    if m.startswith("lf_dist.parallel.") and m not in ("lf_dist.parallel.formats", BACKEND_REGISTRY)
+}
+
+
+def test_serve_imports_no_strategy_module():
+    assert "lf_dist.parallel.fsdp2" in STRATEGY_MODULES
+    found = {m: sorted(GRAPH[m] & STRATEGY_MODULES) for m in MODULES if m.startswith("lf_dist.serve")}
+    assert not {m: d for m, d in found.items() if d}, found
+
+
+def test_no_launcher_imports_the_training_loop_directly():
+    found = {m: sorted(d for d in GRAPH[m] if d.startswith("lf_dist.train")) for m in MODULES}
+    found = {m: d for m, d in found.items() if m.startswith("lf_dist.launchers") and d}
     assert not found, found

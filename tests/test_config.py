@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from lf_dist.cli import main
-from lf_dist.configure import load_config
 from lf_dist.errors import UserError
+from lf_dist.run_checks import load_config
 
 from .conftest import DATA_DIR, ROOT, TINY_MODEL, base_overrides
 
@@ -216,7 +216,7 @@ def test_reading_a_config_imports_no_trainer_stack():
     import sys
 
     probe = (
-        "import sys; from lf_dist.configure import load_config; "
+        "import sys; from lf_dist.run_checks import load_config; "
         f"load_config(None, {MIN!r} + ['logging_dir=x']); "
         "heavy = ('transformers.training_args', 'peft', 'bitsandbytes', 'deepspeed'); "
         "print([m for m in heavy if m in sys.modules])"

@@ -139,7 +139,7 @@ def _rows(make_cfg, stage: str, dataset: str, n: int, tok):
 
 def _loss_and_grads(model, loss, batch):
     model.zero_grad()
-    value, metrics = loss.loss(model, batch)
+    value, metrics = loss(model, batch)
     value.backward()
     return value.detach(), metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -200,7 +200,7 @@ def test_padding_free_preference_batches_give_the_padded_losses_and_metrics(make
 class _WithPaddingMask:
     """The causal-LM loss with the 2-D padding mask fed, as before."""
 
-    def loss(self, model, batch):
+    def __call__(self, model, batch):
         inputs = {**model_inputs(batch), "attention_mask": batch["attention_mask"]}
         return -label_logps(model, inputs, batch["labels"])[0].sum(), {}
 
@@ -252,8 +252,8 @@ def test_varlen_attention_keeps_segments_apart_within_a_sliding_window():
 
 # -- the plan names each choice --------------------------------------------------------------------------------
 def _plan(profile: str = "cpu", model=TINY_MODEL, stage: str = "sft", **keys):
-    from lf_dist.configure import load_config
     from lf_dist.planner import load_profile, make_plan
+    from lf_dist.run_checks import load_config
     from lf_dist.train.stages import get_stage
 
     values = {"model_name_or_path": model, "stage": stage, "dataset": "alpaca_demo", "output_dir": "o", **keys}

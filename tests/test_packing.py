@@ -39,7 +39,7 @@ def _data(make_cfg, packing: bool, neat: bool, **kw):
 
 def _loss_and_grads(model, stage, batch):
     model.zero_grad()
-    loss, _ = stage.loss(model, batch)
+    loss, _ = stage(model, batch)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

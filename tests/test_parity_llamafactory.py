@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from lf_dist.configure import load_config
 from lf_dist.data import build_datasets
 from lf_dist.data.templates import fix_tokenizer, get_template
+from lf_dist.run_checks import load_config
 
 from .conftest import ROOT, TINY_MODEL, stage_data
 from .reference import lf_venv

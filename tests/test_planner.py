@@ -7,10 +7,10 @@ import json
 import pytest
 
 from lf_dist.cli import main
-from lf_dist.configure import load_config
 from lf_dist.errors import UserError
 from lf_dist.planner import PROFILES, load_profile, make_plan
 from lf_dist.planner.model_size import measure, read_model_config
+from lf_dist.run_checks import load_config
 from lf_dist.train.stages import get_stage
 
 from .conftest import ROOT, TINY_MODEL, base_overrides

@@ -213,7 +213,7 @@ def test_packed_pairs_give_the_unpacked_loss_and_metrics(make_cfg, stage, device
 
     def loss_and_grads(batch):
         model.zero_grad()
-        loss, metrics = loss_fn.loss(model, batch)
+        loss, metrics = loss_fn(model, batch)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach().item(), {k: (v[0] / v[1]).item() for k, v in metrics.items()}, grads

@@ -72,7 +72,7 @@ def _trl_pairs(rows: list[dict]) -> list[dict]:
 
 
 def _ours(stage, model, batch) -> tuple[float, dict]:
-    loss, metrics = stage.loss(model, batch)
+    loss, metrics = stage(model, batch)
     return float(loss) / stage.num_units(batch), stage.summarize(metrics)
 
 

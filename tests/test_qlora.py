@@ -54,7 +54,7 @@ def _eval_loss_on_a_fresh_quantized_base(cfg, out: Path) -> float:
     with torch.no_grad():
         for i in range(0, len(eval_ds), 8):
             batch = collate([eval_ds[j] for j in range(i, min(i + 8, len(eval_ds)))])
-            loss, _ = loss_fn.loss(model, batch)
+            loss, _ = loss_fn(model, batch)
             total, units = total + float(loss), units + loss_fn.num_units(batch)
     return total / units
 

@@ -35,8 +35,8 @@ def _log(out) -> list[dict]:
 class _CountingLoss(CausalLMLoss):
     """A new stage's loss: sft's cross-entropy plus a metric of its own."""
 
-    def loss(self, model, batch):
-        loss, _ = super().loss(model, batch)
+    def loss(self, outputs, batch):
+        loss, _ = super().loss(outputs, batch)
         labels = (batch["labels"][:, 1:] != -100).sum()
         return loss, {"toy/label_tokens": metric(labels.float(), batch["input_ids"].size(0))}
 
@@ -82,6 +82,35 @@ def test_the_loop_hands_each_step_to_the_strategys_forward_backward(make_cfg, mo
     assert ours == pytest.approx(theirs, abs=1e-5)
 
 
+class _CountingStrategy(SingleStrategy):
+    """A new backend: the single-process strategy with a step counter."""
+
+    steps = 0
+
+    def step(self, model, optimizer, max_grad_norm):
+        type(self).steps += 1
+        return super().step(model, optimizer, max_grad_norm)
+
+
+def test_a_new_backend_is_one_spec_in_the_registry(make_cfg, monkeypatch):
+    """Registering one BackendSpec is all it takes: the config accepts its name, the plan picks it, the worker
+    builds it, and it trains to the same losses as the backend it extends."""
+    from lf_dist.parallel import registry
+
+    spec = registry.BackendSpec("counting", _CountingStrategy, one_process=True)
+    monkeypatch.setitem(registry.BACKENDS, "counting", spec)
+    common = {"max_steps": 4, "per_device_train_batch_size": 2}
+    run(reference := make_cfg("single", **common))
+    _CountingStrategy.steps = 0
+    run(counted := make_cfg("counting", strategy="counting", **common))
+    assert _CountingStrategy.steps == 4
+    plan = json.loads((_out(counted) / "run_plan.json").read_text(encoding="utf-8"))
+    assert plan["strategy"] == "counting"
+    ours = [e["loss"] for e in _log(_out(counted)) if "loss" in e]
+    theirs = [e["loss"] for e in _log(_out(reference)) if "loss" in e]
+    assert ours == pytest.approx(theirs, abs=1e-6)
+
+
 class _Shapes(TorchDispatchMode):
     """Records the shape of every tensor an op makes."""
 
@@ -108,12 +137,10 @@ def test_output_layer_sees_only_label_positions_and_log_probs_equal_the_full_log
     rows = build_datasets(cfg, tokenizer, get_template("chatml", tokenizer, cfg.data), SUPERVISED).train
     batch = Collator(tokenizer.pad_token_id)([rows[i] for i in range(4)])
     model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
-    if not fused:  # what an output layer that is not a plain nn.Linear (adapters, quantized) goes through
-        label_logps(model, model_inputs(batch), batch["labels"])
-        model.lm_head._lf_dist_fused = False
+    # fused False: what an output layer that is not a plain nn.Linear (adapters, quantized) goes through
     inputs, labels = model_inputs(batch), batch["labels"]
     with _Shapes() as seen:
-        logps, mask = label_logps(model, inputs, labels)
+        logps, mask = label_logps(model, inputs, labels, fused=fused)
         grads = torch.autograd.grad(-logps.sum(), list(model.parameters()))
     n_scored, vocab, hidden = int(mask.sum()), model.config.vocab_size, model.config.hidden_size
     wide = {s for s in seen.shapes if len(s) > 1 and s[-1] == vocab and s != (hidden, vocab)}  # not W.T

@@ -18,10 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lf_dist.cli import main
-from lf_dist.configure import load_config
 from lf_dist.data.jinja import jinja_template
 from lf_dist.data.templates import TEMPLATES, fix_tokenizer, get_template
 from lf_dist.data.tokenize import IGNORE_INDEX, build_supervised, encode_prompt, encode_turns
+from lf_dist.run_checks import load_config
 
 from .conftest import TINY_MODEL, base_overrides
 

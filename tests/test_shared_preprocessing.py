@@ -68,9 +68,9 @@ def _build_rank(rank: int, out_dir: str, cache: str, world_size: int = 2) -> Non
     import datasets
     from transformers import AutoTokenizer
 
-    from lf_dist.configure import load_config
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
+    from lf_dist.run_checks import load_config
 
     datasets.disable_progress_bars()
     cfg = load_config(None, base_overrides(Path(out_dir) / "o", dataset="alpaca_demo,sharegpt_demo", val_size=0.1))

@@ -45,7 +45,7 @@ def _eval_loss_of_saved_model(cfg, out, adapter: bool) -> float:
     with torch.no_grad():
         for i in range(0, len(eval_ds), 8):
             batch = collate([eval_ds[j] for j in range(i, min(i + 8, len(eval_ds)))])
-            loss, _ = stage.loss(model, batch)
+            loss, _ = stage(model, batch)
             total, tokens = total + float(loss), tokens + stage.num_units(batch)
     return total / tokens
 

@@ -137,7 +137,7 @@ def build_config(raw: dict, source: str | None = None, command: str = "train") -
 def read_config(path: str | Path | None, overrides: list[str] | None = None, command: str = "train") -> RunConfig:
     """Read a config file, apply overrides, fill LLaMA-Factory defaults and check the values config/ knows.
 
-    A run's config comes from `lf_dist.configure.load_config`, which adds the stage's own checks."""
+    A run's config comes from `lf_dist.run_checks.load_config`, which adds the stage's own checks."""
     raw = read_file(path) if path is not None else {}
     raw.update(parse_overrides(overrides or []))
     return build_config(raw, source=str(path) if path is not None else None, command=command)

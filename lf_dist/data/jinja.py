@@ -7,7 +7,7 @@ message through its role's slots; the user slot already ends with the assistant 
 
 from __future__ import annotations
 
-from lf_dist.data.template import BOS, CONTENT, EOS, Template, Token
+from lf_dist.data.template_elements import BOS, CONTENT, EOS, Template, Token
 
 
 def _quote(text: str) -> str:

@@ -20,7 +20,7 @@ from lf_dist.config import RunConfig
 from lf_dist.data.kinds import DataKind, row_layout
 from lf_dist.data.loader import align, load_source, map_workers, merge
 from lf_dist.data.registry import get_dataset_attrs
-from lf_dist.data.template import Template
+from lf_dist.data.template_elements import Template
 from lf_dist.data.tokenize import IGNORE_INDEX, is_valid_text, preprocess_pretrain
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
@@ -61,51 +61,56 @@ def _dataset_attrs(names: str, cfg: RunConfig, kind: DataKind):
 
 def _encode_sources(names: str, cfg: RunConfig, tokenizer, template: Template, kind: DataKind, what: str):
     """Each registered dataset encoded record by record, then merged as LLaMA-Factory merges them."""
-    d = cfg.data
+    data_args = cfg.data
     parts = []
     for attr in _dataset_attrs(names, cfg, kind):
-        raw = load_source(attr, d, cfg.train.seed, cfg.model)
+        raw = load_source(attr, data_args, cfg.train.seed, cfg.model)
         parts.append(
             raw.map(
                 kind.encode,
-                fn_kwargs={"attr": attr, "template": template, "tokenizer": tokenizer, "data_args": d},
+                fn_kwargs={"attr": attr, "template": template, "tokenizer": tokenizer, "data_args": data_args},
                 batched=True,
-                batch_size=d.preprocessing_batch_size,
+                batch_size=data_args.preprocessing_batch_size,
                 remove_columns=raw.column_names,
-                num_proc=map_workers(d.preprocessing_num_workers, len(raw)),
-                load_from_cache_file=not d.overwrite_cache,
+                num_proc=map_workers(data_args.preprocessing_num_workers, len(raw)),
+                load_from_cache_file=not data_args.overwrite_cache,
                 desc=f"Tokenizing {attr.name} ({what})",
             )
         )
-    return merge(parts, d, cfg.train.seed)
+    return merge(parts, data_args, cfg.train.seed)
 
 
 def _align_sources(names: str, cfg: RunConfig, kind: DataKind):
-    d = cfg.data
+    data_args = cfg.data
     parts = [
-        align(load_source(a, d, cfg.train.seed, cfg.model), a, d.preprocessing_num_workers)
+        align(load_source(a, data_args, cfg.train.seed, cfg.model), a, data_args.preprocessing_num_workers)
         for a in _dataset_attrs(names, cfg, kind)
     ]
-    return merge(parts, d, cfg.train.seed)
+    return merge(parts, data_args, cfg.train.seed)
 
 
 def _pretrain_tokenize(ds, cfg: RunConfig, tokenizer, what: str):
     """pt: texts + eos, joined into cutoff_len blocks when packing; invalid (empty) texts dropped first."""
-    d = cfg.data
+    data_args = cfg.data
     ds = ds.map(
         lambda b: {"_valid": [is_valid_text({"_prompt": p}) for p in b["_prompt"]]},
         batched=True,
     )
     ds = _keep_valid(ds)
-    kwargs = {"tokenizer": tokenizer, "cutoff_len": d.cutoff_len, "packing": d.packing, "template_name": d.template}
+    kwargs = {
+        "tokenizer": tokenizer,
+        "cutoff_len": data_args.cutoff_len,
+        "packing": data_args.packing,
+        "template_name": data_args.template,
+    }
     ds = ds.map(
         preprocess_pretrain,
         fn_kwargs=kwargs,
         batched=True,
-        batch_size=d.preprocessing_batch_size,
+        batch_size=data_args.preprocessing_batch_size,
         remove_columns=ds.column_names,
-        num_proc=map_workers(d.preprocessing_num_workers, len(ds)),
-        load_from_cache_file=not d.overwrite_cache,
+        num_proc=map_workers(data_args.preprocessing_num_workers, len(ds)),
+        load_from_cache_file=not data_args.overwrite_cache,
         desc=f"Tokenizing {what}",
     )
     return ds.filter(_has_label, desc=f"Checking {what} blocks")
@@ -116,7 +121,7 @@ def _keep_valid(ds):
 
 
 def _process(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) -> DatasetBundle:
-    d, t = cfg.data, cfg.train
+    data_args, training_args = cfg.data, cfg.train
     text = kind.encode is None  # texts are aligned now and tokenized into blocks after the split
     source = (
         (lambda names, what: _align_sources(names, cfg, kind))
@@ -124,27 +129,27 @@ def _process(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) -> D
         else (lambda names, what: _encode_sources(names, cfg, tokenizer, template, kind, what))
     )
     parts = {}
-    if d.dataset:
-        parts["train"] = source(d.dataset, "train")
-        if d.val_size > 1e-6:  # split by record, before dropping anything, exactly as LLaMA-Factory splits
-            size = int(d.val_size) if d.val_size > 1 else d.val_size
+    if data_args.dataset:
+        parts["train"] = source(data_args.dataset, "train")
+        if data_args.val_size > 1e-6:  # split by record, before dropping anything, exactly as LLaMA-Factory splits
+            size = int(data_args.val_size) if data_args.val_size > 1 else data_args.val_size
             n = len(parts["train"])
             if (size if isinstance(size, int) else max(1, round(size * n))) >= n:
-                raise UserError(f"val_size: {d.val_size} leaves no training examples (of {n})")
-            split = parts["train"].train_test_split(test_size=size, seed=t.seed)
+                raise UserError(f"val_size: {data_args.val_size} leaves no training examples (of {n})")
+            split = parts["train"].train_test_split(test_size=size, seed=training_args.seed)
             parts["train"], parts["eval"] = split["train"], split["test"]
-    if d.eval_dataset:
-        parts["eval"] = source(d.eval_dataset, "eval")
+    if data_args.eval_dataset:
+        parts["eval"] = source(data_args.eval_dataset, "eval")
     counts = {}
     for name, ds in parts.items():
         before = len(ds)
         parts[name] = _pretrain_tokenize(ds, cfg, tokenizer, name) if text else _keep_valid(ds)
         counts[name] = (before - len(parts[name]), before) if not text else (0, before)
         if len(parts[name]) == 0:
-            names = d.dataset if name == "train" else (d.eval_dataset or d.dataset)
+            names = data_args.dataset if name == "train" else (data_args.eval_dataset or data_args.dataset)
             raise UserError(
                 f"dataset '{names}': no valid {name} examples left (malformed, or nothing to learn "
-                f"within cutoff_len {d.cutoff_len})"
+                f"within cutoff_len {data_args.cutoff_len})"
             )
     dropped = sum(c[0] for c in counts.values())
     if dropped:
@@ -153,8 +158,8 @@ def _process(cfg: RunConfig, tokenizer, template: Template, kind: DataKind) -> D
             f"dropped {dropped} examples that are malformed (role order, empty or missing response, bad "
             f"kto_tag) or have nothing to learn within cutoff_len: {detail}"
         )
-    if d.packing and kind.pack is not None:
-        parts = {name: kind.pack(ds, d.cutoff_len) for name, ds in parts.items()}
+    if data_args.packing and kind.pack is not None:
+        parts = {name: kind.pack(ds, data_args.cutoff_len) for name, ds in parts.items()}
     return DatasetBundle(parts.get("train"), parts.get("eval"))
 
 
@@ -217,8 +222,8 @@ def build_datasets(
 ) -> DatasetBundle:
     """The train / eval rows of `kind` (the stage's data kind) for this config; `world_size` processes share
     one preprocessing."""
-    d = cfg.data
-    path = Path(d.tokenized_path) if d.tokenized_path else None
+    data_args = cfg.data
+    path = Path(data_args.tokenized_path) if data_args.tokenized_path else None
     if path is not None and _is_saved(path):
         logger.info(f"loading tokenized data from {path} (dataset and preprocessing keys are not used)")
         return _check_layout(load_bundle(path), kind, cfg.finetuning.stage, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from lf_dist.data.converters import convert
-from lf_dist.data.template import Template
+from lf_dist.data.template_elements import Template
 from lf_dist.data.tokenize import IGNORE_INDEX, as_arrow_table, encode_turns, infer_seqlen
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lf_dist.data.template import BOS, CONTENT, EOS, Template
+from lf_dist.data.template_elements import BOS, CONTENT, EOS, Template
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 

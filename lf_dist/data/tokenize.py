@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import chain
 
 from lf_dist.data.converters import convert
-from lf_dist.data.template import BOS, EOS, Template, Token
+from lf_dist.data.template_elements import BOS, EOS, Template, Token
 
 IGNORE_INDEX = -100
 

@@ -11,9 +11,9 @@ from lf_dist.errors import UserError
 
 
 def main(argv: list[str]) -> int:
-    from lf_dist.configure import load_config
     from lf_dist.log import quiet_libraries
     from lf_dist.planner import Plan
+    from lf_dist.run_checks import load_config
     from lf_dist.worker import run
 
     quiet_libraries()

@@ -14,8 +14,8 @@ import os
 import socket
 from pathlib import Path
 
+from lf_dist.env_contract import int_env
 from lf_dist.errors import UserError
-from lf_dist.launch_env import int_env
 
 
 def lock_path(output_dir: str | Path) -> Path:

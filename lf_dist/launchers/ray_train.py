@@ -15,12 +15,11 @@ import signal
 import uuid
 from pathlib import Path
 
+from lf_dist.env_contract import RESTART_ENV
 from lf_dist.errors import EXIT_PREEMPTED, RunStopped, UserError
-from lf_dist.launch_env import RESTART_ENV
 from lf_dist.launchers.lock import beside
 from lf_dist.log import get_logger
-from lf_dist.signals import on_signals
-from lf_dist.train.guard import STOP_FILE
+from lf_dist.signals import STOP_FILE, on_signals
 
 logger = get_logger(__name__)
 MARKER = "ray-attempt-{}"  # beside output_dir: a run's workers that find it were restarted by Ray
@@ -72,13 +71,13 @@ def launch_ray(config_path: str, overrides: list[str], cfg, plan) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    la = cfg.launch
+    launch_args = cfg.launch
     _init(cfg)
     check_cluster(plan, cfg)
-    if la.master_addr or la.master_port:
+    if launch_args.master_addr or launch_args.master_port:
         logger.info("notice: master_addr / master_port have no effect on Ray Train (it sets up the rendezvous)")
     resources = plan.layout["resources_per_worker"]
-    storage = str(Path(la.ray_storage_path).resolve()) if la.ray_storage_path else None
+    storage = str(Path(launch_args.ray_storage_path).resolve()) if launch_args.ray_storage_path else None
     trainer = TorchTrainer(
         _worker,
         train_loop_config={
@@ -89,19 +88,21 @@ def launch_ray(config_path: str, overrides: list[str], cfg, plan) -> int:
             "attempt_marker": MARKER.format(uuid.uuid4().hex[:12]),
         },
         scaling_config=ScalingConfig(
-            num_workers=la.ray_num_workers,
+            num_workers=launch_args.ray_num_workers,
             use_gpu=bool(resources.get("GPU")),
             resources_per_worker=resources,
-            placement_strategy=la.placement_strategy,
+            placement_strategy=launch_args.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if resources.get("GPU") else "gloo", timeout_s=cfg.train.ddp_timeout),
         run_config=RunConfig(
-            name=la.ray_run_name,
+            name=launch_args.ray_run_name,
             storage_path=storage,
-            failure_config=FailureConfig(max_failures=la.ray_max_failures),
+            failure_config=FailureConfig(max_failures=launch_args.ray_max_failures),
         ),
     )
-    logger.info(f"ray: {la.ray_num_workers} worker(s) × {resources} on {ray.cluster_resources().get('CPU', 0):g} CPUs")
+    logger.info(
+        f"ray: {launch_args.ray_num_workers} worker(s) × {resources} on {ray.cluster_resources().get('CPU', 0):g} CPUs"
+    )
     stop, preempted = Path(cfg.train.output_dir) / STOP_FILE, Path(cfg.train.output_dir) / PREEMPTED_FILE
     stop.unlink(missing_ok=True)  # a request of an earlier run is not this one's
     preempted.unlink(missing_ok=True)
@@ -173,8 +174,8 @@ def _worker(config: dict) -> None:
     import ray.train
     import torch.distributed
 
-    from lf_dist.configure import load_config
     from lf_dist.planner import Plan
+    from lf_dist.run_checks import load_config
     from lf_dist.worker import run
 
     if Path(config["cwd"]).is_dir():  # relative paths in the YAML mean what they meant for the driver

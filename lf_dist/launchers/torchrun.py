@@ -16,8 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from lf_dist.env_contract import int_env
 from lf_dist.errors import RunStopped, UserError
-from lf_dist.launch_env import int_env
 from lf_dist.log import get_logger
 from lf_dist.ports import free_port
 from lf_dist.signals import on_signals

@@ -22,48 +22,48 @@ def _split(value: str | None) -> list[str]:
 
 
 def _apply_freeze(model, cfg: RunConfig, head: Head) -> None:
-    f = cfg.finetuning
+    finetuning_args = cfg.finetuning
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if not n_layers:
         raise UserError("finetuning_type freeze: the model config has no num_hidden_layers")
-    k = f.freeze_trainable_layers
+    k = finetuning_args.freeze_trainable_layers
     if k == 0 or abs(k) > n_layers:
         raise UserError(f"freeze_trainable_layers: must be non-zero and at most {n_layers} in absolute value, got {k}")
     layer_ids = range(n_layers - k, n_layers) if k > 0 else range(-k)
-    modules = _split(f.freeze_trainable_modules)
+    modules = _split(finetuning_args.freeze_trainable_modules)
     if modules == ["all"]:
         patterns = [f".{i}." for i in layer_ids]
     else:
         patterns = [f".{i}.{mod}" for i in layer_ids for mod in modules]
-    extra = _split(f.freeze_extra_modules) + list(head.new_modules)  # a new head always trains
+    extra = _split(finetuning_args.freeze_extra_modules) + list(head.new_modules)  # a new head always trains
     matched = False
     for name, param in model.named_parameters():
         trainable = any(p in name for p in patterns) or any(name.startswith(e) or f".{e}." in name for e in extra)
         param.requires_grad_(trainable)
         matched |= trainable
     if not matched:
-        raise UserError(f"freeze_trainable_modules: no parameter matches {f.freeze_trainable_modules!r}")
+        raise UserError(f"freeze_trainable_modules: no parameter matches {finetuning_args.freeze_trainable_modules!r}")
 
 
 def _apply_lora(model, cfg: RunConfig, head: Head):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    f = cfg.finetuning
+    finetuning_args = cfg.finetuning
     if cfg.model.adapter_name_or_path:
         from lf_dist.model.hub import local_model
 
         adapter = local_model(cfg.model.adapter_name_or_path, cfg.model, "adapter_name_or_path")
         return _lean(PeftModel.from_pretrained(model, adapter, is_trainable=True), cfg)
-    targets = _split(f.lora_target)
+    targets = _split(finetuning_args.lora_target)
     config = LoraConfig(
         task_type=head.peft_task,
-        r=f.lora_rank,
-        lora_alpha=f.lora_alpha,
-        lora_dropout=f.lora_dropout,
+        r=finetuning_args.lora_rank,
+        lora_alpha=finetuning_args.lora_alpha,
+        lora_dropout=finetuning_args.lora_dropout,
         target_modules="all-linear" if targets == ["all"] else targets,
-        modules_to_save=_split(f.additional_target) or None,
-        use_dora=f.use_dora,
-        use_rslora=f.use_rslora,
+        modules_to_save=_split(finetuning_args.additional_target) or None,
+        use_dora=finetuning_args.use_dora,
+        use_rslora=finetuning_args.use_rslora,
     )
     try:
         model = get_peft_model(model, config)

@@ -65,13 +65,13 @@ def model_folder(cfg: RunConfig, name: str | None = None, key: str = "model_name
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
-    m = cfg.model
+    model_args = cfg.model
     return AutoTokenizer.from_pretrained(
         model_folder(cfg),
-        trust_remote_code=m.trust_remote_code,
-        use_fast=m.use_fast_tokenizer,
+        trust_remote_code=model_args.trust_remote_code,
+        use_fast=model_args.use_fast_tokenizer,
         padding_side="right",
-        cache_dir=m.cache_dir,
+        cache_dir=model_args.cache_dir,
     )
 
 
@@ -100,14 +100,14 @@ def quantization_config(cfg: RunConfig):
     """bitsandbytes 4/8-bit loading (QLoRA): the quantized weights compute in the run's dtype."""
     from transformers import BitsAndBytesConfig
 
-    m = cfg.model
-    if m.quantization_bit == 8:
+    model_args = cfg.model
+    if model_args.quantization_bit == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     dtype = compute_dtype(cfg)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=m.quantization_type,
-        bnb_4bit_use_double_quant=m.double_quantization,
+        bnb_4bit_quant_type=model_args.quantization_type,
+        bnb_4bit_use_double_quant=model_args.double_quantization,
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype,  # a float storage, as FSDP-QLoRA needs
     )
@@ -137,26 +137,28 @@ def load_model(
     """
     from transformers import AutoConfig
 
-    m = cfg.model
-    policy = path in (None, m.model_name_or_path)
+    model_args = cfg.model
+    policy = path in (None, model_args.model_name_or_path)
     path = model_folder(cfg, path, "model_name_or_path" if policy else "ref_model")
-    kwargs = {"dtype": dtype or compute_dtype(cfg), "trust_remote_code": m.trust_remote_code}
-    attn = attn_implementation(m.flash_attn)
+    kwargs = {"dtype": dtype or compute_dtype(cfg), "trust_remote_code": model_args.trust_remote_code}
+    attn = attn_implementation(model_args.flash_attn)
     if attn is not None:
         kwargs["attn_implementation"] = attn
     auto, head_config = head.auto(), head.config_values(tokenizer)
     if meta:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir)
+        config = AutoConfig.from_pretrained(
+            path, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
+        )
         for key, value in head_config.items():
             setattr(config, key, value)
         model = _from_config(auto, config, head, kwargs)
     else:
-        if m.quantization_bit and policy:
+        if model_args.quantization_bit and policy:
             device = device or torch.device("cpu")
             kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
-        model = auto.from_pretrained(path, cache_dir=m.cache_dir, **head_config, **kwargs)
+        model = auto.from_pretrained(path, cache_dir=model_args.cache_dir, **head_config, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
-    if m.enable_liger_kernel and not meta:  # the plan turns it on only with CUDA and a supported family
+    if model_args.enable_liger_kernel and not meta:  # the plan turns it on only with CUDA and a supported family
         from lf_dist.kernels import liger
 
         liger.apply(model)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lf_dist.errors import UserError
+from lf_dist.parallel import formats
 
 
 def quantized_params(model) -> set:
@@ -47,6 +48,17 @@ def write_model_description(inner, path: Path) -> None:
         inner.peft_config["default"].save_pretrained(path)
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Dropout off for the block, the model's own mode after it."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def add_metrics(into: dict, metrics: dict) -> None:
     """Sum a micro-batch's (sum, count) metric pairs into `into`."""
     for key, value in metrics.items():
@@ -61,6 +73,7 @@ class Strategy(ABC):
     world only while there is no tensor or pipeline parallelism.
     """
 
+    checkpoint_format = formats.HF  # what save_checkpoint writes (parallel/formats.py)
     rank = 0
     local_rank = 0
     world_size = 1
@@ -124,20 +137,38 @@ class Strategy(ABC):
         """Skip gradient reduction on all but the last micro-batch of a step (where the backend allows)."""
         return contextlib.nullcontext()
 
-    def forward_backward(self, model, micro_batches: list[dict], loss_fn, n_units: int):
-        """Forward and backward of every micro-batch of one optimizer step; `loss_fn(model, batch)` returns the
-        batch's summed loss and metrics, each loss is divided by the step's global unit count `n_units`.
-        Returns the summed loss (detached) and metrics. A backend with its own schedule overrides this."""
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward_backward(self, model, micro_batches: list[dict], stage_loss, n_units: int):
+        """Forward and backward of every micro-batch of one optimizer step: `stage_loss.forward(model, batch)`
+        gives the outputs, `stage_loss.loss(outputs, batch)` the batch's summed loss and metrics; each loss is
+        divided by the step's global unit count `n_units`. Returns the summed loss (detached) and metrics. A
+        backend with its own schedule (pipeline stages between forward and loss) overrides this."""
         loss_sum = torch.zeros((), device=self.device)
         metrics: dict = {}
         for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = self.to_device(batch)
             with self.no_sync(model, i == len(micro_batches) - 1), self.autocast():
-                loss, batch_metrics = loss_fn(model, batch)
+                loss, batch_metrics = stage_loss.loss(stage_loss.forward(model, batch), batch)
             self.backward(loss / max(n_units, 1))
             loss_sum += loss.detach()
             add_metrics(metrics, batch_metrics)
         return loss_sum, metrics
+
+    def forward_only(self, model, batch: dict, forward):
+        """`forward(model, batch)` without gradients, placed and cast as in training: evaluation, a reference's
+        log-probs, scoring. Every rank of a sharded model calls it the same number of times."""
+        with torch.no_grad(), self.autocast():
+            return forward(model, self.to_device(batch))
+
+    def generate(self, model, prompts: dict, **gen) -> torch.Tensor:
+        """Completions of left-padded `prompts` (input_ids, attention_mask) from the weights being trained, without
+        gradients; `gen` are transformers' generation arguments. Returns prompt + completion ids, as `generate`
+        does. A sharded backend makes its weights whole for the call (or keeps its ranks in step), so ranks whose
+        completions end at different lengths never wait on each other."""
+        with torch.no_grad(), self.autocast(), _eval_mode(model):
+            return self.unwrap(model).generate(**self.to_device(prompts), **gen)
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is already normalized by the step's global unit count."""
@@ -174,10 +205,10 @@ class Strategy(ABC):
         pass
 
     # -- checkpoints and export ---------------------------------------------------------------------------
-    @abstractmethod
     def check_resumable(self, path: Path) -> None:
-        """Refuse (UserError) a checkpoint this strategy cannot resume, reading only what is cheap to read;
+        """Refuse (UserError) a checkpoint this strategy cannot resume, reading only its format's marker files;
         called before anything is written to output_dir."""
+        formats.check_resumable(path, self.checkpoint_format, self.world_size, self.cfg.train.strategy)
 
     @abstractmethod
     def save_checkpoint(self, model, optimizer, scheduler, tokenizer, path: Path, save_only_model: bool) -> None:

@@ -17,10 +17,10 @@ import torch
 from lf_dist.errors import UserError
 from lf_dist.parallel.base import write_model_description
 from lf_dist.parallel.distributed import DistributedStrategy
+from lf_dist.parallel.formats import DEEPSPEED, record_world
 from lf_dist.parallel.single import is_peft
 
-TAG = "ds"
-WORLD_FILE = "ds_world_size.txt"  # read before anything is loaded, to refuse another world size early
+TAG = DEEPSPEED.marker  # the engine's checkpoint tag: its folder marks the format
 
 
 def read_ds_config(value) -> dict:
@@ -37,17 +37,19 @@ def read_ds_config(value) -> dict:
 
 def fill_auto(ds: dict, cfg, dp_size: int, hidden_size: int) -> dict:
     """Replace "auto" with values from the run config (Hugging Face's rules for the same keys)."""
-    t = cfg.train
+    training_args = cfg.train
     fills = {
-        "train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * dp_size,
-        "gradient_clipping": t.max_grad_norm,
+        "train_micro_batch_size_per_gpu": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "train_batch_size": training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * dp_size,
+        "gradient_clipping": training_args.max_grad_norm,
     }
     for key, value in fills.items():
         if ds.get(key, "auto") == "auto":
             ds[key] = value
-    for key, enabled in (("bf16", t.bf16), ("fp16", t.fp16)):
+    for key, enabled in (("bf16", training_args.bf16), ("fp16", training_args.fp16)):
         if isinstance(ds.get(key), dict) and ds[key].get("enabled", "auto") == "auto":
             ds[key]["enabled"] = enabled
     zero = ds.setdefault("zero_optimization", {"stage": 0})
@@ -77,6 +79,7 @@ def _walk(d: dict, prefix: str = ""):
 
 
 class DeepSpeedStrategy(DistributedStrategy):
+    checkpoint_format = DEEPSPEED
     loss_scaling = False  # DeepSpeed's fp16 config scales the loss itself
 
     def __init__(self, cfg):
@@ -152,18 +155,7 @@ class DeepSpeedStrategy(DistributedStrategy):
             tokenizer.save_pretrained(path)
             write_model_description(self.unwrap(model), Path(path))
             torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
-            (Path(path) / WORLD_FILE).write_text(str(self.world_size), encoding="utf-8")
-
-    def check_resumable(self, path):
-        path = Path(path)
-        if not (path / TAG).is_dir():
-            raise UserError(f"resume_from_checkpoint: {path} was not written by DeepSpeed; resume with its strategy")
-        saved = int((path / WORLD_FILE).read_text(encoding="utf-8")) if (path / WORLD_FILE).is_file() else None
-        if saved is not None and saved != self.world_size:
-            raise UserError(
-                f"resume_from_checkpoint: DeepSpeed checkpoint of {saved} ranks cannot resume on "
-                f"{self.world_size}; use the same world size, or fsdp2/ddp (DCP) to change it"
-            )
+            record_world(path, DEEPSPEED, self.world_size)  # read before anything is loaded, to refuse early
 
     def load_checkpoint(self, model, optimizer, scheduler, path):
         self.check_resumable(path)

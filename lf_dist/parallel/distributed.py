@@ -24,11 +24,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from lf_dist.errors import RunStopped, UserError
+from lf_dist.errors import RunStopped
 from lf_dist.parallel.base import Strategy, write_model_description
+from lf_dist.parallel.formats import DCP
 from lf_dist.parallel.single import is_peft
-
-DCP_DIR = "dcp"
 
 
 def _attempt_store(rank: int, world_size: int, timeout):
@@ -53,6 +52,7 @@ def _attempt_store(rank: int, world_size: int, timeout):
 class DistributedStrategy(Strategy):
     """Base of the strategies that run one process per device under torchrun."""
 
+    checkpoint_format = DCP
     # The data-parallel process group (None: the whole world). Tensor or pipeline parallelism will narrow it;
     # every reduction of losses, token counts and metrics, and every data shard, goes through it.
     dp_group = None
@@ -121,7 +121,7 @@ class DistributedStrategy(Strategy):
         else:
             model_sd, optim_sd = get_state_dict(inner, optimizer, options=self._state_options(inner))
             state = {"model": model_sd, "optim": optim_sd}
-        dcp.save(state, checkpoint_id=str(Path(path) / DCP_DIR))
+        dcp.save(state, checkpoint_id=str(Path(path) / DCP.marker))
         if self.is_main:
             tokenizer.save_pretrained(path)
             write_model_description(inner, Path(path))
@@ -129,20 +129,13 @@ class DistributedStrategy(Strategy):
                 torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
                 self.save_scaler(path)
 
-    def check_resumable(self, path):
-        if not (Path(path) / DCP_DIR).is_dir():
-            raise UserError(
-                f"resume_from_checkpoint: {path} has no DCP shards (written by a single-process run or "
-                "DeepSpeed); resume it with the same kind of launch"
-            )
-
     def load_checkpoint(self, model, optimizer, scheduler, path):
         path = Path(path)
         self.check_resumable(path)
         inner = self.unwrap(model)
         model_sd, optim_sd = get_state_dict(inner, optimizer, options=self._state_options(inner))
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        dcp.load(state, checkpoint_id=str(path / DCP.marker))
         frozen_ok = self._state_options(inner, strict=False)  # the frozen base is not in the checkpoint
         set_state_dict(
             inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=frozen_ok

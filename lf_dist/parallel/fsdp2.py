@@ -59,18 +59,20 @@ def apply_fsdp(model, mesh, mp_policy, reshard_after_forward: bool, offload: boo
 
 def mixed_precision(cfg) -> MixedPrecisionPolicy:
     """Compute in bf16 / fp16 with fp32 master weights and fp32 gradient reduction; fp32 without either."""
-    t = cfg.train
-    if t.bf16 or t.fp16:
+    training_args = cfg.train
+    if training_args.bf16 or training_args.fp16:
         return MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if t.bf16 else torch.float16, reduce_dtype=torch.float32
+            param_dtype=torch.bfloat16 if training_args.bf16 else torch.float16, reduce_dtype=torch.float32
         )
     return MixedPrecisionPolicy()
 
 
 def parallelize(model, mesh, cfg) -> torch.nn.Module:
     """Apply the parallelisms in the documented order; the model code is untouched."""
-    t = cfg.train
-    apply_fsdp(model, mesh, mixed_precision(cfg), t.fsdp_reshard_after_forward, t.fsdp_cpu_offload)
+    training_args = cfg.train
+    apply_fsdp(
+        model, mesh, mixed_precision(cfg), training_args.fsdp_reshard_after_forward, training_args.fsdp_cpu_offload
+    )
     return model
 
 

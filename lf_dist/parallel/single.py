@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lf_dist.errors import RunStopped, UserError
+from lf_dist.errors import RunStopped
 from lf_dist.parallel.base import Strategy
 
 
@@ -58,13 +58,6 @@ class SingleStrategy(Strategy):
         torch.save(optimizer.state_dict(), Path(path) / "optimizer.pt")
         torch.save(scheduler.state_dict(), Path(path) / "scheduler.pt")
         self.save_scaler(path)
-
-    def check_resumable(self, path):
-        if not (Path(path) / "optimizer.pt").is_file():
-            raise UserError(
-                f"resume_from_checkpoint: {path} was written by a distributed run; resume it with the "
-                "same kind of launch (or any torchrun world size with fsdp2/ddp)"
-            )
 
     def load_checkpoint(self, model, optimizer, scheduler, path):
         path = Path(path)

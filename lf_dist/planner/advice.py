@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 from lf_dist.config import RunConfig
+from lf_dist.parallel import registry
+from lf_dist.parallel.registry import get_backend
 from lf_dist.planner.plan import method_name
 from lf_dist.planner.sizing import Sizing
 
@@ -15,14 +17,21 @@ def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
     """The first change that fits, in the order a person would try them: checkpointing, a lower LoRA rank,
     LoRA, QLoRA (at a lower rank too), a smaller per-device batch with more accumulation, offload, more GPUs of
     the profile's card, a shorter cutoff_len (256 tokens at least). Each is checked with checkpointing on."""
-    f, t = cfg.finetuning, cfg.train
-    rank, batch, accum = f.lora_rank, t.per_device_train_batch_size, t.gradient_accumulation_steps
+    finetuning_args, training_args = cfg.finetuning, cfg.train
+    rank, batch, accum = (
+        finetuning_args.lora_rank,
+        training_args.per_device_train_batch_size,
+        training_args.gradient_accumulation_steps,
+    )
 
     def fits(m, b, **kw):
         mem = p.memory(m, b, True, **kw)
         return mem["total"] if p.fits(mem) else None
 
-    if {"disable_gradient_checkpointing", "gradient_checkpointing"} & cfg.given and f.disable_gradient_checkpointing:
+    if {
+        "disable_gradient_checkpointing",
+        "gradient_checkpointing",
+    } & cfg.given and finetuning_args.disable_gradient_checkpointing:
         if (total := fits(method, bits)) is not None:
             return f"disable_gradient_checkpointing: false would fit ({total:.2f} GiB)"
     methods = [(method, bits, "", {})]
@@ -30,8 +39,8 @@ def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
         methods.append(("lora", None, "finetuning_type: lora", {}))
     if not bits:
         methods.append(("lora", 4, "finetuning_type: lora with quantization_bit: 4" + _without_deepspeed(p), {}))
-        if p.strategy == "deepspeed":  # a quantized base runs without DeepSpeed
-            methods[-1][3].update(strategy="single" if p.world == 1 else "fsdp2", zero_stage=0, offload=False)
+        if not get_backend(p.strategy).quantized_base:  # a quantized base runs with the default backend
+            methods[-1][3].update(strategy=registry.default_backend(p.world), zero_stage=0, offload=False)
     for m, b, what, changes in methods:
         if what and (total := fits(m, b, **changes)) is not None:
             return f"{what} would fit ({total:.2f} GiB)"
@@ -56,7 +65,10 @@ def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
 
 
 def _without_deepspeed(p: Sizing) -> str:
-    return " and no deepspeed config (DeepSpeed takes no quantized base)" if p.strategy == "deepspeed" else ""
+    spec = get_backend(p.strategy)
+    if spec.quantized_base:
+        return ""
+    return f" and no {spec.config_key or 'strategy'} config ({spec.shown} takes no quantized base)"
 
 
 def _offload_option(p: Sizing, method, bits) -> str | None:
@@ -64,11 +76,8 @@ def _offload_option(p: Sizing, method, bits) -> str | None:
     against the node's RAM."""
     if p.offload or bits or not p.hw.on_gpu:
         return None
-    if p.strategy == "fsdp2":
-        setup, mem = "fsdp_cpu_offload: true", p.memory(method, bits, True, offload=True)
-    else:
-        setup = "deepspeed: examples/deepspeed/ds_z3_offload_config.json"
-        mem = p.memory(method, bits, True, offload=True, strategy="deepspeed", zero_stage=3)
+    setup, changes = get_backend(p.strategy).offload
+    mem = p.memory(method, bits, True, offload=True, **changes)
     if p.fits(mem):
         return f"{setup} would fit ({mem['total']:.2f} GiB per GPU, {mem['host']:.2f} GiB of RAM per node)"
     return None
@@ -85,5 +94,8 @@ def _more_gpus(p: Sizing, methods) -> str | None:
                 nodes = -(-n // p.hw.gpus_per_node)
                 where = f"{nodes} nodes of {p.hw.gpus_per_node}" if nodes > 1 else "one node"
                 how = f"{what}, " if what else ""
-                return f"{how}{n} × {p.hw.gpu} ({where}, strategy fsdp2) would fit ({mem['total']:.2f} GiB per GPU)"
+                return (
+                    f"{how}{n} × {p.hw.gpu} ({where}, strategy {registry.SCALE_OUT}) would fit "
+                    f"({mem['total']:.2f} GiB per GPU)"
+                )
     return None

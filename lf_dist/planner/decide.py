@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from lf_dist.config import RunConfig
+from lf_dist.env_contract import force_torchrun, int_env, use_ray
 from lf_dist.errors import UserError
-from lf_dist.launch_env import force_torchrun, int_env, use_ray
-from lf_dist.planner import kernels as kernel_choice
+from lf_dist.parallel import registry
+from lf_dist.planner import kernel_choice
 from lf_dist.planner.advice import suggest
 from lf_dist.planner.plan import Plan, method_name
 from lf_dist.planner.profiles import HardwareProfile
@@ -41,58 +42,26 @@ def _env_world(hw: HardwareProfile, launching: bool, cfg: RunConfig) -> tuple[in
     return hw.world_size, hw.devices_per_node
 
 
-def _strategy(cfg: RunConfig, world: int) -> tuple[str, str]:
-    name = cfg.train.strategy
-    if name == "single" and world > 1:
-        raise UserError(f"strategy single: runs one process, but {world} were launched; use ddp or fsdp2")
-    if name != "auto":
-        chosen, why = name, f"strategy {name}: as the config says"
-    elif cfg.train.deepspeed:
-        chosen, why = "deepspeed", "strategy deepspeed: a DeepSpeed config is given"
-    elif world == 1:
-        chosen, why = "single", "strategy single: one process"
-    else:
-        chosen, why = "fsdp2", f"strategy fsdp2: {world} ranks shard weights, gradients and optimizer states"
-    if chosen == "deepspeed" and cfg.model.quantization_bit:
-        raise UserError("quantization_bit: not supported with DeepSpeed in lf-dist; use fsdp2 (or ddp) or one GPU")
-    if "8bit" in cfg.train.optim and chosen in ("fsdp2", "deepspeed"):
-        raise UserError(f"optim: {cfg.train.optim} runs with strategy single or ddp, not {chosen}")
-    return chosen, why
-
-
 def _candidates(cfg: RunConfig) -> list[tuple[str, int | None]]:
     """(method, quantization bits) to try in order: the fallback chain full → lora → 4-bit qlora."""
-    f, m = cfg.finetuning, cfg.model
+    finetuning_args, model_args = cfg.finetuning, cfg.model
     chain = [("full", None), ("lora", None), ("lora", 4)]
-    if f.finetuning_type == "auto":
+    if finetuning_args.finetuning_type == "auto":
         return chain
-    start = (f.finetuning_type, m.quantization_bit)
-    if f.finetuning_type == "freeze" or not f.allow_fallback:
+    start = (finetuning_args.finetuning_type, model_args.quantization_bit)
+    if finetuning_args.finetuning_type == "freeze" or not finetuning_args.allow_fallback:
         return [start]
     if start in chain:
         return chain[chain.index(start) :]
     return [start, ("lora", 4)] if start != ("lora", 4) else [start]
 
 
-def _ds_setup(cfg: RunConfig) -> tuple[int, bool]:
-    if not cfg.train.deepspeed:
-        return 0, False
-    from lf_dist.parallel.deepspeed import read_ds_config
-
-    zero = read_ds_config(cfg.train.deepspeed).get("zero_optimization", {})
-    offload = any(
-        str((zero.get(k) or {}).get("device", "none")).lower() == "cpu" for k in ("offload_optimizer", "offload_param")
-    )
-    return int(zero.get("stage", 0)), offload
-
-
 def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True) -> Plan:
     """Decide the run for `hw`; `launching` reads torchrun's launch variables (this machine, not a profile)."""
     world, per_node = _env_world(hw, launching, cfg)
-    strategy, strategy_reason = _strategy(cfg, world)
-    zero_stage, ds_offload = _ds_setup(cfg)
-    offload = ds_offload or (strategy == "fsdp2" and cfg.train.fsdp_cpu_offload)
-    p = Sizing(cfg, hw, stage, world, per_node, strategy, zero_stage, offload)
+    backend, strategy_reason = registry.choose(cfg, world)
+    zero_stage, offload = backend.sharding(cfg)
+    p = Sizing(cfg, hw, stage, world, per_node, backend.name, zero_stage, offload)
     reasons = [
         f"model: {p.size.num_params:,} parameters ({cfg.model.model_name_or_path}), {p.size.num_layers} layers, "
         f"vocabulary {p.size.vocab_size:,}",
@@ -102,7 +71,7 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
     gc_options = [not cfg.finetuning.disable_gradient_checkpointing] if gc_given else [False, True]
     tried, chosen = [], None
     for method, bits in _candidates(cfg):
-        if bits and p.strategy == "deepspeed":  # quantized bases run under single, ddp and fsdp2
+        if bits and not backend.quantized_base:
             continue
         for gc in gc_options:
             mem = p.memory(method, bits, gc)
@@ -155,19 +124,20 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
         reasons.append(why)
     layout, checkpoint_dir = {}, None
     if wants_ray(cfg):
-        la = cfg.launch
+        launch_args = cfg.launch
         launcher = "ray"
         layout = {
-            "workers": la.ray_num_workers,
+            "workers": launch_args.ray_num_workers,
             "resources_per_worker": ray_resources(cfg, hw),
-            "placement_strategy": la.placement_strategy,
+            "placement_strategy": launch_args.placement_strategy,
         }
-        if la.ray_storage_path and la.ray_run_name:
-            checkpoint_dir = str(Path(la.ray_storage_path) / la.ray_run_name)
+        if launch_args.ray_storage_path and launch_args.ray_run_name:
+            checkpoint_dir = str(Path(launch_args.ray_storage_path) / launch_args.ray_run_name)
         reasons.insert(
             1,
-            f"launcher ray: {la.ray_num_workers} Ray Train worker(s) × {layout['resources_per_worker']}, placement "
-            f"{la.placement_strategy}; checkpoints in {checkpoint_dir or cfg.train.output_dir}",
+            f"launcher ray: {launch_args.ray_num_workers} Ray Train worker(s) × {layout['resources_per_worker']}, "
+            "placement "
+            f"{launch_args.placement_strategy}; checkpoints in {checkpoint_dir or cfg.train.output_dir}",
         )
     else:
         launcher = "torchrun" if p.world > 1 or force_torchrun() else "local"

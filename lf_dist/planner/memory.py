@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lf_dist.kernels.cross_entropy import chunk_size
+from lf_dist.parallel.registry import MemoryTerms, get_backend
 from lf_dist.planner.model_size import ModelSize
 
 GIB = 2**30
@@ -110,8 +111,12 @@ def cpu_allocator_slack(transient: float, optimizer: float, uncheckpointed: floa
     return max(0.0, (1.2 if s.quant_bits else 0.85) * transient - 0.5 * optimizer)
 
 
-def _sharded(s: Setup) -> bool:
-    return s.strategy == "fsdp2" or (s.strategy == "deepspeed" and s.zero_stage == 3)
+def _terms(s: Setup) -> MemoryTerms:
+    return get_backend(s.strategy).memory
+
+
+def _sharded(s: Setup, state: str = "weights") -> bool:
+    return _terms(s).shards(state, s.zero_stage)
 
 
 def _weight_bytes(size: ModelSize, s: Setup) -> float:
@@ -122,17 +127,17 @@ def _weight_bytes(size: ModelSize, s: Setup) -> float:
         quantized = _quantized_bytes(size.quantizable_params, s.quant_bits, s.double_quant)
         rest = (frozen - size.quantizable_params) * c  # embeddings, norms, output layer
         return quantized + (rest + 4 * s.trainable) / (s.dp if sharded else 1)
-    frozen_bytes = 4 if s.strategy == "fsdp2" else c  # FSDP2 keeps fp32 shards, computes in bf16
-    train_bytes = c if s.strategy == "deepspeed" and c < 4 else 4  # DeepSpeed casts the module; fp32 masters
+    terms = _terms(s)
+    frozen_bytes = terms.frozen_bytes or c  # FSDP2 keeps fp32 shards, computes in bf16
+    train_bytes = c if terms.casts_module and c < 4 else 4  # DeepSpeed casts the module; fp32 masters
     return (frozen * frozen_bytes + s.trainable * train_bytes) / (s.dp if sharded else 1)
 
 
 def _optimizer_bytes(s: Setup) -> float:
     """AdamW's states of one rank (and DeepSpeed's fp32 master weights in bf16 / fp16)."""
-    ds = s.strategy == "deepspeed"
-    shard_state = s.dp if (_sharded(s) or (ds and s.zero_stage >= 1)) else 1
+    shard_state = s.dp if _sharded(s, "optimizer") else 1
     optimizer = s.trainable * s.optimizer_bytes / shard_state
-    if ds and s.compute_bytes < 4:
+    if _terms(s).casts_module and s.compute_bytes < 4:
         optimizer += s.trainable * 4 / shard_state
     return optimizer
 
@@ -142,7 +147,7 @@ def host_bytes(size: ModelSize, s: Setup, ranks_per_node: int) -> float:
     under ZeRO-3 / FSDP2 its weight shards (a node holds the shards of all its ranks)."""
     if not s.offload:
         return 0.0
-    grads = s.trainable * 4 / (s.dp if _sharded(s) or s.zero_stage >= 2 else 1)
+    grads = s.trainable * 4 / (s.dp if _sharded(s, "gradients") else 1)
     per_rank = _optimizer_bytes(s) + grads + (_weight_bytes(size, s) if _sharded(s) else 0.0)
     return per_rank * ranks_per_node
 
@@ -150,10 +155,9 @@ def host_bytes(size: ModelSize, s: Setup, ranks_per_node: int) -> float:
 def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     """Bytes per device for each term (GiB), plus their total under "total"."""
     c = s.compute_bytes
-    sharded = _sharded(s)
-    ds = s.strategy == "deepspeed"
-    shard_state = s.dp if (sharded or (ds and s.zero_stage >= 1)) else 1
-    shard_grads = s.dp if (sharded or (ds and s.zero_stage >= 2)) else 1
+    sharded, backend = _sharded(s), _terms(s)
+    shard_state = s.dp if _sharded(s, "optimizer") else 1
+    shard_grads = s.dp if _sharded(s, "gradients") else 1
     terms: dict[str, float] = {}
 
     # -- weights ------------------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     # -- optimizer ---------------------------------------------------------------------------------------------
     terms["optimizer"] = 0.0 if s.offload else _optimizer_bytes(s)
     if s.frozen_copies:
-        ref_bytes = 4 if s.strategy == "fsdp2" else c
+        ref_bytes = backend.frozen_bytes or c
         terms["reference_model"] = s.frozen_copies * size.num_params * ref_bytes / (s.dp if sharded else 1)
     # -- what one step allocates and frees ------------------------------------------------------------------
     layers = size.num_layers if s.graph_layers is None else s.graph_layers
@@ -189,7 +193,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     # Gradients grow as the backward frees activations, and the step frees them again: with one micro-batch per
     # step only what exceeds the freed activations adds; with accumulation they stay while the next
     # micro-batch's activations build up.
-    grads = s.trainable * (c if ds and c < 4 else 4) / shard_grads * (2 if s.strategy == "ddp" else 1)
+    grads = s.trainable * (c if backend.casts_module and c < 4 else 4) / shard_grads * backend.gradient_copies
     step_temp = s.trainable * 4 / shard_state if not s.on_cpu else 0.0  # foreach AdamW's intermediate on GPU
     transient = sum(dynamic.values())
     dynamic["gradients"] = grads if s.accumulation > 1 else max(0.0, grads + step_temp - transient)

@@ -44,7 +44,7 @@ class Plan:
     suggestion: str | None = None
     checkpoint_dir: str | None = None  # where checkpoint-N/ go (output_dir unless Ray storage says otherwise)
     layout: dict = field(default_factory=dict)  # Ray: workers, resources per worker, placement
-    # kernels (planner/kernels.py): a flash_attn value, padding-free batches, chunked | liger | none, ...
+    # kernels (planner/kernel_choice.py): a flash_attn value, padding-free batches, chunked | liger | none, ...
     attention: str = "auto"
     padding_free: bool = False
     cross_entropy: str = "chunked"

@@ -164,21 +164,21 @@ def detect() -> HardwareProfile:
     return replace(cpu, name="this machine", gpu_memory_gib=ram, cpu_cores=cores, ram_gib=ram, nnodes=nnodes)
 
 
-# distribution name → the module it is imported as
-BACKENDS = {
-    "deepspeed": "deepspeed",
-    "ray": "ray",
-    "megatron-core": "megatron.core",
-    "liger-kernel": "liger_kernel",
-    "flash-attn": "flash_attn",
-    "bitsandbytes": "bitsandbytes",
-}
+# (distribution name, the module it is imported as) of the optional libraries
+LIBRARIES = (
+    ("deepspeed", "deepspeed"),
+    ("ray", "ray"),
+    ("megatron-core", "megatron.core"),
+    ("liger-kernel", "liger_kernel"),
+    ("flash-attn", "flash_attn"),
+    ("bitsandbytes", "bitsandbytes"),
+)
 
 
 def backends() -> dict[str, str | None]:
     """The version of each optional backend that can be imported here, None where it cannot."""
     out = {}
-    for dist, module in BACKENDS.items():
+    for dist, module in LIBRARIES:
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):

@@ -8,7 +8,9 @@ import math
 from dataclasses import replace
 
 from lf_dist.config import RunConfig
-from lf_dist.planner import kernels as kernel_choice
+from lf_dist.parallel import registry
+from lf_dist.parallel.registry import get_backend
+from lf_dist.planner import kernel_choice
 from lf_dist.planner.memory import GIB, Setup, estimate, host_bytes
 from lf_dist.planner.model_size import ModelSize, measure, read_model_config, trainable_params
 from lf_dist.planner.profiles import HardwareProfile
@@ -53,21 +55,22 @@ class Sizing:
     def setup(
         self, method: str, bits: int | None, checkpointing: bool, cutoff: int, batch: int, rank=None, world=None
     ) -> Setup:
-        t = self.cfg.train
+        training_args = self.cfg.train
         as_run = copy.copy(self.cfg.finetuning)
         as_run.finetuning_type = method
         frozen = self.stage.frozen(with_finetuning(self.cfg, as_run))
         rows = batch * self.stage.data.sequences
         first_trainable = self.cfg.finetuning.freeze_trainable_layers
         world = world or self.world
-        sharded_more = world != self.world and self.strategy in ("single", "ddp")  # more GPUs: FSDP2 shards
+        # more GPUs than a backend that replicates the weights: the scale-out backend shards them
+        sharded_more = world != self.world and not get_backend(self.strategy).memory.shards("weights", 3)
         return Setup(
             method=method,
             trainable=self.trainable(method, rank),
             quant_bits=bits,
             double_quant=self.cfg.model.double_quantization,
-            compute_bytes=2 if (t.bf16 or t.fp16) else 4,
-            strategy="fsdp2" if sharded_more else self.strategy,
+            compute_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
+            strategy=registry.SCALE_OUT if sharded_more else self.strategy,
             zero_stage=self.zero_stage,
             dp=world,
             offload=self.offload,
@@ -75,25 +78,25 @@ class Sizing:
             tokens=rows * cutoff,
             frozen_copies=sum(1 for fm in frozen if fm.path is not None),
             frozen_forward=bool(frozen),
-            optimizer_bytes=2 if "8bit" in t.optim else 8,
+            optimizer_bytes=2 if "8bit" in training_args.optim else 8,
             seq_len=cutoff,
             rows=rows,
             attention_mask=self._builds_mask(),
             chunked_logits=self.kernels.cross_entropy != "none",
             on_cpu=not self.hw.on_gpu,
             graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
-            accumulation=t.gradient_accumulation_steps,
+            accumulation=training_args.gradient_accumulation_steps,
             logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
         )
 
     def _builds_mask(self) -> bool:
         """Whether attention gets a 4-D mask: eager always; otherwise only rows whose examples are kept apart
         (neat packing, packed pairs, padding-free) without a separating kernel (`model_inputs`)."""
-        k, d = self.kernels, self.cfg.data
+        k, data_args = self.kernels, self.cfg.data
         if k.attention == "disabled":
             return True
-        packed = bool(d.packing) and self.stage.data.packs
-        separated = k.padding_free or (packed and (d.neat_packing or self.stage.data.sequences > 1))
+        packed = bool(data_args.packing) and self.stage.data.packs
+        separated = k.padding_free or (packed and (data_args.neat_packing or self.stage.data.sequences > 1))
         return separated and k.attention not in kernel_choice.SEPARATING
 
     def memory(self, method, bits, checkpointing, cutoff=None, batch=None, rank=None, world=None, **changes) -> dict:

@@ -202,8 +202,15 @@ class ChatEngine:
         return self.cfg.model.model_name_or_path
 
     def default_sampling(self) -> Sampling:
-        g = self.cfg.generation
-        return Sampling(g.do_sample, g.temperature, g.top_p, g.top_k, g.max_new_tokens, g.repetition_penalty)
+        generating_args = self.cfg.generation
+        return Sampling(
+            generating_args.do_sample,
+            generating_args.temperature,
+            generating_args.top_p,
+            generating_args.top_k,
+            generating_args.max_new_tokens,
+            generating_args.repetition_penalty,
+        )
 
     def encode(self, messages: list[dict], system: str | None = None, tools: str | None = None) -> list[int]:
         return encode_prompt(self.template, self.tokenizer, messages, system, tools)

@@ -45,9 +45,9 @@ def load_tokenizer_and_template(cfg: RunConfig):
 
     from lf_dist.data.templates import fix_tokenizer, get_template
 
-    m = cfg.model
+    model_args = cfg.model
     tokenizer = AutoTokenizer.from_pretrained(
-        tokenizer_source(cfg), trust_remote_code=m.trust_remote_code, use_fast=m.use_fast_tokenizer
+        tokenizer_source(cfg), trust_remote_code=model_args.trust_remote_code, use_fast=model_args.use_fast_tokenizer
     )
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
@@ -65,24 +65,24 @@ def output_dtype(cfg: RunConfig, base: str) -> torch.dtype:
 def export(cfg: RunConfig) -> Path:
     from transformers import PreTrainedModel
 
-    e = cfg.export
-    out = Path(e.export_dir)
+    export_args = cfg.export
+    out = Path(export_args.export_dir)
     _check_export_dir(out)
     if (
-        e.export_legacy_format
+        export_args.export_legacy_format
         and "safe_serialization" not in inspect.signature(PreTrainedModel.save_pretrained).parameters
     ):
         raise UserError("export_legacy_format: the installed transformers writes only safetensors; remove the key")
     sources = resolve(cfg)
-    device = torch.device("cuda" if e.export_device == "auto" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if export_args.export_device == "auto" and torch.cuda.is_available() else "cpu")
     tokenizer, _ = load_tokenizer_and_template(cfg)
     model, _ = load_weights(cfg, tokenizer, output_dtype(cfg, sources.base), device, merge=True)
     model.config.use_cache = True  # an exported model is for generation
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    kwargs = {"safe_serialization": False} if e.export_legacy_format else {}
-    model.save_pretrained(tmp, max_shard_size=f"{max(int(e.export_size * 1000), 1)}MB", **kwargs)
+    kwargs = {"safe_serialization": False} if export_args.export_legacy_format else {}
+    model.save_pretrained(tmp, max_shard_size=f"{max(int(export_args.export_size * 1000), 1)}MB", **kwargs)
     # as LLaMA-Factory exports it: batched generation pads on the left (transformers 5 saves what init was given)
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     tokenizer.save_pretrained(tmp)

@@ -25,20 +25,16 @@ from lf_dist.log import get_logger
 from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE
 from lf_dist.model.hub import local_model
 from lf_dist.model.loader import check_local, check_weights, load_model
-from lf_dist.parallel.deepspeed import TAG
-from lf_dist.parallel.distributed import DCP_DIR
-from lf_dist.train.checkpoint import RUN_FILE
+from lf_dist.parallel import formats
+from lf_dist.parallel.formats import RUN_FILE
 
 logger = get_logger(__name__)
 
 
 def sharded_kind(path: Path) -> str | None:
-    """'dcp' or 'deepspeed' for a checkpoint of a sharded run, None for anything else."""
-    if (path / DCP_DIR).is_dir():
-        return "dcp"
-    if (path / TAG).is_dir():
-        return "deepspeed"
-    return None
+    """The format's name ('dcp', 'deepspeed') of a checkpoint of a sharded run, None for anything else."""
+    found = formats.sharded(path)
+    return found.name if found else None
 
 
 def is_adapter(path: Path) -> bool:
@@ -54,13 +50,13 @@ class Sources:
 
 def resolve(cfg: RunConfig) -> Sources:
     """Where the weights come from, checked before anything is loaded."""
-    m = cfg.model
-    model_path = Path(local_model(m.model_name_or_path, m))
-    names = [a.strip() for a in (m.adapter_name_or_path or "").split(",") if a.strip()]
-    adapters = [Path(local_model(a, m, "adapter_name_or_path")) for a in names]
+    model_args = cfg.model
+    model_path = Path(local_model(model_args.model_name_or_path, model_args))
+    names = [a.strip() for a in (model_args.adapter_name_or_path or "").split(",") if a.strip()]
+    adapters = [Path(local_model(a, model_args, "adapter_name_or_path")) for a in names]
     sharded = None
     if model_path.is_dir() and sharded_kind(model_path):
-        sharded, base = model_path, _recorded_base(model_path, m)
+        sharded, base = model_path, _recorded_base(model_path, model_args)
     else:
         check_local(str(model_path))
         base = str(model_path)
@@ -182,18 +178,7 @@ def _require_known(ckpt: Path, names, own: dict) -> None:
 
 
 def _read_sharded(ckpt: Path, model) -> dict:
-    if sharded_kind(ckpt) == "deepspeed":
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG, exclude_frozen_parameters=True)
-    import torch.distributed.checkpoint as dcp
-
-    reader = dcp.FileSystemReader(str(ckpt / DCP_DIR))
-    saved = reader.read_metadata().state_dict_metadata
-    names = [k.removeprefix("model.") for k in saved if k.startswith("model.")]
     own = model.state_dict()
-    _require_known(ckpt, names, own)
-    # Read into fp32 buffers of the model's shapes (the shards hold fp32 masters); no process group is needed.
-    state = {n: torch.empty(own[n].shape, dtype=saved["model." + n].properties.dtype) for n in names}
-    dcp.load({"model": state}, storage_reader=reader)
+    state = formats.read_trained(ckpt, own)
+    _require_known(ckpt, state, own)
     return state

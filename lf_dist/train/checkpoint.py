@@ -14,12 +14,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lf_dist.errors import RunStopped, UserError
 from lf_dist.log import get_logger
+from lf_dist.parallel.formats import RUN_FILE
 
 logger = get_logger(__name__)
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
-RUN_FILE = "lf_dist_run.json"  # the config of the run that wrote a checkpoint (resume checks, export's base)
 FILES_FILE = "checkpoint_files.json"  # every file's size in bytes, recorded when the checkpoint was written
 # Beside the checkpoints: those of a previous run that this run (overwrite_output_dir) replaces. They stay
 # until this run's first checkpoint is complete, and a restart of this run never resumes from them.

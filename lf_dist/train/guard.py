@@ -21,9 +21,6 @@ from lf_dist.log import get_logger
 from lf_dist.signals import on_signals
 
 logger = get_logger(__name__)
-# A stop request as a file in output_dir: what a launcher whose workers cannot get the signal (Ray's driver)
-# writes when it is signalled; rank 0 looks for it after every step.
-STOP_FILE = ".lf-dist-stop"
 
 
 class RunGuard:

@@ -1,9 +1,8 @@
-"""The training loop, shared by every backend: it hands the stage's loss to the strategy, which runs the
-micro-batches of a step (forward and backward), steps the optimizer and saves."""
+"""The training loop, shared by every backend: the stage prepares each step's micro-batches (`prepare`), the
+strategy runs them (the stage's forward and loss, then backward), steps the optimizer and saves."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,20 +10,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from lf_dist.errors import RunStopped
-from lf_dist.launch_env import restart_count
-from lf_dist.parallel.base import add_metrics, compile_blocks
+from lf_dist.parallel.base import add_metrics
+from lf_dist.signals import STOP_FILE
 from lf_dist.train import checkpoint as ckpt
-from lf_dist.train.guard import STOP_FILE, RunGuard
-from lf_dist.train.optim import build_optimizer, build_scheduler
+from lf_dist.train import faults
+from lf_dist.train.guard import RunGuard
+from lf_dist.train.losses import StepContext
+from lf_dist.train.optim import build_scheduler
 from lf_dist.train.reporters import open_reporters
 from lf_dist.train.schedule import StepSchedule, resolve_steps
 from lf_dist.train.tracker import Tracker
 
 
 class Trainer:
-    """`stage` is the StageSpec (collator, what to show), `loss` its StageLoss built for this run;
-    `planned_peak_gb` is the plan's peak-memory estimate, logged next to the measured peak; checkpoints go to
-    `checkpoint_dir` (default output_dir), and `report(metrics, path)` hears of each (a launcher's hook)."""
+    """`stage` is the StageSpec (collator, prepare), `loss` its StageLoss built for this run; `model` and
+    `optimizer` as the strategy set them up; `planned_peak_gb` is the plan's peak-memory estimate, logged next to
+    the measured peak; checkpoints go to `checkpoint_dir` (default output_dir), and `report(metrics, path)`
+    hears of each (a launcher's hook)."""
 
     def __init__(
         self,
@@ -33,43 +35,46 @@ class Trainer:
         stage,
         loss,
         model,
+        optimizer,
         tokenizer,
         datasets,
         planned_peak_gb=None,
         checkpoint_dir=None,
         report=None,
     ):
-        self.cfg, self.t = cfg, cfg.train
+        self.cfg, self.args = cfg, cfg.train
         self.strategy, self.stage, self.loss, self.tokenizer = strategy, stage, loss, tokenizer
-        d = cfg.data
-        self.collator = stage.data.make_collator(tokenizer, d.cutoff_len, d.neat_packing, bool(d.padding_free))
+        data_args = cfg.data
+        self.collator = stage.data.make_collator(
+            tokenizer, data_args.cutoff_len, data_args.neat_packing, bool(data_args.padding_free)
+        )
         self.train_ds, self.eval_ds = datasets.train, datasets.eval
-        self.output_dir = Path(self.t.output_dir)
+        self.output_dir = Path(self.args.output_dir)
         self.checkpoint_dir = Path(checkpoint_dir or self.output_dir)
         self.planned_peak_gb, self.report = planned_peak_gb, report
-        self.model, self.optimizer = strategy.setup(model, lambda m: build_optimizer(m, cfg))
-        if self.t.torch_compile:
-            compile_blocks(self.model)
+        self.model, self.optimizer = model, optimizer
+        self.context = StepContext(strategy, model, loss, tokenizer)
         self.memory_after_setup_gb = round(strategy.memory_allocated() / 2**30, 3)  # weights, before any step
         self.schedule = StepSchedule(
             len(self.train_ds),
-            self.t.per_device_train_batch_size,
-            self.t.gradient_accumulation_steps,
-            self.t.data_seed if self.t.data_seed is not None else self.t.seed,
+            self.args.per_device_train_batch_size,
+            self.args.gradient_accumulation_steps,
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             strategy.dp_rank,
             strategy.dp_size,
         )
-        self.total_steps = self.schedule.total_steps(self.t.num_train_epochs, self.t.max_steps)
+        self.total_steps = self.schedule.total_steps(self.args.num_train_epochs, self.args.max_steps)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
-        self.log_every = resolve_steps(self.t.logging_steps, self.total_steps)
+        self.log_every = resolve_steps(self.args.logging_steps, self.total_steps)
         self.save_every = (
-            resolve_steps(self.t.save_steps, self.total_steps) if self.t.save_strategy == "steps" else None
+            resolve_steps(self.args.save_steps, self.total_steps) if self.args.save_strategy == "steps" else None
         )
-        eval_steps = self.t.eval_steps if self.t.eval_steps is not None else self.t.logging_steps
-        self.eval_every = resolve_steps(eval_steps, self.total_steps) if self.t.eval_strategy == "steps" else None
+        eval_steps = self.args.eval_steps if self.args.eval_steps is not None else self.args.logging_steps
+        self.eval_every = resolve_steps(eval_steps, self.total_steps) if self.args.eval_strategy == "steps" else None
         self.step = 0
         self.last_checkpoint: Path | None = None
         self.padded_tokens = 0  # batch slots processed, padding included (for the padding share)
+        self.faults = faults.from_env()  # None unless a test arms one
 
     # -- one optimizer step -------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int, dict]:
@@ -77,8 +82,8 @@ class Trainer:
         or examples, as the stage says); then step. Returns loss, grad norm, input tokens and metric sums."""
         n_units = self.strategy.all_reduce_sum(sum(self.loss.num_units(b) for b in micro_batches))
         self.model.train()
-        loss_sum, metrics = self.strategy.forward_backward(self.model, micro_batches, self.loss.loss, n_units)
-        grad_norm = self.strategy.step(self.model, self.optimizer, self.t.max_grad_norm)
+        loss_sum, metrics = self.strategy.forward_backward(self.model, micro_batches, self.loss, n_units)
+        grad_norm = self.strategy.step(self.model, self.optimizer, self.args.max_grad_norm)
         self.scheduler.step()
         loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_units, 1)
         n_input = int(self.strategy.all_reduce_sum(sum(self.loss.num_input_tokens(b) for b in micro_batches)))
@@ -104,19 +109,25 @@ class Trainer:
             self.train_ds,
             batch_sampler=flat,
             collate_fn=self.collator,
-            num_workers=self.t.dataloader_num_workers,
+            num_workers=self.args.dataloader_num_workers,
             generator=torch.Generator().manual_seed(0),
         )
         it = iter(loader)
         for step in steps:
             yield [next(it) for _ in step]
 
+    def _steps(self, start_step: int):
+        """The optimizer steps from `start_step` on, each as the stage's `prepare` leaves its micro-batches."""
+        for micro_batches in self._loader(start_step):
+            self.model.train()
+            yield from self.stage.prepare(self.context, micro_batches)
+
     @torch.no_grad()
     def evaluate(self) -> tuple[float, dict]:
         """Eval loss per unit, and the stage's metrics. Every rank runs the same number of batches (sharded
         models need all ranks in every forward)."""
         self.model.eval()
-        bs, rank, world = self.t.per_device_eval_batch_size, self.strategy.dp_rank, self.strategy.dp_size
+        bs, rank, world = self.args.per_device_eval_batch_size, self.strategy.dp_rank, self.strategy.dp_size
         per_rank = -(-len(self.eval_ds) // world)
         idx = list(range(rank, len(self.eval_ds), world))
         idx += [-1] * (per_rank - len(idx))
@@ -126,12 +137,13 @@ class Trainer:
             real = [j for j in idx[i : i + bs] if j >= 0]
             weight = 1 if real else 0  # a rank with nothing left runs one example and discards it
             rows = [self.eval_ds[j] for j in real or [0]]
-            batch = {k: v.to(self.strategy.device) for k, v in self.collator(rows).items()}
-            with self.strategy.autocast():
-                loss, batch_metrics = self.loss.loss(self.model, batch)
-            total += weight * loss.double()
-            units += weight * self.loss.num_units(batch)
-            add_metrics(metrics, {k: v * weight for k, v in batch_metrics.items()})
+            for step in self.stage.prepare(self.context, [self.strategy.to_device(self.collator(rows))]):
+                for batch in step:
+                    outputs = self.strategy.forward_only(self.model, batch, self.loss.forward)
+                    loss, batch_metrics = self.loss.loss(outputs, batch)
+                    total += weight * loss.double()
+                    units += weight * self.loss.num_units(batch)
+                    add_metrics(metrics, {k: v * weight for k, v in batch_metrics.items()})
         loss = float(self.strategy.all_reduce_sum(total)) / max(self.strategy.all_reduce_sum(units), 1)
         return loss, self.loss.summarize(self._reduce(metrics))
 
@@ -141,7 +153,7 @@ class Trainer:
 
     # -- the run --------------------------------------------------------------------------------------
     def _state(self, tracker: Tracker) -> dict:
-        epoch, micro = divmod(self.step * self.t.gradient_accumulation_steps, self.schedule.batches_per_epoch)
+        epoch, micro = divmod(self.step * self.args.gradient_accumulation_steps, self.schedule.batches_per_epoch)
         return {
             "global_step": self.step,
             "total_steps": self.total_steps,
@@ -159,11 +171,13 @@ class Trainer:
         extra = self._memory_log() if log_now else None
         tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
         if self.eval_ds is not None and (
-            (self.eval_every and self.step % self.eval_every == 0) or (self.t.eval_strategy == "epoch" and epoch_end)
+            (self.eval_every and self.step % self.eval_every == 0)
+            or (self.args.eval_strategy == "epoch" and epoch_end)
         ):
             tracker.on_eval(self.step, self.eval_results(), epoch)
         if (
-            (self.save_every and self.step % self.save_every == 0) or (self.t.save_strategy == "epoch" and epoch_end)
+            (self.save_every and self.step % self.save_every == 0)
+            or (self.args.save_strategy == "epoch" and epoch_end)
         ) and self.step < self.total_steps:
             self._save(tracker)
 
@@ -180,8 +194,8 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             state,
-            self.t.save_only_model and reason is None,
-            self.t.save_total_limit,
+            self.args.save_only_model and reason is None,
+            self.args.save_total_limit,
         )
         self.last_checkpoint = path
         if self.report is not None:
@@ -191,13 +205,13 @@ class Trainer:
         return path
 
     def _samples_per_step(self) -> int:
-        return self.t.per_device_train_batch_size * self.t.gradient_accumulation_steps * self.strategy.dp_size
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.strategy.dp_size
 
     def _log_now(self, epoch_end: bool) -> bool:
-        how = self.t.logging_strategy
+        how = self.args.logging_strategy
         if how == "no":
             return False
-        if self.step == self.total_steps or (self.t.logging_first_step and self.step == 1):
+        if self.step == self.total_steps or (self.args.logging_first_step and self.step == 1):
             return True
         return epoch_end if how == "epoch" else self.step % self.log_every == 0
 
@@ -215,45 +229,48 @@ class Trainer:
     def _follow_learning_rate(self) -> None:
         """A resumed run with another learning_rate follows it from here (the scheduler's saved state carries
         the old peak); an unchanged one is left exactly as loaded."""
-        lr = self.t.learning_rate
+        lr = self.args.learning_rate
         if all(base == lr for base in self.scheduler.base_lrs):
             return
         self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
         for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
             group["initial_lr"], group["lr"] = lr, lr * factor(self.scheduler.last_epoch)
 
-    def fit(self, resume_from: Path | None = None) -> dict:
-        state = None
-        if resume_from is not None:
-            state = ckpt.load_state(resume_from)
-            self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
-            ckpt.restore_rng(resume_from, self.strategy.rank)
-            self.step = state["global_step"]
-            self.last_checkpoint = Path(resume_from)
-            self._follow_learning_rate()
-        show = not self.t.disable_tqdm
-        tracker = Tracker(
-            self.output_dir,
-            self.total_steps,
-            self.step,
-            self.strategy.is_main,
-            show,
-            self.loss.summarize,
-            open_reporters(self.cfg, self.output_dir) if self.strategy.is_main else [],
-        )
+    def _resume(self, resume_from: Path | None) -> dict | None:
+        """Load the checkpoint to go on from (weights, optimizer, scheduler, RNG); its trainer state."""
+        if resume_from is None:
+            return None
+        state = ckpt.load_state(resume_from)
+        self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
+        ckpt.restore_rng(resume_from, self.strategy.rank)
+        self.step = state["global_step"]
+        self.last_checkpoint = Path(resume_from)
+        self._follow_learning_rate()
+        return state
+
+    def _tracker(self, state: dict | None) -> Tracker:
+        main = self.strategy.is_main
+        reporters = open_reporters(self.cfg, self.output_dir) if main else []
+        show = not self.args.disable_tqdm
+        tracker = Tracker(self.output_dir, self.total_steps, self.step, main, show, self.loss.summarize, reporters)
         if state is not None:
             tracker.restore(state["log_history"], state["num_tokens"])
+        return tracker
+
+    def fit(self, resume_from: Path | None = None) -> dict:
+        """Train from the start or from `resume_from` to the last step; the run's results."""
+        tracker = self._tracker(self._resume(resume_from))
         start, start_time, losses, run_tokens = self.step, time.perf_counter(), [], 0
-        fail_at = int(os.environ.get("LF_DIST_FAIL_AT_STEP", "0"))  # fault injection for resume tests
-        stop_file = self.output_dir / STOP_FILE
-        with RunGuard(self.strategy, self.t.max_nonfinite_steps, self.t.fp16, stop_file) as guard:
+        guard = RunGuard(self.strategy, self.args.max_nonfinite_steps, self.args.fp16, self.output_dir / STOP_FILE)
+        with guard:
             try:
-                for micro_batches in self._loader(self.step):
+                for micro_batches in self._steps(self.step):
                     loss, grad_norm, n_tokens, metrics = self.train_step(micro_batches)
                     self.step += 1
                     losses.append(loss)
                     run_tokens += n_tokens
-                    _inject_fault(self.step, fail_at, self.strategy.rank)
+                    if self.faults:
+                        self.faults.after_step(self.step, self.strategy.rank)
                     guard.check_finite(self.step, loss, grad_norm, self.last_checkpoint)
                     self._log_eval_save(tracker, loss, grad_norm, n_tokens, metrics)
                     if self.step < self.total_steps and guard.stop_requested():
@@ -264,12 +281,19 @@ class Trainer:
                 raise
         runtime = time.perf_counter() - start_time
         tracker.close()
+        self.tracker, results = tracker, self._results(tracker, start, runtime, losses, run_tokens)
+        tracker.finish()
+        return results
+
+    def _results(self, tracker: Tracker, start: int, runtime: float, losses: list, run_tokens: int) -> dict:
+        """Trainer-style results of the run (and its final evaluation, logged to the tracker)."""
+        steps = self.step - start
         results = {
             "epoch": round(self.step / self.schedule.steps_per_epoch, 4),
             "train_loss": sum(losses) / max(len(losses), 1),
             "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round((self.step - start) * self._samples_per_step() / max(runtime, 1e-9), 3),
-            "train_steps_per_second": round((self.step - start) / max(runtime, 1e-9), 4),
+            "train_samples_per_second": round(steps * self._samples_per_step() / max(runtime, 1e-9), 3),
+            "train_steps_per_second": round(steps / max(runtime, 1e-9), 4),
             "train_tokens_per_second": round(run_tokens / max(runtime, 1e-9), 2),
             "padding_ratio": round(1 - run_tokens / max(self.padded_tokens, 1), 4),
             "num_tokens": tracker.num_tokens,
@@ -279,35 +303,10 @@ class Trainer:
             evaluated = self.eval_results()
             results.update(evaluated)
             tracker.on_eval(self.step, evaluated, results["epoch"])
-        tracker.finish()
         mem = self.strategy.max_memory_allocated()
         if mem:
             results["peak_memory_gb"] = round(mem / 2**30, 3)
             results["memory_after_setup_gb"] = self.memory_after_setup_gb
         if self.planned_peak_gb is not None:
             results["planned_peak_memory_gb"] = self.planned_peak_gb
-        self.tracker = tracker
         return results
-
-
-def _inject_fault(step: int, fail_at: int, rank: int) -> None:
-    """Test hooks: LF_DIST_FAIL_AT_STEP raises after that step; LF_DIST_KILL_AT_STEP SIGKILLs rank
-    LF_DIST_KILL_RANK (default 1) after that step, on the first attempt of a torchrun job only."""
-    if step == fail_at:
-        raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
-    # LF_DIST_SIGNAL_AT_STEP: SIGTERM (or LF_DIST_SIGNAL, e.g. SIGINT) after that step to itself, or to
-    # LF_DIST_SIGNAL_PID (a launcher, which then gets LF_DIST_SIGNAL_WAIT seconds, as a longer step would give
-    # it), from LF_DIST_SIGNAL_RANK (default: every rank) — preemption tests
-    signal_rank = os.environ.get("LF_DIST_SIGNAL_RANK")
-    if step == int(os.environ.get("LF_DIST_SIGNAL_AT_STEP", "0")) and signal_rank in (None, str(rank)):
-        import signal
-
-        signum = signal.Signals[os.environ.get("LF_DIST_SIGNAL", "SIGTERM")]  # SIGINT: a Ctrl-C
-        os.kill(int(os.environ.get("LF_DIST_SIGNAL_PID", "0")) or os.getpid(), signum)
-        time.sleep(float(os.environ.get("LF_DIST_SIGNAL_WAIT", "0")))
-    kill_at = int(os.environ.get("LF_DIST_KILL_AT_STEP", "0"))
-    first_attempt = restart_count() == 0
-    if step == kill_at and first_attempt and rank == int(os.environ.get("LF_DIST_KILL_RANK", "1")):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

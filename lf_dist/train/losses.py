@@ -1,5 +1,10 @@
 """What the loop needs from a stage's loss, a handle on frozen models, and the causal-LM loss of pt and sft.
 
+A stage's loss is two steps: `forward(model, batch) -> outputs` runs the model(s), `loss(outputs, batch)`
+turns outputs into the loss; the strategy calls both (training and evaluation alike), so a schedule can sit
+between them. Work before the update (reference log-probs, rollouts) is the stage's `prepare` hook, which adds
+batch columns (`StageSpec.prepare`).
+
 Losses are returned as *sums* over the stage's units — label tokens for pt/sft, pairs for rm/dpo, examples for
 kto; the loop divides by the number of units in the whole optimizer step (all micro-batches, all data-parallel
 ranks), so batch layout never changes the gradient. Metrics come back as (sum, count) tensors; the loop
@@ -9,6 +14,7 @@ reduces them and `summarize` turns them into the logged means. A loss knows noth
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -64,9 +70,17 @@ class StageLoss:
             return int((batch["seq_ids"] >= 0).sum())
         return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(summed loss, metrics as (sum, count) pairs) of one micro-batch."""
+    def forward(self, model, batch: dict):
+        """Run the model on one micro-batch: the outputs `loss` reads (log-probs, scores), with gradients."""
         raise NotImplementedError
+
+    def loss(self, outputs, batch: dict) -> tuple[torch.Tensor, dict]:
+        """(summed loss, metrics as (sum, count) pairs) of one micro-batch, from its outputs."""
+        raise NotImplementedError
+
+    def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        """forward then loss, in one call (tests, benchmarks: no strategy in between)."""
+        return self.loss(self.forward(model, batch), batch)
 
     def means(self, sums: dict) -> dict:
         """Means from reduced (sum, count) pairs; metrics without any count this window are left out."""
@@ -75,6 +89,22 @@ class StageLoss:
     def summarize(self, sums: dict) -> dict:
         """The logged values of reduced (sum, count) pairs."""
         return {k: round(v, 6) for k, v in self.means(sums).items()}
+
+
+@dataclass
+class StepContext:
+    """What a stage's `prepare` works with: the strategy (`forward_only`, `generate`), the policy as the
+    strategy wrapped it, the stage's loss (its frozen models) and the tokenizer."""
+
+    strategy: object
+    model: torch.nn.Module
+    loss: StageLoss
+    tokenizer: object = None
+
+
+def one_step(ctx: StepContext, batches: list[dict]) -> list[list[dict]]:
+    """The default `prepare`: the loader's micro-batches are one optimizer step, as they are."""
+    return [batches]
 
 
 class Frozen:
@@ -110,6 +140,8 @@ class CausalLMLoss(StageLoss):
     def num_units(batch: dict) -> int:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        token_logps, _ = label_logps(model, model_inputs(batch), batch["labels"])
-        return -token_logps.sum(), {}
+    def forward(self, model, batch: dict):
+        return label_logps(model, model_inputs(batch), batch["labels"])
+
+    def loss(self, outputs, batch: dict) -> tuple[torch.Tensor, dict]:
+        return -outputs.values.sum(), {}

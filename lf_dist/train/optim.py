@@ -9,30 +9,34 @@ import torch
 
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
-    t = cfg.train
+    training_args = cfg.train
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             # Biases and norm weights (1-D) are not decayed, as in Hugging Face's Trainer.
             (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": training_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    kwargs = {"lr": t.learning_rate, "betas": (t.adam_beta1, t.adam_beta2), "eps": t.adam_epsilon}
-    if t.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+    kwargs = {
+        "lr": training_args.learning_rate,
+        "betas": (training_args.adam_beta1, training_args.adam_beta2),
+        "eps": training_args.adam_epsilon,
+    }
+    if training_args.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW8bit if t.optim.startswith("paged") else bnb.optim.AdamW8bit
+        cls = bnb.optim.PagedAdamW8bit if training_args.optim.startswith("paged") else bnb.optim.AdamW8bit
         return cls(groups, **kwargs)
     # fused: one kernel over all parameters (CPU and CUDA, DTensor shards too); else the multi-tensor path
-    fused = t.optim == "adamw_torch_fused"
+    fused = training_args.optim == "adamw_torch_fused"
     return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {"foreach": True}))
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
-    t = cfg.train
-    if t.warmup_steps >= 1:
-        return int(t.warmup_steps)
-    ratio = t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio
+    training_args = cfg.train
+    if training_args.warmup_steps >= 1:
+        return int(training_args.warmup_steps)
+    ratio = training_args.warmup_steps if training_args.warmup_steps > 0 else training_args.warmup_ratio
     return math.ceil(ratio * total_steps)
 
 

@@ -4,6 +4,10 @@ Each stage returns the *sum* of its per-pair (per-example for kto) losses; the l
 pairs in the whole optimizer step, so accumulation and data parallelism leave the update unchanged. Metrics
 are (sum, count) pairs, reduced over micro-batches and ranks by the loop, then logged as means.
 
+The reference model's log-probs are batch columns (`ref_logps`, and kto's `ref_kl_logps`) that the stage's
+`prepare` hook (`reference_columns`) computes before the step, without gradients, through the strategy; a batch
+without them (a direct call) has them computed in `forward`.
+
 Chosen and rejected answers go through the model in one forward (`PairwiseCollator` puts them in one batch,
 or packs pairs into shared rows that are fed without an attention mask, so no sequence sees another).
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from lf_dist.train.losses import StageLoss, metric, model_inputs
+from lf_dist.train.losses import StageLoss, StepContext, metric, model_inputs
 from lf_dist.train.pref_losses import (
     REFERENCE_LOSSES,
     kto_loss,
@@ -42,6 +46,25 @@ class PairwiseLoss(StageLoss):
         return batch["ends"].numel() // 2
 
 
+def _sequence_logps(model, batch: dict, prefix: str = ""):
+    """Summed label log-probs and label counts of each sequence of `batch` (its `prefix`ed columns)."""
+    return sequence_logps(
+        model,
+        model_inputs({k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}),
+        batch[prefix + "labels"],
+        batch[prefix + "seq_ids"],
+        batch["ends"].numel(),
+    )
+
+
+def reference_columns(ctx: StepContext, batches: list[dict]) -> list[list[dict]]:
+    """`prepare` of the stages with a reference model: its log-probs of every micro-batch as columns, computed
+    before the step through the strategy's `forward_only`."""
+    for batch in batches:
+        batch.update(ctx.strategy.forward_only(ctx.model, batch, ctx.loss.reference_logps))
+    return [batches]
+
+
 class DPOLoss(PairwiseLoss):
     """dpo with `pref_loss` sigmoid / hinge / ipo (against a reference) or orpo / simpo (reference-free);
     `ref` is the reference (a `Frozen`), None for the reference-free losses."""
@@ -50,17 +73,26 @@ class DPOLoss(PairwiseLoss):
         self.loss_type, self.beta, self.ftx = loss_type, beta, ftx
         self.label_smoothing, self.simpo_gamma, self.reference = label_smoothing, simpo_gamma, ref
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        n = batch["ends"].numel()
-        inputs = model_inputs(batch)
-        logps, lens = sequence_logps(model, inputs, batch["labels"], batch["seq_ids"], n)
+    def reference_logps(self, model, batch: dict) -> dict:
+        """The reference's columns of `batch` (none for the reference-free losses)."""
+        if self.loss_type not in REFERENCE_LOSSES:
+            return {}
+        with self.reference.use(model) as ref:
+            return {"ref_logps": _sequence_logps(ref, batch)[0].detach()}
+
+    def forward(self, model, batch: dict) -> dict:
+        logps, lens = _sequence_logps(model, batch)
+        prepared = {k: batch[k] for k in ("ref_logps",) if k in batch}
+        return {"logps": logps, "lens": lens, **(prepared or _no_grad(self.reference_logps, model, batch))}
+
+    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        logps, lens = outputs["logps"], outputs["lens"]
         chosen, rejected = logps.chunk(2)
         chosen_len, rejected_len = lens.chunk(2)
         chosen_avg, rejected_avg = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
         extra = {}
         if self.loss_type in REFERENCE_LOSSES:
-            ref = self.reference.logps(model, inputs, batch["labels"], batch["seq_ids"], n)
-            ref_chosen, ref_rejected = ref.chunk(2)
+            ref_chosen, ref_rejected = outputs["ref_logps"].chunk(2)
             losses, chosen_rewards, rejected_rewards = reference_loss(
                 self.loss_type,
                 self.beta,
@@ -100,17 +132,26 @@ class KTOLoss(StageLoss):
     def num_units(batch: dict) -> int:
         return batch["ends"].numel()  # examples, whether padded rows or end to end in one row
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        n, tags = batch["ends"].numel(), batch["kto_tags"]
-        kl_batch = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")}
-        kl_inputs = model_inputs(kl_batch)
+    def reference_logps(self, model, batch: dict) -> dict:
+        """The reference's log-probs of the answers and of the mismatched (KL) rows."""
+        with self.reference.use(model) as ref:
+            return {
+                "ref_logps": _sequence_logps(ref, batch)[0].detach(),
+                "ref_kl_logps": _sequence_logps(ref, batch, "kl_")[0].detach(),
+            }
+
+    def forward(self, model, batch: dict) -> dict:
         with torch.no_grad():
-            kl_logps = sequence_logps(model, kl_inputs, kl_batch["labels"], kl_batch["seq_ids"], n)[0]
-        inputs = model_inputs(batch)
-        logps, lens = sequence_logps(model, inputs, batch["labels"], batch["seq_ids"], n)
-        ref_logps = self.reference.logps(model, inputs, batch["labels"], batch["seq_ids"], n)
-        ref_kl = self.reference.logps(model, kl_inputs, kl_batch["labels"], kl_batch["seq_ids"], n)
-        kl = (kl_logps - ref_kl).mean().clamp(min=0).detach()
+            kl_logps = _sequence_logps(model, batch, "kl_")[0]
+        logps, lens = _sequence_logps(model, batch)
+        prepared = {k: batch[k] for k in ("ref_logps", "ref_kl_logps") if k in batch}
+        reference = prepared or _no_grad(self.reference_logps, model, batch)
+        return {"kl_logps": kl_logps, "logps": logps, "lens": lens, **reference}
+
+    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        n, tags = batch["ends"].numel(), batch["kto_tags"]
+        logps, lens, ref_logps = outputs["logps"], outputs["lens"], outputs["ref_logps"]
+        kl = (outputs["kl_logps"] - outputs["ref_kl_logps"]).mean().clamp(min=0).detach()
         losses, rewards = kto_loss(
             self.beta, self.desirable_weight, self.undesirable_weight, logps, ref_logps, tags, kl
         )
@@ -152,6 +193,9 @@ class RewardLoss(PairwiseLoss):
             self._head[key] = min(named, key=lambda x: len(x[0]))[1]
         return self._head[key]
 
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        return self.scores(model, batch)
+
     def scores(self, model, batch: dict) -> torch.Tensor:
         captured = []
         handle = self._score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
@@ -161,8 +205,8 @@ class RewardLoss(PairwiseLoss):
             handle.remove()
         return captured[-1].squeeze(-1).reshape(-1)[batch["ends"]]
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
-        chosen, rejected = self.scores(model, batch).float().chunk(2)
+    def loss(self, outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        chosen, rejected = outputs.float().chunk(2)
         losses = pairwise_reward_loss(chosen, rejected)
         n = chosen.numel()
         return losses.sum(), {
@@ -171,3 +215,8 @@ class RewardLoss(PairwiseLoss):
             "rewards/accuracies": metric((chosen > rejected).float(), n),
             "rewards/margins": metric(chosen - rejected, n),
         }
+
+
+@torch.no_grad()
+def _no_grad(fn, *args):
+    return fn(*args)

@@ -84,7 +84,7 @@ def check_resume(cfg, path: Path, dp_size: int) -> list[str]:
             )
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     saved_dp = state.get("dp_size", dp_size)
-    t = cfg.train
+    training_args = cfg.train
 
     def global_batch(src: dict, dp: int) -> int:
         return src["per_device_train_batch_size"] * src["gradient_accumulation_steps"] * dp
@@ -93,7 +93,8 @@ def check_resume(cfg, path: Path, dp_size: int) -> list[str]:
     if then != here:
         raise UserError(
             f"resume_from_checkpoint: the global batch is {here} now (per_device_train_batch_size "
-            f"{t.per_device_train_batch_size} × gradient_accumulation_steps {t.gradient_accumulation_steps} × "
+            f"{training_args.per_device_train_batch_size} × gradient_accumulation_steps "
+            f"{training_args.gradient_accumulation_steps} × "
             f"{dp_size} ranks) but {then} in {path.name}; keep it at {then} (the data position depends on it)"
         )
     changes = [f"{k} {saved[k]!r} → {now[k]!r}" for k in CHANGEABLE if k in saved and saved[k] != now.get(k)]

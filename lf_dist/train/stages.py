@@ -1,7 +1,8 @@
 """The stage registry: everything that differs between pt, sft, rm, dpo and kto, one spec per stage.
 
 A spec names its data kind (how records become rows, how they pack and collate), its model head, the frozen
-models it reads, its loss and the metrics it shows, and its config rules. Adding a stage is adding one spec
+models it reads, its loss and the metrics it shows, the work it does before each update (`prepare`: reference
+log-probs now, rollouts later) and its config rules. Adding a stage is adding one spec
 here; no other module compares a stage's name.
 """
 
@@ -14,9 +15,9 @@ from lf_dist.config import RunConfig
 from lf_dist.data.kinds import FEEDBACK, PAIRWISE, SUPERVISED, TEXT, DataKind
 from lf_dist.errors import UserError
 from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE, Head
-from lf_dist.train.losses import CausalLMLoss, StageLoss
+from lf_dist.train.losses import CausalLMLoss, StageLoss, StepContext, one_step
 from lf_dist.train.pref_losses import REFERENCE_LOSSES
-from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss
+from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss, reference_columns
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class StageSpec:
     build_loss: Callable[[RunConfig, dict], StageLoss]
     # the frozen models this config of the stage needs
     frozen: Callable[[RunConfig], tuple[FrozenModel, ...]] = lambda cfg: ()
+    # (context, the loader's micro-batches of one step) → the micro-batches of one or more optimizer steps, with
+    # the columns the loss reads (reference log-probs; generated and scored completions), before `train_step`
+    prepare: Callable[[StepContext, list[dict]], list[list[dict]]] = one_step
     packing_default: bool = False  # packing when the config leaves it unset
     neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
     prompt_masking: bool = False  # train_on_prompt / mask_history apply
@@ -46,10 +50,10 @@ class StageSpec:
 def _reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
     """dpo's reference losses and kto: LoRA's own base with adapters disabled unless `ref_model` is set, else a
     frozen copy of `ref_model` or of the starting checkpoint."""
-    f = cfg.finetuning
-    if f.finetuning_type == "lora" and f.ref_model is None:
+    finetuning_args = cfg.finetuning
+    if finetuning_args.finetuning_type == "lora" and finetuning_args.ref_model is None:
         return (FrozenModel("reference", None),)
-    return (FrozenModel("reference", f.ref_model or cfg.model.model_name_or_path),)
+    return (FrozenModel("reference", finetuning_args.ref_model or cfg.model.model_name_or_path),)
 
 
 def _dpo_reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
@@ -57,13 +61,26 @@ def _dpo_reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
 
 
 def _dpo(cfg: RunConfig, frozen: dict) -> DPOLoss:
-    f = cfg.finetuning
-    return DPOLoss(f.pref_loss, f.pref_beta, f.pref_ftx, f.dpo_label_smoothing, f.simpo_gamma, frozen.get("reference"))
+    finetuning_args = cfg.finetuning
+    return DPOLoss(
+        finetuning_args.pref_loss,
+        finetuning_args.pref_beta,
+        finetuning_args.pref_ftx,
+        finetuning_args.dpo_label_smoothing,
+        finetuning_args.simpo_gamma,
+        frozen.get("reference"),
+    )
 
 
 def _kto(cfg: RunConfig, frozen: dict) -> KTOLoss:
-    f = cfg.finetuning
-    return KTOLoss(f.pref_beta, f.pref_ftx, f.kto_chosen_weight, f.kto_rejected_weight, frozen["reference"])
+    finetuning_args = cfg.finetuning
+    return KTOLoss(
+        finetuning_args.pref_beta,
+        finetuning_args.pref_ftx,
+        finetuning_args.kto_chosen_weight,
+        finetuning_args.kto_rejected_weight,
+        frozen["reference"],
+    )
 
 
 STAGES = {
@@ -79,8 +96,10 @@ STAGES = {
             prompt_masking=True,
         ),
         StageSpec("rm", PAIRWISE, SEQUENCE_SCORE, lambda cfg, frozen: RewardLoss(), neat_packing=True),
-        StageSpec("dpo", PAIRWISE, CAUSAL_LM, _dpo, frozen=_dpo_reference, neat_packing=True),
-        StageSpec("kto", FEEDBACK, CAUSAL_LM, _kto, frozen=_reference),
+        StageSpec(
+            "dpo", PAIRWISE, CAUSAL_LM, _dpo, frozen=_dpo_reference, prepare=reference_columns, neat_packing=True
+        ),
+        StageSpec("kto", FEEDBACK, CAUSAL_LM, _kto, frozen=_reference, prepare=reference_columns),
     )
 }
 NOT_IMPLEMENTED = ("ppo",)  # LLaMA-Factory stages lf-dist does not run yet
@@ -101,14 +120,14 @@ def _stages_where(rule) -> str:
 
 def check_stage_config(cfg: RunConfig) -> StageSpec:
     """The config rules that depend on the stage, read off its spec; fills stage-dependent defaults."""
-    spec, d = get_stage(cfg.finetuning.stage), cfg.data
-    if (d.train_on_prompt or d.mask_history) and not spec.prompt_masking:
+    spec, data_args = get_stage(cfg.finetuning.stage), cfg.data
+    if (data_args.train_on_prompt or data_args.mask_history) and not spec.prompt_masking:
         raise UserError(f"train_on_prompt / mask_history: only for stage {_stages_where(lambda s: s.prompt_masking)}")
-    if d.neat_packing and not spec.neat_packing:
+    if data_args.neat_packing and not spec.neat_packing:
         raise UserError(f"neat_packing: only for stages {_stages_where(lambda s: s.neat_packing)}")
-    if d.packing is None:
-        d.packing = spec.packing_default
-    if d.packing and not spec.data.packs:
+    if data_args.packing is None:
+        data_args.packing = spec.packing_default
+    if data_args.packing and not spec.data.packs:
         where = _stages_where(lambda s: s.data.packs and not s.packing_default)
         raise UserError(f"packing: not supported for stage {spec.name} (rows pack for {where})")
     return spec

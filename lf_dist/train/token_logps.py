@@ -1,49 +1,50 @@
 """Token log-probs at the label positions: the one place where hidden states meet the output layer.
 
-Every stage takes its log-probs, and so its token losses, from `label_logps`. The model's output layer is
-handed only the hidden states of the positions that have a label (its forward is wrapped once), so prompt and
-padding positions cost no logits, and the layer still runs inside the model's own forward, where FSDP2 and
-DeepSpeed ZeRO-3 have its weight gathered. A plain linear output layer then goes through a chunked linear
-cross-entropy (`kernels/cross_entropy.py`), or Liger's fused one when the model was patched with Liger
-(`kernels/liger.py`): no [tokens × vocabulary] logits exist at any time. Any other output layer (adapters on
-it, quantized) computes the picked positions' logits, and cross-entropy follows.
+Every stage takes its log-probs, and so its token losses, from `label_logps`. For that one call the causal-LM
+module's forward is `scored_forward`: the decoder, then the output layer on the hidden states of the positions
+that have a label only, so prompt and padding positions cost no logits. It still runs inside the model's own
+call, through every wrapper (peft, DDP, FSDP2, DeepSpeed), whose hooks gather the weights it reads and reduce
+their gradients. A plain linear output layer then goes through a chunked linear cross-entropy
+(`kernels/cross_entropy.py`), or Liger's fused one when the model was patched with Liger (`kernels/liger.py`):
+no [tokens × vocabulary] logits exist at any time. Any other output layer (adapters on it, quantized) gives the
+logits of those positions, and cross-entropy follows. A model that changes its logits after the output layer
+(soft-capping, scaling) keeps its own forward, with the output layer handed the label positions only.
 """
 
 from __future__ import annotations
 
-import contextvars
-import types
-from dataclasses import dataclass
+import contextlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from lf_dist.data.tokenize import IGNORE_INDEX
 from lf_dist.kernels.cross_entropy import linear_logps
-from lf_dist.log import get_logger
 
-logger = get_logger(__name__)
-
-
-@dataclass
-class _Request:
-    index: torch.Tensor  # flat indices (row * seq_len + position) of the hidden states to score
-    targets: torch.Tensor  # the label of each
-    result: torch.Tensor | None = None  # log-probs, when the output layer computed them itself
-    shaped: torch.Tensor | None = None  # the same [1, N, 1], as the output layer returned them
+# Config attributes of models whose forward post-processes the output layer's logits
+POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "dim_model_base")
 
 
-_REQUEST: contextvars.ContextVar[_Request | None] = contextvars.ContextVar("lf_dist_request", default=None)
+class TokenLogps(NamedTuple):
+    values: torch.Tensor  # log p(label) at each scored position, fp32, row-major order [N]
+    mask: torch.Tensor  # [B, T-1]: which positions t (scoring label t+1) are in `values`
+
+
+def causal_lm(model) -> torch.nn.Module:
+    """The Hugging Face *ForCausalLM module inside DDP / DeepSpeed / peft wrappers."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def output_layer(model) -> torch.nn.Module:
     """The model's output layer (lm_head), through DDP / DeepSpeed / peft wrappers."""
-    inner = model
-    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
-        inner = inner.module
-    layer = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    lm = causal_lm(model)
+    layer = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if layer is None:
-        raise RuntimeError(f"{type(inner).__name__} has no output layer (get_output_embeddings() is None)")
+        raise RuntimeError(f"{type(lm).__name__} has no output layer (get_output_embeddings() is None)")
     return layer
 
 
@@ -56,63 +57,81 @@ def _fused_logps(layer):
     return linear_logps
 
 
-def _forward(self, hidden, *args, **kwargs):
-    """The output layer's forward while `label_logps` asks for log-probs; its own forward otherwise."""
-    request = _REQUEST.get()
-    if request is None:  # an ordinary forward (generation, export checks): all positions
-        return self._lf_dist_inner(hidden, *args, **kwargs)
-    picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, request.index)
-    if self._lf_dist_fused and not args and not kwargs:
-        request.result = _fused_logps(self)(picked, self.weight, self.bias, request.targets)
-        # shaped like logits, so the model's forward passes it on; a copy (N floats), not a view: FSDP2 warns
-        # about views among a module's outputs (an in-place op on one would skip its gradient hooks)
-        request.shaped = request.result[None, :, None].clone()
-        return request.shaped
-    return self._lf_dist_inner(picked[None], *args, **kwargs)
+def _own_forward_needed(lm) -> bool:
+    """A model whose forward post-processes its logits, or has no decoder to run on its own, keeps its forward."""
+    decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+    config = getattr(lm, "config", None)
+    return not isinstance(decoder, torch.nn.Module) or any(getattr(config, n, None) for n in POST_PROCESSING)
 
 
-def _wrap(layer: torch.nn.Module) -> None:
-    """Wrap the layer's forward once; bound methods, so a deep copy of the model wraps its own layer."""
-    if getattr(layer, "_lf_dist_wrapped", False):
-        return
-    layer._lf_dist_inner = layer.forward
-    layer._lf_dist_fused = type(layer) is torch.nn.Linear  # adapters or quantization on it: logits, then CE
-    layer.forward = types.MethodType(_forward, layer)
-    layer._lf_dist_wrapped = True
+@contextlib.contextmanager
+def _forward_as(module: torch.nn.Module, forward):
+    """`module.forward` is `forward` inside the block (its hooks still run), its own after."""
+    own = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
-def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | None = None):
+def scored_forward(lm, layer, index: torch.Tensor, targets: torch.Tensor | None):
+    """The causal LM's forward for one scoring call: the decoder's hidden states at the flat positions `index`
+    go through the output layer, which returns their log-probs of `targets` [N] (`targets` given: a plain linear
+    layer, in the fused kernel) or their logits [N, V]."""
+    decoder = getattr(lm, lm.base_model_prefix)
+
+    def forward(*args, **kwargs):
+        # peft passes labels / return_dict / output_* explicitly, mostly None; the decoder takes the inputs
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "logits_to_keep")}
+        hidden = decoder(*args, **kwargs).last_hidden_state
+        return layer(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index))
+
+    return forward
+
+
+def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | None = None, fused=None):
     """log p(labels[t + 1] | tokens ≤ t) at the scored positions, in fp32, row-major order.
 
     `mask` [B, T-1] says which positions t are scored (default: those whose next label is not IGNORE_INDEX).
-    Returns (log-probs [N], mask). Sums of these are what the stages' losses are made of.
+    `fused` None: the fused kernel wherever the output layer is a plain linear one. Returns TokenLogps (values,
+    mask); sums of these are what the stages' losses are made of.
     """
     if mask is None:
         mask = labels[:, 1:] != IGNORE_INDEX
-    layer = output_layer(model)
-    _wrap(layer)
+    lm, layer = causal_lm(model), output_layer(model)
     index = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(-1)
     targets = labels[:, 1:][mask]
-    request = _Request(index, targets)
-    token = _REQUEST.set(request)
-    try:
-        logits = model(**inputs, use_cache=False).logits
-    finally:
-        _REQUEST.reset(token)
-    if request.result is not None:
-        if logits.data_ptr() == request.shaped.data_ptr() and logits.numel() == targets.numel():
-            # Through the model's own output, not `request.result`: FSDP2 and ZeRO-3 hook the outputs to gather
-            # the output layer's weight again before its backward (and to reduce its gradient after).
-            return logits.reshape(-1), mask
-        # The model changed what its output layer returned (logit soft-capping or scaling): from now on the
-        # layer gives logits and the model's own post-processing applies.
-        logger.warning(f"{type(model).__name__} post-processes its logits: cross-entropy is not fused for it")
-        layer._lf_dist_fused = False
-        return label_logps(model, inputs, labels, mask)
-    if logits.shape[:2] != (1, index.numel()):  # a model that computes logits outside its output layer
-        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index).unsqueeze(0)
+    if _own_forward_needed(lm):
+        return TokenLogps(_own_forward_logps(model, layer, inputs, index, targets), mask)
+    if fused is None:
+        fused = type(layer) is torch.nn.Linear  # adapters or quantization on it: logits, then cross-entropy
+    with contextlib.ExitStack() as swaps:
+        swaps.enter_context(_forward_as(lm, scored_forward(lm, layer, index, targets if fused else None)))
+        if fused:
+            fused_fn = _fused_logps(layer)
+            swaps.enter_context(_forward_as(layer, lambda h: fused_fn(h, layer.weight, layer.bias, targets)))
+        scores = model(**inputs, use_cache=False)
+    if fused:
+        return TokenLogps(scores.reshape(-1), mask)
     # cross_entropy fuses log-softmax and the pick (forward and backward): cheaper than gather - logsumexp
-    return -F.cross_entropy(logits[0].float(), targets, reduction="none"), mask
+    return TokenLogps(-F.cross_entropy(scores.float(), targets, reduction="none"), mask)
+
+
+def _own_forward_logps(model, layer, inputs: dict, index: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's own forward, its output layer handed the label positions only, so its logits (as the model
+    post-processes them) exist for those positions alone."""
+    own = layer.forward
+
+    def picked(hidden, *args, **kwargs):
+        return own(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)[None], *args, **kwargs)
+
+    with _forward_as(layer, picked):
+        logits = model(**inputs, use_cache=False).logits
+    return -F.cross_entropy(logits[0].float(), targets, reduction="none")
 
 
 def sequence_logps(model, inputs: dict, labels: torch.Tensor, seq_ids: torch.Tensor, n_seqs: int):

@@ -10,6 +10,7 @@ from pathlib import Path
 from lf_dist.config import RunConfig, read_config
 from lf_dist.data.tool_formats import TOOL_FORMATS
 from lf_dist.errors import UserError
+from lf_dist.parallel.registry import check_config as check_backend
 from lf_dist.train.stages import check_stage_config
 
 
@@ -17,6 +18,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, com
     """Read a config file, apply `key=value` overrides, fill LLaMA-Factory defaults and check everything that
     `command` (train, chat, api, export) reads."""
     cfg = read_config(path, overrides, command)
+    check_backend(cfg)
     if command == "train":
         check_stage_config(cfg)
     tool_format = cfg.data.tool_format

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lf_dist.config import RunConfig
 from lf_dist.kernels import liger
+from lf_dist.parallel.registry import get_backend
 from lf_dist.planner.profiles import HardwareProfile
 
 SEPARATING = ("varlen", "fa2")  # attention that keeps the examples of a row apart without a mask
@@ -40,10 +41,13 @@ def _attention(cfg: RunConfig, hw: HardwareProfile, model_config) -> tuple[str, 
 
 
 def _padding_free(cfg: RunConfig, attention: str, packs: bool) -> tuple[bool, str]:
-    d = cfg.data
-    if d.padding_free is not None:
-        return d.padding_free, f"padding-free batches {'on' if d.padding_free else 'off'}: as the config says"
-    if d.packing and packs:
+    data_args = cfg.data
+    if data_args.padding_free is not None:
+        return (
+            data_args.padding_free,
+            f"padding-free batches {'on' if data_args.padding_free else 'off'}: as the config says",
+        )
+    if data_args.packing and packs:
         return False, "padding-free batches off: rows are packed already"
     if attention not in SEPARATING:
         return False, f"padding-free batches off: attention {attention} would need a block mask to separate them"
@@ -91,7 +95,7 @@ def choose(cfg: RunConfig, hw: HardwareProfile, model_config, stage, strategy: s
     if k.torch_compile:
         k.reasons.append("torch.compile: each decoder block, after parallelism is applied")
     k.optim = cfg.train.optim
-    if "optim" not in cfg.given and strategy != "deepspeed":
+    if "optim" not in cfg.given and get_backend(strategy).fused_optimizer:
         k.optim = "adamw_torch_fused"
         k.reasons.append("optimizer: torch's fused AdamW (one kernel over all parameters)")
     return k
@@ -99,12 +103,16 @@ def choose(cfg: RunConfig, hw: HardwareProfile, model_config, stage, strategy: s
 
 def lean_lora(cfg: RunConfig, method: str, bits: int | None) -> tuple[bool, str | None]:
     """Whether LoRA layers run `kernels/lora.py`'s forward; decided once the method (lora, qlora) is known."""
-    f = cfg.finetuning
+    finetuning_args = cfg.finetuning
     if method != "lora":
         return False, None
-    if f.lean_lora is False:
+    if finetuning_args.lean_lora is False:
         return False, "LoRA forward peft: as the config says"
-    if bits or f.use_dora:  # peft's own layer classes (bitsandbytes) or a variant: the lean path does not apply
-        return False, "LoRA forward peft: " + ("DoRA layers" if f.use_dora else "quantized base layers") + " keep it"
-    why = "as the config says" if f.lean_lora else "the update scaled at rank r and added in place"
+    if (
+        bits or finetuning_args.use_dora
+    ):  # peft's own layer classes (bitsandbytes) or a variant: the lean path does not apply
+        return False, "LoRA forward peft: " + (
+            "DoRA layers" if finetuning_args.use_dora else "quantized base layers"
+        ) + " keep it"
+    why = "as the config says" if finetuning_args.lean_lora else "the update scaled at rank r and added in place"
     return True, f"LoRA forward lean: {why} (two full-width passes fewer per layer)"

@@ -1,0 +1,186 @@
+"""The backend registry: everything that differs between single, ddp, fsdp2 and deepspeed, one spec per backend.
+
+A spec names its Strategy class (imported only when a run uses it), the config it refuses, how it holds a model
+in memory (read by the planner's memory model) and, through its strategy, its checkpoint format
+(`formats.py`). Adding a backend is adding one spec here; no other module compares a backend's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lf_dist.errors import UserError
+from lf_dist.ports import free_port
+
+
+@dataclass(frozen=True)
+class MemoryTerms:
+    """How a backend holds a model, per device, as `planner/memory.py` counts it. `*_from`: the lowest ZeRO stage
+    at which that state is sharded over the data-parallel ranks (0: always; None: never)."""
+
+    weights_from: int | None = None
+    optimizer_from: int | None = None
+    gradients_from: int | None = None
+    frozen_bytes: int | None = None  # bytes per frozen weight; None: the compute dtype's
+    casts_module: bool = False  # weights and gradients in the compute dtype, fp32 masters in the optimizer
+    gradient_copies: int = 1  # DDP keeps a second copy of the gradients in its buckets
+
+    def shards(self, state: str, zero_stage: int = 0) -> bool:
+        start = getattr(self, f"{state}_from")
+        return start is not None and zero_stage >= start
+
+
+def _no_sharding_setup(cfg) -> tuple[int, bool]:
+    return 0, False
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    strategy: str | type  # "module:Class" (imported when a run builds it) or the class itself
+    title: str = ""  # how messages spell it (default: the name)
+    memory: MemoryTerms = field(default_factory=MemoryTerms)
+    one_process: bool = False  # runs in the launching process only, no process group
+    quantized_base: bool = True  # bitsandbytes 4/8-bit bases
+    eight_bit_optim: bool = True  # bitsandbytes' 8-bit AdamW
+    fused_optimizer: bool = True  # the planner may pick torch's fused AdamW
+    config_key: str | None = None  # a train key that only this backend reads (its config file)
+    # (ZeRO stage, offload) as the config sets them up for this backend
+    sharding: Callable = _no_sharding_setup
+    # what the advice says to offload weights and optimizer states, and the planner changes to price it
+    offload: tuple[str, dict] = (
+        "deepspeed: examples/deepspeed/ds_z3_offload_config.json",
+        {"strategy": "deepspeed", "zero_stage": 3},
+    )
+
+    @property
+    def shown(self) -> str:
+        return self.title or self.name
+
+    def load(self) -> type:
+        if not isinstance(self.strategy, str):
+            return self.strategy
+        module, name = self.strategy.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    @property
+    def checkpoint(self):
+        """The checkpoint format its strategy writes (`formats.py`)."""
+        return self.load().checkpoint_format
+
+    def refusal(self, cfg, world: int) -> str | None:
+        """Why this backend cannot run `cfg` on `world` ranks (one line), or None."""
+        if self.one_process and world > 1:
+            return f"strategy {self.name}: runs one process, but {world} were launched; use ddp or fsdp2"
+        if cfg.model.quantization_bit and not self.quantized_base:
+            return f"quantization_bit: not supported with {self.shown} in lf-dist; use fsdp2 (or ddp) or one GPU"
+        if "8bit" in cfg.train.optim and not self.eight_bit_optim:
+            runs = ", ".join(n for n, s in BACKENDS.items() if s.eight_bit_optim)
+            return f"optim: {cfg.train.optim} runs with strategy {runs.replace(', ', ' or ')}, not {self.name}"
+        return None
+
+
+def _deepspeed_sharding(cfg) -> tuple[int, bool]:
+    if not cfg.train.deepspeed:
+        return 0, False
+    from lf_dist.parallel.deepspeed import read_ds_config
+
+    zero = read_ds_config(cfg.train.deepspeed).get("zero_optimization", {})
+    offload = any(
+        str((zero.get(k) or {}).get("device", "none")).lower() == "cpu" for k in ("offload_optimizer", "offload_param")
+    )
+    return int(zero.get("stage", 0)), offload
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    spec.name: spec
+    for spec in (
+        BackendSpec("single", "lf_dist.parallel.single:SingleStrategy", one_process=True),
+        BackendSpec("ddp", "lf_dist.parallel.distributed:DDPStrategy", memory=MemoryTerms(gradient_copies=2)),
+        BackendSpec(
+            "fsdp2",
+            "lf_dist.parallel.fsdp2:FSDP2Strategy",
+            # fp32 shards of every state; bf16 compute comes from the mixed-precision policy
+            memory=MemoryTerms(0, 0, 0, frozen_bytes=4),
+            eight_bit_optim=False,
+            sharding=lambda cfg: (0, bool(cfg.train.fsdp_cpu_offload)),
+            offload=("fsdp_cpu_offload: true", {}),
+        ),
+        BackendSpec(
+            "deepspeed",
+            "lf_dist.parallel.deepspeed:DeepSpeedStrategy",
+            "DeepSpeed",
+            memory=MemoryTerms(weights_from=3, optimizer_from=1, gradients_from=2, casts_module=True),
+            quantized_base=False,
+            eight_bit_optim=False,
+            fused_optimizer=False,
+            config_key="deepspeed",
+            sharding=_deepspeed_sharding,
+        ),
+    )
+}
+SCALE_OUT = "fsdp2"  # what runs on more than one rank unless the config says otherwise
+
+
+def register(spec: BackendSpec) -> None:
+    BACKENDS[spec.name] = spec
+
+
+def get_backend(name: str) -> BackendSpec:
+    if name not in BACKENDS:
+        raise UserError(f"strategy: {name!r} is not one of {', '.join(('auto', *BACKENDS))}")
+    return BACKENDS[name]
+
+
+def check_config(cfg) -> None:
+    """The backend keys' values, checked with the rest of the config."""
+    name = cfg.train.strategy
+    if name != "auto":
+        get_backend(name)
+    for spec in BACKENDS.values():
+        if spec.config_key and getattr(cfg.train, spec.config_key) and name not in ("auto", spec.name):
+            raise UserError(
+                f"{spec.config_key}: a {spec.shown} config is set but strategy is '{name}'; drop one of them"
+            )
+
+
+def default_backend(world: int) -> str:
+    return next(n for n, s in BACKENDS.items() if s.one_process) if world == 1 else SCALE_OUT
+
+
+def choose(cfg, world: int) -> tuple[BackendSpec, str]:
+    """The backend of a run on `world` ranks, with the reason; refused in one line where it cannot run it."""
+    name = cfg.train.strategy
+    keyed = [s for s in BACKENDS.values() if s.config_key and getattr(cfg.train, s.config_key)]
+    if name != "auto":
+        spec, why = get_backend(name), f"strategy {name}: as the config says"
+    elif keyed:
+        spec, why = keyed[0], f"strategy {keyed[0].name}: a {keyed[0].config_key} config is given"
+    elif world == 1:
+        spec, why = get_backend(default_backend(1)), f"strategy {default_backend(1)}: one process"
+    else:
+        spec = get_backend(SCALE_OUT)
+        why = f"strategy {SCALE_OUT}: {world} ranks shard weights, gradients and optimizer states"
+    problem = spec.refusal(cfg, world)
+    if problem:
+        raise UserError(problem)
+    return spec, why
+
+
+def build_strategy(cfg):
+    """The strategy the plan chose (`cfg.train.strategy`, decided by the planner, never `auto` here)."""
+    if cfg.train.strategy == "auto":
+        raise ValueError("strategy auto reached build_strategy: the plan decides the strategy before it")
+    spec = get_backend(cfg.train.strategy)
+    if not spec.one_process and "RANK" not in os.environ:  # one process without torchrun: a group of one
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+        )
+    return spec.load()(cfg)
