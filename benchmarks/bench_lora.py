@@ -41,7 +41,7 @@ def trainer(yaml_path: Path):
 
     cfg = load_config(yaml_path, [])
     stage = get_stage(cfg.finetuning.stage)
-    make_plan(cfg, detect(), stage).apply(cfg)
+    cfg = make_plan(cfg, detect(), stage).resolve(cfg)
     strategy = build_strategy(cfg)
     tok = load_tokenizer(cfg)
     template = get_template(cfg.data.template, tok, cfg.data)

@@ -20,7 +20,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, com
     cfg = read_config(path, overrides, command)
     check_backend(cfg)
     if command == "train":
-        check_stage_config(cfg)
+        cfg = check_stage_config(cfg)
     tool_format = cfg.data.tool_format
     if tool_format is not None and tool_format not in TOOL_FORMATS:
         raise UserError(f"tool_format: {tool_format!r} is not one of {', '.join(TOOL_FORMATS)}")

@@ -116,7 +116,7 @@ def run(cfg: RunConfig, plan=None, report=None) -> dict:
     if plan is None:
         plan = make_plan(cfg, detect(), stage)
         require_fit(plan)
-    plan.apply(cfg)
+    cfg = plan.resolve(cfg)
     strategy = build_strategy(cfg)
     if strategy.is_main:
         logger.info(plan.summary())
@@ -129,6 +129,27 @@ def run(cfg: RunConfig, plan=None, report=None) -> dict:
         strategy.teardown()
 
 
+def _write_run_files(cfg: RunConfig, plan, out: Path, checkpoints: Path, clear: bool) -> None:
+    """output_dir made (the previous run's logs gone when starting over); the resolved config and the plan in it."""
+    from lf_dist.planner import PLAN_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    if clear:
+        _start_over(out, checkpoints)
+    config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
+    (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
+    plan.save(out / PLAN_FILE)
+
+
+def _report_results(cfg: RunConfig, out: Path, results: dict) -> None:
+    save_metrics(out, results)
+    print_metrics(results)
+    if cfg.train.do_train:
+        logger.info(f"model saved to {out.resolve()}")
+    else:
+        logger.info(f"evaluated (do_train: false, nothing trained or saved); metrics in {out / RESULTS_FILE}")
+
+
 def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from transformers import set_seed
 
@@ -137,7 +158,6 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from lf_dist.model import load_tokenizer
     from lf_dist.model.loader import check_weights, model_folder
     from lf_dist.model.recipe import ModelRecipe
-    from lf_dist.planner import PLAN_FILE
     from lf_dist.train.loop import Trainer
     from lf_dist.train.resume import check_resume
 
@@ -164,12 +184,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     )
     out = Path(cfg.train.output_dir)
     if strategy.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if clear:
-            _start_over(out, checkpoints)
-        config_text = json.dumps(cfg.to_dict(), indent=2, default=str) + "\n"
-        (out / "lf_dist_config.json").write_text(config_text, encoding="utf-8")
-        plan.save(out / PLAN_FILE)
+        _write_run_files(cfg, plan, out, checkpoints, clear)
     strategy.barrier()
     if not cfg.train.do_train:
         results = trainer.eval_results()
@@ -183,12 +198,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
         if cfg.finetuning.plot_loss:
             trainer.tracker.plot()
     if strategy.is_main:
-        save_metrics(out, results)
-        print_metrics(results)
-        if cfg.train.do_train:
-            logger.info(f"model saved to {out.resolve()}")
-        else:
-            logger.info(f"evaluated (do_train: false, nothing trained or saved); metrics in {out / RESULTS_FILE}")
+        _report_results(cfg, out, results)
     if report is not None:
         report(results, None)
     return results

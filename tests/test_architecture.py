@@ -157,9 +157,7 @@ def test_only_the_backend_registry_names_a_backend():
 
 
 STRATEGY_MODULES = {
-    m
-    for m in MODULES
-    if m.startswith("lf_dist.parallel.") and m not in ("lf_dist.parallel.formats", BACKEND_REGISTRY)
+    m for m in MODULES if m.startswith("lf_dist.parallel.") and m not in ("lf_dist.parallel.formats", BACKEND_REGISTRY)
 }
 
 
@@ -173,3 +171,21 @@ def test_no_launcher_imports_the_training_loop_directly():
     found = {m: sorted(d for d in GRAPH[m] if d.startswith("lf_dist.train")) for m in MODULES}
     found = {m: d for m, d in found.items() if m.startswith("lf_dist.launchers") and d}
     assert not found, found
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Every function of the package reads on one screen: at most 60 lines, nested definitions included."""
+    long = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def test_the_training_loop_fits_on_one_screen():
+    from lf_dist.train.loop import Trainer
+
+    fit = next(n for n in ast.walk(ast.parse(MODULES["lf_dist.train.loop"].read_text(encoding="utf-8")))
+               if isinstance(n, ast.FunctionDef) and n.name == "fit")  # fmt: skip
+    assert fit.end_lineno - fit.lineno + 1 <= 40 and hasattr(Trainer, "fit")

@@ -3,8 +3,10 @@ log-probs come from one function, mistakes fail before data, fp16 is never silen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ from lf_dist.data.templates import get_template
 from lf_dist.model.heads import CAUSAL_LM
 from lf_dist.parallel import SingleStrategy
 from lf_dist.train import stages
-from lf_dist.train.losses import CausalLMLoss, metric, model_inputs
+from lf_dist.train.losses import CausalLMLoss, metric, model_inputs, one_step
 from lf_dist.train.token_logps import label_logps
 from lf_dist.worker import run
 
@@ -251,3 +253,105 @@ def test_preference_keys_name_the_losses_the_dpo_stage_implements():
     from lf_dist.train.pref_losses import REFERENCE_FREE_LOSSES, REFERENCE_LOSSES
 
     assert set(PREF_LOSSES) == set(REFERENCE_LOSSES) | set(REFERENCE_FREE_LOSSES)
+
+
+def _torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    from lf_dist.ports import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    proc = subprocess.run(
+        [*cmd, str(script), *args], env=env, capture_output=True, text=True, encoding="utf-8", timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_generation_on_training_weights_keeps_ranks_in_step_when_completions_end_apart(tmp_path, backend):
+    """Rank 0's completions stop after 2 tokens, rank 1's after 30: neither waits for the other (the collective
+    timeout is 60 s; generation takes seconds), the tokens are the model's own greedy ones, and the next training
+    step runs on the same shards on every rank."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .generate_ranks import NEW_TOKENS, PROMPTS
+
+    sharding = (
+        {"strategy": "fsdp2"} if backend == "fsdp2" else {"deepspeed": ROOT / "examples/deepspeed/ds_z3_config.json"}
+    )
+    overrides = base_overrides(tmp_path / "run", ddp_timeout=60, per_device_train_batch_size=2, **sharding)
+    _torchrun(Path(__file__).parent / "generate_ranks.py", str(SFT_YAML), str(tmp_path), *overrides)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text(encoding="utf-8")) for r in (0, 1)]
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL, padding_side="left")
+    prompts = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)  # LoRA starts as the base
+    longest = max(NEW_TOKENS.values())
+    alone = model.generate(
+        **prompts, max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    for rank, record in enumerate(ranks):
+        new = len(record["ids"][0]) - record["prompt_len"]
+        assert new == NEW_TOKENS[rank], (rank, new)
+        assert record["ids"] == alone[:, : record["prompt_len"] + new].tolist()
+        assert record["seconds"] < 30, record["seconds"]
+    assert math.isfinite(ranks[0]["loss"]) and ranks[0]["loss"] == pytest.approx(ranks[1]["loss"], abs=1e-6)
+
+
+class _RecordingStrategy(SingleStrategy):
+    """Records the columns of every micro-batch the loop hands to forward_backward."""
+
+    columns: list[set] = []
+
+    def forward_backward(self, model, micro_batches, stage_loss, n_units):
+        self.columns += [set(b) for b in micro_batches]
+        return super().forward_backward(model, micro_batches, stage_loss, n_units)
+
+
+@pytest.mark.parametrize(
+    "stage,dataset,reference", [("dpo", "ranking_demo", "ref_logps"), ("kto", "kto_demo", "ref_kl_logps")]
+)
+def test_reference_log_probs_prepared_as_columns_leave_the_losses_unchanged(
+    make_cfg, monkeypatch, stage, dataset, reference
+):
+    """The stage's `prepare` computes the reference's log-probs before the step, as batch columns; the losses are
+    those of computing them inside the forward (the stage without its prepare), step by step."""
+    import lf_dist.parallel
+
+    common = {"stage": stage, "dataset": dataset, "max_steps": 4, "per_device_train_batch_size": 2,
+              "gradient_accumulation_steps": 2, "val_size": 8, "learning_rate": 1e-3}  # fmt: skip
+    monkeypatch.setattr(lf_dist.parallel, "build_strategy", _RecordingStrategy)
+    _RecordingStrategy.columns = []
+    prepared = run(with_prepare := make_cfg("prepared", **common))
+    assert _RecordingStrategy.columns and all(reference in c for c in _RecordingStrategy.columns)
+    monkeypatch.setitem(stages.STAGES, stage, dataclasses.replace(stages.STAGES[stage], prepare=one_step))
+    _RecordingStrategy.columns = []
+    inline = run(without := make_cfg("inline", **common))
+    assert not any(reference in c for c in _RecordingStrategy.columns)
+    ours = [e["loss"] for e in _log(_out(with_prepare)) if "loss" in e]
+    theirs = [e["loss"] for e in _log(_out(without)) if "loss" in e]
+    assert len(ours) == 4 and ours == pytest.approx(theirs, abs=1e-6)
+    assert prepared["eval_loss"] == pytest.approx(inline["eval_loss"], abs=1e-6)
+
+
+def test_planning_returns_a_new_frozen_config_that_nothing_writes_after_launch(make_cfg):
+    """Validation and planning fill copies; the resolved config refuses assignment, and a whole run (train, eval,
+    checkpoint, export) reads it without writing."""
+    from lf_dist.planner import detect, make_plan
+
+    cfg = make_cfg(max_steps=2, save_steps=1, val_size=8)
+    resolved = make_plan(cfg, detect(), stages.get_stage("sft")).resolve(cfg)
+    assert resolved is not cfg and resolved.frozen and not cfg.frozen
+    assert cfg.train.strategy == "auto" and resolved.train.strategy == "single"
+    for section, key, value in (
+        ("train", "learning_rate", 1.0),
+        ("data", "packing", True),
+        ("model", "flash_attn", "sdpa"),
+    ):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(resolved, section), key, value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.train = cfg.train
+    before = cfg.to_dict()
+    results = run(resolved)  # run resolves it again from its own plan: a frozen config all the way through
+    assert results["total_steps"] == 2 and cfg.to_dict() == before

@@ -130,8 +130,7 @@ def build_config(raw: dict, source: str | None = None, command: str = "train") -
         else:
             candidates = sorted(set(owners) | set(LF_KEYS) | set(HF_TRAINING_ARGS))
             raise UserError(f"unknown key '{key}'{_suggest(key, candidates)}")
-    validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
 def read_config(path: str | Path | None, overrides: list[str] | None = None, command: str = "train") -> RunConfig:

@@ -1,13 +1,15 @@
 """Typed run configuration. Field names and defaults are LLaMA-Factory's, so its YAML files load unchanged.
 
 Each section is a flat dataclass: a YAML key maps to exactly one field of one section. Validation of values
-that depend on each other lives in `validate.py`, in one place.
+that depend on each other lives in `validate.py`, in one place; it fills defaults into a copy. Planning resolves
+the config into a new, frozen one (`RunConfig.replace(...).freeze()`): after launch nothing writes it.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, field, fields, replace
 from pathlib import Path
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -46,8 +48,19 @@ COMMANDS = {
 }
 
 
+class Freezable:
+    """A config section that refuses assignment once frozen (`RunConfig.freeze`)."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise FrozenInstanceError(
+                f"cannot assign to {name!r}: the config was resolved by planning and is read-only after launch"
+            )
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class ModelArgs:
+class ModelArgs(Freezable):
     model_name_or_path: str | None = None
     adapter_name_or_path: str | None = None
     trust_remote_code: bool = False
@@ -70,7 +83,7 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
+class DataArgs(Freezable):
     dataset: str | None = None
     eval_dataset: str | None = None
     dataset_dir: str = "data"
@@ -98,7 +111,7 @@ class DataArgs:
 
 
 @dataclass
-class FinetuningArgs:
+class FinetuningArgs(Freezable):
     stage: str = "sft"
     finetuning_type: str = "lora"
     allow_fallback: bool = False  # the planner may fall back full → lora → qlora when the method does not fit
@@ -128,7 +141,7 @@ class FinetuningArgs:
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(Freezable):
     output_dir: str | None = None
     do_train: bool = True
     do_eval: bool = False
@@ -183,7 +196,7 @@ class TrainArgs:
 
 
 @dataclass
-class GenerationArgs:
+class GenerationArgs(Freezable):
     """LLaMA-Factory's generating arguments and inference keys, for `chat` and `api` (defaults are its own)."""
 
     do_sample: bool = True
@@ -201,7 +214,7 @@ class GenerationArgs:
 
 
 @dataclass
-class ExportArgs:
+class ExportArgs(Freezable):
     """LLaMA-Factory's export keys (`lf-dist export`): merge adapters, write Hugging Face shards."""
 
     export_dir: str | None = None
@@ -213,7 +226,7 @@ class ExportArgs:
 
 
 @dataclass
-class LaunchArgs:
+class LaunchArgs(Freezable):
     """How the processes start: torchrun (the environment contract), or a Ray cluster (LLaMA-Factory's ray_* keys
     of both its generations, on Ray Train)."""
 
@@ -248,7 +261,7 @@ def key_owner() -> dict[str, str]:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Freezable):
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
@@ -262,6 +275,28 @@ class RunConfig:
     source: str | None = None
     # The keys the user gave (file or overrides): the planner decides only what the user left unset.
     given: set = field(default_factory=set)
+
+    @property
+    def frozen(self) -> bool:
+        return bool(self.__dict__.get("_frozen"))
+
+    def freeze(self) -> RunConfig:
+        """Make this config and its sections read-only (its `given` keys a frozenset); returns it."""
+        for section in SECTIONS:
+            object.__setattr__(getattr(self, section), "_frozen", True)
+        object.__setattr__(self, "given", frozenset(self.given))
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    def replace(self, **changes: dict) -> RunConfig:
+        """A new, writable config: a deep copy with `changes` ({section: {field: value}}) applied."""
+        out = copy.deepcopy(self)
+        for obj in (out, *(getattr(out, s) for s in SECTIONS)):
+            obj.__dict__.pop("_frozen", None)
+        out.given = set(out.given)
+        for section, values in changes.items():
+            setattr(out, section, replace(getattr(out, section), **values))
+        return out
 
     def to_dict(self) -> dict:
         """Every field by name; hub tokens are not written out (the dict goes into output_dir and checkpoints)."""

@@ -43,35 +43,59 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise UserError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
-def validate(cfg: RunConfig) -> None:
-    model_args, data_args, finetuning_args, training_args = cfg.model, cfg.data, cfg.finetuning, cfg.train
-    _choice("finetuning_type", finetuning_args.finetuning_type, FINETUNING_TYPES)
-    _choice("flash_attn", model_args.flash_attn, FLASH_ATTN)
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value; returns a copy with the defaults that depend on other keys filled in."""
+    cfg = cfg.replace()
+    _validate_choices(cfg)
+    _validate_required(cfg)
+    _validate_numbers(cfg)
+    if cfg.train.optim not in OPTIMIZERS:
+        cfg.ignored["optim"] = f"{cfg.train.optim} (lf-dist uses torch AdamW)"
+    _validate_quantization(cfg)
+    _validate_launch(cfg)
+    _validate_trackers(cfg)
+    _validate_generation(cfg)
+    _validate_export(cfg)
+    if cfg.finetuning.lora_alpha is None:
+        cfg.finetuning.lora_alpha = 2 * cfg.finetuning.lora_rank
+    _validate_data(cfg)
+    _validate_preference(cfg)
+    _validate_checkpointing_and_resume(cfg)
+    return cfg
+
+
+def _validate_choices(cfg: RunConfig) -> None:
+    training_args = cfg.train
+    _choice("finetuning_type", cfg.finetuning.finetuning_type, FINETUNING_TYPES)
+    _choice("flash_attn", cfg.model.flash_attn, FLASH_ATTN)
     _choice("lr_scheduler_type", training_args.lr_scheduler_type, SCHEDULERS)
     _choice("eval_strategy", training_args.eval_strategy, EVAL_STRATEGIES)
     _choice("save_strategy", training_args.save_strategy, SAVE_STRATEGIES)
     _choice("logging_strategy", training_args.logging_strategy, EVAL_STRATEGIES)
     if isinstance(training_args.deepspeed, str) and not Path(training_args.deepspeed).is_file():
         raise UserError(f"deepspeed: config file not found: {training_args.deepspeed}")
-    _positive("fsdp_shard_size", training_args.fsdp_shard_size)
-    if not model_args.model_name_or_path:
+
+
+def _validate_required(cfg: RunConfig) -> None:
+    data_args, training_args = cfg.data, cfg.train
+    if not cfg.model.model_name_or_path:
         raise UserError("model_name_or_path: required (a Hugging Face checkpoint folder, or a hub name: org/model)")
-    if cfg.command == "train":
-        if training_args.do_train and not data_args.dataset:
-            raise UserError(
-                "dataset: required for training (one or more names from dataset_info.json, comma-separated)"
-            )
-        if (
-            not training_args.do_train
-            and not data_args.eval_dataset
-            and not (data_args.dataset and data_args.val_size)
-        ):
-            raise UserError(
-                "do_train: false leaves only evaluation, and there is nothing to evaluate; set eval_dataset (or "
-                "dataset with val_size)"
-            )
-        if not training_args.output_dir:
-            raise UserError("output_dir: required")
+    if cfg.command != "train":
+        return
+    if training_args.do_train and not data_args.dataset:
+        raise UserError("dataset: required for training (one or more names from dataset_info.json, comma-separated)")
+    if not training_args.do_train and not data_args.eval_dataset and not (data_args.dataset and data_args.val_size):
+        raise UserError(
+            "do_train: false leaves only evaluation, and there is nothing to evaluate; set eval_dataset (or "
+            "dataset with val_size)"
+        )
+    if not training_args.output_dir:
+        raise UserError("output_dir: required")
+
+
+def _validate_numbers(cfg: RunConfig) -> None:
+    data_args, finetuning_args, training_args = cfg.data, cfg.finetuning, cfg.train
+    _positive("fsdp_shard_size", training_args.fsdp_shard_size)
     if data_args.cutoff_len <= 0:
         raise UserError(f"cutoff_len: must be > 0, got {data_args.cutoff_len}")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -89,42 +113,34 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("num_train_epochs: must be > 0 when max_steps is not set")
     if not 0.0 <= training_args.warmup_ratio < 1.0:
         raise UserError(f"warmup_ratio: must be in [0, 1), got {training_args.warmup_ratio}")
-    if not 0.0 <= data_args.val_size < 1.0 and not (
-        data_args.val_size >= 1 and float(data_args.val_size).is_integer()
-    ):
-        raise UserError(f"val_size: a fraction in [0, 1) or a whole number of examples, got {data_args.val_size}")
+    val_size = data_args.val_size
+    if not 0.0 <= val_size < 1.0 and not (val_size >= 1 and float(val_size).is_integer()):
+        raise UserError(f"val_size: a fraction in [0, 1) or a whole number of examples, got {val_size}")
     if not (0.0 <= training_args.adam_beta1 < 1.0 and 0.0 <= training_args.adam_beta2 < 1.0):
         raise UserError("adam_beta1/adam_beta2: must be in [0, 1)")
     if training_args.bf16 and training_args.fp16:
         raise UserError("bf16 and fp16: choose one")
     if training_args.eval_strategy == "steps" and training_args.eval_steps is not None:
         _positive("eval_steps", training_args.eval_steps)
-    if training_args.optim not in OPTIMIZERS:
-        cfg.ignored["optim"] = f"{training_args.optim} (lf-dist uses torch AdamW)"
-    _validate_quantization(cfg)
-    _validate_launch(cfg)
+
+
+def _validate_trackers(cfg: RunConfig) -> None:
+    training_args = cfg.train
     if cfg.command == "train":
         training_args.report_to = _trackers(training_args.report_to)
         if training_args.logging_dir and "tensorboard" not in training_args.report_to:
             cfg.ignored["logging_dir"] = f"{training_args.logging_dir} (only report_to: tensorboard writes there)"
-    _validate_generation(cfg)
-    _validate_export(cfg)
-    if finetuning_args.lora_alpha is None:
-        finetuning_args.lora_alpha = 2 * finetuning_args.lora_rank
-    _validate_data(cfg)
-    _validate_preference(cfg)
-    if finetuning_args.disable_gradient_checkpointing is False and training_args.gradient_checkpointing is False:
-        finetuning_args.disable_gradient_checkpointing = True
-    if isinstance(training_args.resume_from_checkpoint, str) and training_args.resume_from_checkpoint.lower() in (
-        "true",
-        "false",
-    ):
-        training_args.resume_from_checkpoint = training_args.resume_from_checkpoint.lower() == "true"
-    if (
-        isinstance(training_args.resume_from_checkpoint, str)
-        and not Path(training_args.resume_from_checkpoint).is_dir()
-    ):
-        raise UserError(f"resume_from_checkpoint: no checkpoint directory at {training_args.resume_from_checkpoint}")
+
+
+def _validate_checkpointing_and_resume(cfg: RunConfig) -> None:
+    training_args = cfg.train
+    if cfg.finetuning.disable_gradient_checkpointing is False and training_args.gradient_checkpointing is False:
+        cfg.finetuning.disable_gradient_checkpointing = True
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "false"):
+        training_args.resume_from_checkpoint = resume = resume.lower() == "true"
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise UserError(f"resume_from_checkpoint: no checkpoint directory at {resume}")
 
 
 def _trackers(report_to) -> list[str]:

@@ -128,6 +128,17 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.frozen_engines.append(engine)
         return engine
 
+    def generate(self, model, prompts, **gen):
+        """Under ZeRO-3 the weights are gathered for the call, and every rank runs a forward for as long as any
+        rank is still generating (`synced_gpus`): the engine's hooks gather layer by layer, collectively, so the
+        ranks stay in step whatever their completions' lengths. Below stage 3 the weights are whole already."""
+        if self.zero_stage != 3:
+            return super().generate(model, prompts, **gen)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.unwrap(model).parameters())):
+            return super().generate(model, prompts, synced_gpus=True, **gen)
+
     def teardown(self) -> None:
         """Engines release their ZeRO hooks and buffers before the process group goes: left to interpreter
         shutdown, a rank sometimes aborted after finishing ("terminate called without an active exception")."""

@@ -128,6 +128,25 @@ class FSDP2Strategy(DistributedStrategy):
         full_state = dict(model.state_dict()) if self.rank == 0 else {}
         return self._shard_and_fill(model, full_state).eval()
 
+    def generate(self, model, prompts, **gen):
+        """Every FSDP unit unsharded once for the call and kept so for each token's forward: generation then needs
+        no collective, so a rank whose completions end early never waits for the others."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        # transformers' generate calls the causal LM inside the root (peft's wrapper), never the root itself: the
+        # root must know it is the root before an inner unit's forward runs first and takes that role
+        model._get_fsdp_state()._lazy_init()
+        model.set_reshard_after_forward(False)
+        for unit in units:
+            unit.unshard()
+        try:
+            return super().generate(model, prompts, synced_gpus=False, **gen)
+        finally:
+            for unit in units:
+                unit.reshard()
+            model.set_reshard_after_forward(self.cfg.train.fsdp_reshard_after_forward)
+
     def no_sync(self, model, last_micro_batch):
         model.set_requires_gradient_sync(last_micro_batch)  # reduce-scatter once per step
         return contextlib.nullcontext()

@@ -3,8 +3,8 @@ fine-tuning method and quantization (with fallback), gradient checkpointing, and
 
 from __future__ import annotations
 
-import copy
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lf_dist.config import RunConfig
@@ -15,7 +15,7 @@ from lf_dist.planner import kernel_choice
 from lf_dist.planner.advice import suggest
 from lf_dist.planner.plan import Plan, method_name
 from lf_dist.planner.profiles import HardwareProfile
-from lf_dist.planner.sizing import HOST_MARGIN, Sizing, with_finetuning
+from lf_dist.planner.sizing import HOST_MARGIN, Sizing, with_method
 
 CHECKPOINTING_MARGIN = 0.9  # checkpointing stays off only while the run fits in 90% of the memory
 
@@ -56,18 +56,23 @@ def _candidates(cfg: RunConfig) -> list[tuple[str, int | None]]:
     return [start, ("lora", 4)] if start != ("lora", 4) else [start]
 
 
-def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True) -> Plan:
-    """Decide the run for `hw`; `launching` reads torchrun's launch variables (this machine, not a profile)."""
-    world, per_node = _env_world(hw, launching, cfg)
-    backend, strategy_reason = registry.choose(cfg, world)
-    zero_stage, offload = backend.sharding(cfg)
-    p = Sizing(cfg, hw, stage, world, per_node, backend.name, zero_stage, offload)
-    reasons = [
-        f"model: {p.size.num_params:,} parameters ({cfg.model.model_name_or_path}), {p.size.num_layers} layers, "
-        f"vocabulary {p.size.vocab_size:,}",
-        strategy_reason,
-    ]
-    gc_given = {"disable_gradient_checkpointing", "gradient_checkpointing"} & cfg.given
+@dataclass
+class Choice:
+    """What the search settled on: the method, its quantization, checkpointing and memory, and whether it fits."""
+
+    method: str
+    bits: int | None
+    checkpointing: bool
+    memory: dict
+    fits: bool
+    given_checkpointing: bool  # the config set checkpointing: the search kept it
+    reasons: list = field(default_factory=list)
+
+
+def search(cfg: RunConfig, p: Sizing, backend) -> Choice:
+    """The first method of the fallback chain that fits, with checkpointing off while it fits within the margin;
+    the reasons for every method passed over."""
+    gc_given = bool({"disable_gradient_checkpointing", "gradient_checkpointing"} & cfg.given)
     gc_options = [not cfg.finetuning.disable_gradient_checkpointing] if gc_given else [False, True]
     tried, chosen = [], None
     for method, bits in _candidates(cfg):
@@ -77,114 +82,132 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
             mem = p.memory(method, bits, gc)
             limit = p.capacity * (CHECKPOINTING_MARGIN if (not gc and not gc_given and len(gc_options) > 1) else 1.0)
             if p.fits(mem, limit):
-                chosen = (method, bits, gc, mem)
+                chosen = Choice(method, bits, gc, mem, True, gc_given)
                 break
         if chosen:
             break
         tried.append((method, bits, mem))
+    if chosen is None:  # report the last method tried, with checkpointing as it would run
+        method, bits, mem = tried[-1]
+        chosen = Choice(method, bits, gc_options[-1], mem, False, gc_given)
     for method, bits, mem in tried:
         if mem["total"] > p.capacity:
-            reasons.append(
-                f"{method_name(method, bits)} needs {mem['total']:.2f} GiB per device > {p.capacity:.2f} GiB"
-            )
+            why = f"needs {mem['total']:.2f} GiB per device > {p.capacity:.2f} GiB"
         else:
-            reasons.append(
-                f"{method_name(method, bits)} fits the device ({mem['total']:.2f} GiB) but what it offloads needs "
-                f"{mem['host']:.2f} GiB of RAM per node > {HOST_MARGIN:.0%} of {hw.ram_gib:.0f} GiB"
+            why = (
+                f"fits the device ({mem['total']:.2f} GiB) but what it offloads needs {mem['host']:.2f} GiB of RAM "
+                f"per node > {HOST_MARGIN:.0%} of {p.hw.ram_gib:.0f} GiB"
             )
-    fits = chosen is not None
-    if not fits:  # report the last method tried, with checkpointing as it would run
-        method, bits, mem = tried[-1]
-        chosen = (method, bits, gc_options[-1], mem)
-    method, bits, gc, mem = chosen
-    if fits:
-        reasons.append(f"{method_name(method, bits)} fits: {mem['total']:.2f} of {p.capacity:.2f} GiB per device")
-    if gc_given:
-        reasons.append(f"gradient checkpointing {'on' if gc else 'off'}: as the config says")
-    elif not gc:
-        reasons.append(
+        chosen.reasons.append(f"{method_name(method, bits)} {why}")
+    return chosen
+
+
+def _checkpointing_reason(p: Sizing, c: Choice) -> str:
+    if c.given_checkpointing:
+        return f"gradient checkpointing {'on' if c.checkpointing else 'off'}: as the config says"
+    if not c.checkpointing:
+        return (
             f"gradient checkpointing off: the run fits within {CHECKPOINTING_MARGIN:.0%} of memory without it "
             "(recomputing every layer would cost about a third more compute)"
         )
-    else:
-        off = p.memory(method, bits, False)["total"]
-        reasons.append(
-            f"gradient checkpointing on: without it {off:.2f} GiB > {CHECKPOINTING_MARGIN:.0%} of {p.capacity:.2f} GiB"
-        )
-    if cfg.finetuning.finetuning_type == "freeze" and cfg.finetuning.allow_fallback:
-        reasons.append("freeze is kept as the config says: the fallback walks full → lora → qlora only")
-    most_gc = gc if gc_given else True  # checkpointing on where it must be, for the most that fits
-    max_cutoff = p.max_cutoff(method, bits, most_gc)
-    reasons.append(f"packing {'on' if cfg.data.packing else 'off'}; longest cutoff_len that fits: {max_cutoff}")
-    if p.offload:
-        reasons.append(f"offloaded to CPU memory: {mem['host']:.2f} GiB per node of {hw.ram_gib:.0f} GiB RAM")
-    reasons += p.kernels.reasons
-    lean, why = kernel_choice.lean_lora(cfg, method, bits)
-    if why:
-        reasons.append(why)
-    layout, checkpoint_dir = {}, None
-    if wants_ray(cfg):
-        launch_args = cfg.launch
-        launcher = "ray"
-        layout = {
-            "workers": launch_args.ray_num_workers,
-            "resources_per_worker": ray_resources(cfg, hw),
-            "placement_strategy": launch_args.placement_strategy,
-        }
-        if launch_args.ray_storage_path and launch_args.ray_run_name:
-            checkpoint_dir = str(Path(launch_args.ray_storage_path) / launch_args.ray_run_name)
-        reasons.insert(
-            1,
-            f"launcher ray: {launch_args.ray_num_workers} Ray Train worker(s) × {layout['resources_per_worker']}, "
-            "placement "
-            f"{launch_args.placement_strategy}; checkpoints in {checkpoint_dir or cfg.train.output_dir}",
-        )
-    else:
-        launcher = "torchrun" if p.world > 1 or force_torchrun() else "local"
-        reasons.insert(1, f"launcher {launcher}: {p.world} process(es)")
-    plan = Plan(
-        profile=hw.name,
-        device="cuda" if hw.on_gpu else "cpu",
-        launcher=launcher,
-        world_size=p.world,
-        nproc_per_node=p.per_node,
-        strategy=p.strategy,
-        finetuning_type=method,
-        quantization_bit=bits,
-        gradient_checkpointing=gc,
-        packing=bool(cfg.data.packing),
-        cutoff_len=cfg.data.cutoff_len,
-        num_params=p.size.num_params,
-        trainable_params=p.trainable(method),
-        per_gpu_memory_gib=mem["total"],
-        gpu_memory_gib=round(p.capacity, 3),
-        fits=fits,
-        max_cutoff_len=max_cutoff,
-        memory_gib={k: v for k, v in mem.items() if k != "host"},
-        max_lora_rank=p.max_rank(method, bits, most_gc),
-        max_batch_size=p.max_batch(method, bits, most_gc),
-        host_memory_gib=mem["host"],
-        reasons=reasons,
-        checkpoint_dir=checkpoint_dir,
-        layout=layout,
-        attention=p.kernels.attention,
-        padding_free=p.kernels.padding_free,
-        cross_entropy=p.kernels.cross_entropy,
-        liger=p.kernels.liger,
-        lean_lora=lean,
-        torch_compile=p.kernels.torch_compile,
-        optim=p.kernels.optim,
+    off = p.memory(c.method, c.bits, False)["total"]
+    return f"gradient checkpointing on: without it {off:.2f} GiB > {CHECKPOINTING_MARGIN:.0%} of {p.capacity:.2f} GiB"
+
+
+def launch_layout(cfg: RunConfig, hw: HardwareProfile, world: int) -> tuple[str, dict, str | None, str]:
+    """(launcher, Ray's worker layout, the checkpoint folder when not output_dir, the reason)."""
+    if not wants_ray(cfg):
+        launcher = "torchrun" if world > 1 or force_torchrun() else "local"
+        return launcher, {}, None, f"launcher {launcher}: {world} process(es)"
+    launch_args, checkpoint_dir = cfg.launch, None
+    layout = {
+        "workers": launch_args.ray_num_workers,
+        "resources_per_worker": ray_resources(cfg, hw),
+        "placement_strategy": launch_args.placement_strategy,
+    }
+    if launch_args.ray_storage_path and launch_args.ray_run_name:
+        checkpoint_dir = str(Path(launch_args.ray_storage_path) / launch_args.ray_run_name)
+    why = (
+        f"launcher ray: {launch_args.ray_num_workers} Ray Train worker(s) × {layout['resources_per_worker']}, "
+        f"placement {launch_args.placement_strategy}; checkpoints in {checkpoint_dir or cfg.train.output_dir}"
     )
-    if not fits:
-        plan.suggestion = suggest(p, cfg, method, bits, max_cutoff)
-        as_run = copy.copy(cfg.finetuning)
-        as_run.finetuning_type = method
-        copies = [fm for fm in stage.frozen(with_finetuning(cfg, as_run)) if fm.path is not None]
+    return "ray", layout, checkpoint_dir, why
+
+
+def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True) -> Plan:
+    """Decide the run for `hw`; `launching` reads torchrun's launch variables (this machine, not a profile)."""
+    world, per_node = _env_world(hw, launching, cfg)
+    backend, strategy_reason = registry.choose(cfg, world)
+    zero_stage, offload = backend.sharding(cfg)
+    p = Sizing(cfg, hw, stage, world, per_node, backend.name, zero_stage, offload)
+    choice = search(cfg, p, backend)
+    launcher, layout, checkpoint_dir, launch_reason = launch_layout(cfg, hw, p.world)
+    plan = record(cfg, p, choice, launcher, layout, checkpoint_dir, [launch_reason, strategy_reason])
+    if not choice.fits:
+        plan.suggestion = suggest(p, cfg, choice.method, choice.bits, plan.max_cutoff_len)
+        copies = [fm for fm in stage.frozen(with_method(cfg, choice.method)) if fm.path is not None]
         if cfg.finetuning.finetuning_type == "auto" and copies:
             raise UserError(
                 f"finetuning_type auto: stage {stage.name} needs a frozen {copies[0].role} model ({copies[0].path}) "
-                f"next to the policy, and no method fits both on {hw.name} ({mem['total']:.2f} GiB > "
+                f"next to the policy, and no method fits both on {hw.name} ({choice.memory['total']:.2f} GiB > "
                 f"{p.capacity:.2f} GiB); drop ref_model to use the adapters-off base as reference, or plan for "
                 "more GPUs"
             )
     return plan
+
+
+def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_dir, launch_reasons) -> Plan:
+    """The Plan of a choice: every decision and the most that fits, with the reasons in the order they are read."""
+    size, mem = p.size, c.memory
+    reasons = [
+        f"model: {size.num_params:,} parameters ({cfg.model.model_name_or_path}), {size.num_layers} layers, "
+        f"vocabulary {size.vocab_size:,}",
+        *launch_reasons,
+        *c.reasons,
+    ]
+    if c.fits:
+        reasons.append(f"{method_name(c.method, c.bits)} fits: {mem['total']:.2f} of {p.capacity:.2f} GiB per device")
+    reasons.append(_checkpointing_reason(p, c))
+    if cfg.finetuning.finetuning_type == "freeze" and cfg.finetuning.allow_fallback:
+        reasons.append("freeze is kept as the config says: the fallback walks full → lora → qlora only")
+    most_gc = c.checkpointing if c.given_checkpointing else True  # checkpointing on where it must be
+    max_cutoff = p.max_cutoff(c.method, c.bits, most_gc)
+    reasons.append(f"packing {'on' if cfg.data.packing else 'off'}; longest cutoff_len that fits: {max_cutoff}")
+    if p.offload:
+        reasons.append(f"offloaded to CPU memory: {mem['host']:.2f} GiB per node of {p.hw.ram_gib:.0f} GiB RAM")
+    lean, why = kernel_choice.lean_lora(cfg, c.method, c.bits)
+    reasons += p.kernels.reasons + ([why] if why else [])
+    k = p.kernels
+    return Plan(
+        profile=p.hw.name,
+        device="cuda" if p.hw.on_gpu else "cpu",
+        launcher=launcher,
+        world_size=p.world,
+        nproc_per_node=p.per_node,
+        strategy=p.strategy,
+        finetuning_type=c.method,
+        quantization_bit=c.bits,
+        gradient_checkpointing=c.checkpointing,
+        packing=bool(cfg.data.packing),
+        cutoff_len=cfg.data.cutoff_len,
+        num_params=size.num_params,
+        trainable_params=p.trainable(c.method),
+        per_gpu_memory_gib=mem["total"],
+        gpu_memory_gib=round(p.capacity, 3),
+        fits=c.fits,
+        max_cutoff_len=max_cutoff,
+        memory_gib={key: v for key, v in mem.items() if key != "host"},
+        max_lora_rank=p.max_rank(c.method, c.bits, most_gc),
+        max_batch_size=p.max_batch(c.method, c.bits, most_gc),
+        host_memory_gib=mem["host"],
+        reasons=reasons,
+        checkpoint_dir=checkpoint_dir,
+        layout=layout,
+        attention=k.attention,
+        padding_free=k.padding_free,
+        cross_entropy=k.cross_entropy,
+        liger=k.liger,
+        lean_lora=lean,
+        torch_compile=k.torch_compile,
+        optim=k.optim,
+    )

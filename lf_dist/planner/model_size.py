@@ -108,13 +108,12 @@ def trainable_params(
     `rank` overrides lora_rank; `size` (the model's ModelSize) saves measuring it again. LoRA on a model whose
     decoder layers are all alike is counted on a one-layer copy (peft's adapter injection takes seconds per
     hundred layers) and scaled to every layer."""
-    run_cfg = copy.deepcopy(cfg)
-    run_cfg.finetuning.finetuning_type = finetuning_type
-    run_cfg.finetuning.disable_gradient_checkpointing = True
-    run_cfg.model.adapter_name_or_path = None  # an adapter to continue has the shapes the config gives it
-    run_cfg.model.upcast_layernorm = False
-    if rank is not None:
-        run_cfg.finetuning.lora_rank = rank
+    finetuning = {"finetuning_type": finetuning_type, "disable_gradient_checkpointing": True}
+    run_cfg = cfg.replace(
+        # an adapter to continue has the shapes the config gives it
+        model={"adapter_name_or_path": None, "upcast_layernorm": False},
+        finetuning={**finetuning, **({"lora_rank": rank} if rank is not None else {})},
+    )
     if finetuning_type == "full":
         return _count(meta_model(config, head).parameters())
     if finetuning_type == "lora":

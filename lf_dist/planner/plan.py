@@ -91,18 +91,23 @@ class Plan:
             f"{' · compiled' if self.torch_compile else ''}"
         )
 
-    def apply(self, cfg: RunConfig) -> RunConfig:
-        """Write the plan's decisions into the config the worker and strategies read."""
-        cfg.finetuning.finetuning_type = self.finetuning_type
-        cfg.model.quantization_bit = self.quantization_bit
-        cfg.finetuning.disable_gradient_checkpointing = not self.gradient_checkpointing
-        cfg.train.strategy = self.strategy
-        cfg.model.flash_attn = self.attention
-        cfg.data.padding_free = self.padding_free
-        cfg.model.enable_liger_kernel = self.liger
-        cfg.finetuning.lean_lora = self.lean_lora
-        cfg.train.optim = self.optim
-        return cfg
+    def resolve(self, cfg: RunConfig) -> RunConfig:
+        """The config the worker and strategies read: `cfg` with the plan's decisions, frozen (after launch nothing
+        writes it)."""
+        return cfg.replace(
+            model={
+                "quantization_bit": self.quantization_bit,
+                "flash_attn": self.attention,
+                "enable_liger_kernel": self.liger,
+            },
+            data={"padding_free": self.padding_free},
+            finetuning={
+                "finetuning_type": self.finetuning_type,
+                "disable_gradient_checkpointing": not self.gradient_checkpointing,
+                "lean_lora": self.lean_lora,
+            },
+            train={"strategy": self.strategy, "optim": self.optim},
+        ).freeze()
 
 
 def require_fit(plan: Plan) -> None:

@@ -3,7 +3,7 @@ length, batch or GPU count, and the most of each that fits. The planner and its 
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 from dataclasses import replace
 
@@ -56,9 +56,7 @@ class Sizing:
         self, method: str, bits: int | None, checkpointing: bool, cutoff: int, batch: int, rank=None, world=None
     ) -> Setup:
         training_args = self.cfg.train
-        as_run = copy.copy(self.cfg.finetuning)
-        as_run.finetuning_type = method
-        frozen = self.stage.frozen(with_finetuning(self.cfg, as_run))
+        frozen = self.stage.frozen(with_method(self.cfg, method))
         rows = batch * self.stage.data.sequences
         first_trainable = self.cfg.finetuning.freeze_trainable_layers
         world = world or self.world
@@ -141,7 +139,6 @@ class Sizing:
         return max(fitting, default=0)
 
 
-def with_finetuning(cfg: RunConfig, finetuning) -> RunConfig:
-    out = copy.copy(cfg)
-    out.finetuning = finetuning
-    return out
+def with_method(cfg: RunConfig, method: str) -> RunConfig:
+    """`cfg` as it would run with fine-tuning `method` (a light copy: the other sections are shared, read-only)."""
+    return dataclasses.replace(cfg, finetuning=dataclasses.replace(cfg.finetuning, finetuning_type=method))

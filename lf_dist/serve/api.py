@@ -62,18 +62,24 @@ def _int_env(name: str, default: int, minimum: int) -> int:
 
 
 def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1, queue: int = 64):
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     from lf_dist.serve.middleware import Door
-    from lf_dist.serve.replies import answer_once, event_stream
 
     app = FastAPI(title="lf-dist", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Door, api_key=api_key)
-    gate = Gate(concurrent, queue)
+    _add_error_handlers(app)
+    _add_info_routes(app, model_name)
+    _add_chat_route(app, engine, Gate(concurrent, queue))
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Every refusal, malformed request or crash answers in OpenAI's error shape."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     def error(err: p.RequestError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status)
@@ -99,6 +105,8 @@ def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1
         logger.info(f"error while serving {request.url.path}: {type(err).__name__}: {err}")
         return error(p.RequestError(500, "internal error while generating"))
 
+
+def _add_info_routes(app, model_name: str) -> None:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name}
@@ -107,44 +115,53 @@ def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "owner"}]}
 
-    def sampling(req: p.ChatRequest):
-        s = engine.default_sampling()
-        limit = req.max_completion_tokens or req.max_tokens
-        if limit is not None:
-            if limit > engine.context_length:
-                raise p.RequestError(400, f"max_tokens: at most {engine.context_length}", param="max_tokens")
-            s.max_new_tokens = limit
-        if req.temperature is not None:
-            s.temperature, s.do_sample = req.temperature, req.temperature > 0
-        if req.do_sample is not None:
-            s.do_sample = req.do_sample
-        for name in ("top_p", "top_k", "repetition_penalty", "seed"):
-            if getattr(req, name) is not None:
-                setattr(s, name, getattr(req, name))
-        s.stop = req.stop_list()
-        return s
 
-    def prepare(req: p.ChatRequest):
-        from lf_dist.serve.engine import ContextTooLong
+def _sampling(engine, req: p.ChatRequest):
+    s = engine.default_sampling()
+    limit = req.max_completion_tokens or req.max_tokens
+    if limit is not None:
+        if limit > engine.context_length:
+            raise p.RequestError(400, f"max_tokens: at most {engine.context_length}", param="max_tokens")
+        s.max_new_tokens = limit
+    if req.temperature is not None:
+        s.temperature, s.do_sample = req.temperature, req.temperature > 0
+    if req.do_sample is not None:
+        s.do_sample = req.do_sample
+    for name in ("top_p", "top_k", "repetition_penalty", "seed"):
+        if getattr(req, name) is not None:
+            setattr(s, name, getattr(req, name))
+    s.stop = req.stop_list()
+    return s
 
-        check_fields(req)
-        system, turns = p.split_messages(req.messages)
-        tools = req.tools_json()
-        s = sampling(req)
-        try:
-            return engine.prepare(turns, s, system, tools), tools
-        except ContextTooLong as err:
-            raise p.RequestError(400, str(err), param="messages", code="context_length_exceeded") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            if not tools and all(t["role"] != "function" for t in turns):
-                raise
-            where = "tools" if tools else "messages"  # tools or calls the tool format cannot render
-            message = f"{where}: cannot be rendered in the template's tool format: {type(err).__name__}: {err}"
-            raise p.RequestError(400, message, param=where) from None
+
+def _prepare(engine, req: p.ChatRequest):
+    from lf_dist.serve.engine import ContextTooLong
+
+    check_fields(req)
+    system, turns = p.split_messages(req.messages)
+    tools = req.tools_json()
+    s = _sampling(engine, req)
+    try:
+        return engine.prepare(turns, s, system, tools), tools
+    except ContextTooLong as err:
+        raise p.RequestError(400, str(err), param="messages", code="context_length_exceeded") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        if not tools and all(t["role"] != "function" for t in turns):
+            raise
+        where = "tools" if tools else "messages"  # tools or calls the tool format cannot render
+        message = f"{where}: cannot be rendered in the template's tool format: {type(err).__name__}: {err}"
+        raise p.RequestError(400, message, param=where) from None
+
+
+def _add_chat_route(app, engine, gate: Gate) -> None:
+    from fastapi import Request
+    from starlette.concurrency import run_in_threadpool
+
+    from lf_dist.serve.replies import answer_once, event_stream
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: p.ChatRequest, request: Request):
-        generation, tools = await run_in_threadpool(prepare, req)
+        generation, tools = await run_in_threadpool(_prepare, engine, req)
         tool_format = engine.template.tool_format if tools else None  # read the answer's calls in this format
         leave = gate.enter()
         request.state.generation = generation  # the access log reads its token counts
@@ -155,8 +172,6 @@ def create_app(engine, model_name: str, api_key: str | None, concurrent: int = 1
             finally:
                 leave()
         return event_stream(generation, req, tool_format, gate.slots, leave)
-
-    return app
 
 
 def _is_loopback(host: str) -> bool:

@@ -131,15 +131,15 @@ def load_weights(cfg: RunConfig, tokenizer, dtype: torch.dtype, device: torch.de
 def _loading_config(cfg: RunConfig, base: str) -> RunConfig:
     """The config as load_model reads it: the base folder, sdpa attention (generation uses a KV cache, and no
     packed rows), no Liger patches."""
-    import copy
-
-    run_cfg = copy.deepcopy(cfg)
-    run_cfg.model.model_name_or_path = base
-    run_cfg.model.adapter_name_or_path = None
-    run_cfg.model.enable_liger_kernel = False
-    if run_cfg.model.flash_attn in ("auto", "varlen"):
-        run_cfg.model.flash_attn = "sdpa"
-    return run_cfg
+    attention = "sdpa" if cfg.model.flash_attn in ("auto", "varlen") else cfg.model.flash_attn
+    return cfg.replace(
+        model={
+            "model_name_or_path": base,
+            "adapter_name_or_path": None,
+            "enable_liger_kernel": False,
+            "flash_attn": attention,
+        }
+    )
 
 
 def _is_prequantized(base: str) -> bool:

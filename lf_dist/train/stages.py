@@ -118,19 +118,20 @@ def _stages_where(rule) -> str:
     return ", ".join(name for name, spec in STAGES.items() if rule(spec))
 
 
-def check_stage_config(cfg: RunConfig) -> StageSpec:
-    """The config rules that depend on the stage, read off its spec; fills stage-dependent defaults."""
+def check_stage_config(cfg: RunConfig) -> RunConfig:
+    """The config rules that depend on the stage, read off its spec; a copy with its defaults filled in."""
     spec, data_args = get_stage(cfg.finetuning.stage), cfg.data
     if (data_args.train_on_prompt or data_args.mask_history) and not spec.prompt_masking:
         raise UserError(f"train_on_prompt / mask_history: only for stage {_stages_where(lambda s: s.prompt_masking)}")
     if data_args.neat_packing and not spec.neat_packing:
         raise UserError(f"neat_packing: only for stages {_stages_where(lambda s: s.neat_packing)}")
     if data_args.packing is None:
-        data_args.packing = spec.packing_default
+        cfg = cfg.replace(data={"packing": spec.packing_default})
+        data_args = cfg.data
     if data_args.packing and not spec.data.packs:
         where = _stages_where(lambda s: s.data.packs and not s.packing_default)
         raise UserError(f"packing: not supported for stage {spec.name} (rows pack for {where})")
-    return spec
+    return cfg
 
 
 def build_loss(cfg: RunConfig, frozen: dict | None = None) -> StageLoss:
