@@ -171,7 +171,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     checkpoints = Path(plan.checkpoint_dir or cfg.train.output_dir)
     resume_from, clear = plan_output_dir(cfg, checkpoints)
     if resume_from is not None:
-        strategy.check_resumable(resume_from)
+        ckpt.check_format(resume_from, strategy)
         changes = check_resume(cfg, resume_from, strategy.dp_size)
         if changes and strategy.is_main:
             logger.info(f"notice: resuming {resume_from.name} with changes: " + "; ".join(changes))

@@ -355,3 +355,43 @@ def test_planning_returns_a_new_frozen_config_that_nothing_writes_after_launch(m
     before = cfg.to_dict()
     results = run(resolved)  # run resolves it again from its own plan: a frozen config all the way through
     assert results["total_steps"] == 2 and cfg.to_dict() == before
+
+
+def test_a_model_that_post_processes_its_logits_keeps_its_own_forward():
+    """Gemma-2 soft-caps its logits after the output layer: the first scoring call finds out (one forward of two
+    tokens), and the log-probs are those of the model's own, soft-capped logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from lf_dist.train.token_logps import VERDICT
+
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.1, attn_implementation="eager",
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).float()
+    ids = torch.randint(0, 512, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    logps, mask = label_logps(model, {"input_ids": ids}, labels)
+    assert model.__dict__[VERDICT] is False
+    full = model(input_ids=ids, use_cache=False).logits.float().log_softmax(-1)[:, :-1]
+    expected = full.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
+    uncapped = model.lm_head(model.model(input_ids=ids).last_hidden_state).float().log_softmax(-1)[:, :-1]
+    assert (
+        uncapped.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask] - expected
+    ).abs().max() > 0.1
+
+
+def test_a_plain_model_is_scored_by_the_explicit_forward():
+    from transformers import AutoModelForCausalLM
+
+    from lf_dist.train.token_logps import VERDICT
+
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.float32)
+    ids = torch.randint(0, 100, (1, 8))
+    label_logps(model, {"input_ids": ids}, ids)
+    assert (
+        model.__dict__[VERDICT] is True and "forward" not in model.__dict__ and "forward" not in model.lm_head.__dict__
+    )

@@ -128,9 +128,9 @@ class Strategy(ABC):
     # -- one step -----------------------------------------------------------------------------------
     def autocast(self):
         """bf16/fp16 autocast for the forward pass when the config asks for it."""
-        t = self.cfg.train
-        if t.bf16 or t.fp16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16 if t.bf16 else torch.float16)
+        training_args = self.cfg.train
+        if training_args.bf16 or training_args.fp16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16 if training_args.bf16 else torch.float16)
         return contextlib.nullcontext()
 
     def no_sync(self, model, last_micro_batch: bool):
@@ -206,8 +206,7 @@ class Strategy(ABC):
 
     # -- checkpoints and export ---------------------------------------------------------------------------
     def check_resumable(self, path: Path) -> None:
-        """Refuse (UserError) a checkpoint this strategy cannot resume, reading only its format's marker files;
-        called before anything is written to output_dir."""
+        """Refuse (UserError) a checkpoint this strategy cannot load, reading only its format's marker files."""
         formats.check_resumable(path, self.checkpoint_format, self.world_size, self.cfg.train.strategy)
 
     @abstractmethod

@@ -129,15 +129,15 @@ class DeepSpeedStrategy(DistributedStrategy):
         return engine
 
     def generate(self, model, prompts, **gen):
-        """Under ZeRO-3 the weights are gathered for the call, and every rank runs a forward for as long as any
-        rank is still generating (`synced_gpus`): the engine's hooks gather layer by layer, collectively, so the
-        ranks stay in step whatever their completions' lengths. Below stage 3 the weights are whole already."""
+        """Under ZeRO-3 the weights are gathered once for the call and the engine's gathering hooks are off
+        meanwhile (DeepSpeed's own `unwrap_model_for_generation`): no token's forward needs a collective, so a rank
+        whose completions end early never waits for the others. Below stage 3 the weights are whole already."""
         if self.zero_stage != 3:
             return super().generate(model, prompts, **gen)
-        import deepspeed
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        with deepspeed.zero.GatheredParameters(list(self.unwrap(model).parameters())):
-            return super().generate(model, prompts, synced_gpus=True, **gen)
+        with unwrap_model_for_generation(self.engine):
+            return super().generate(model, prompts, **{**gen, "synced_gpus": False})
 
     def teardown(self) -> None:
         """Engines release their ZeRO hooks and buffers before the process group goes: left to interpreter

@@ -1,9 +1,10 @@
 """Checkpoint formats: what a checkpoint-N/ folder holds for each backend, how it is recognised, and how its
 trained tensors are read offline.
 
-The strategies write these formats, `train/checkpoint.py` refuses a checkpoint the run's backend cannot resume
-(before anything is written), and `serve/weights.py` reads the trained tensors of a sharded checkpoint without a
-process group (export, chat, api). A backend names its format in the registry; nothing else knows a layout.
+The strategies write these formats and refuse what they cannot load; `train/checkpoint.py` refuses a checkpoint
+the run's backend cannot resume before anything is written (and records the run's config in each checkpoint);
+`serve/weights.py` reads the trained tensors of a sharded checkpoint without a process group (export, chat, api).
+A backend's strategy names its format; nothing else knows a layout.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class CheckpointFormat:
 
 
 # A single-process checkpoint is a loadable Hugging Face folder plus the optimizer's state.
-HF = CheckpointFormat("hf", "optimizer.pt", "a single-process run", reshards=True, offline=False)
+HF = CheckpointFormat("hf", "optimizer.pt", "a single-process run", reshards=False, offline=False)
 # torch.distributed.checkpoint shards: any world size, and ddp <-> fsdp2.
 DCP = CheckpointFormat("dcp", "dcp", "a distributed run (DCP shards of ddp / fsdp2)", reshards=True, offline=True)
 # A DeepSpeed engine checkpoint (its tag folder); ZeRO's partitions fix the world size.
@@ -60,11 +61,11 @@ def check_resumable(path: Path, fmt: CheckpointFormat, world_size: int, backend:
     resume; reads only marker files."""
     path, found = Path(path), detect(path)
     if found is not fmt:
-        what = found.written_by if found else "no optimizer state of any backend"
+        what = f"was written by {found.written_by}" if found else "holds no optimizer state of any backend"
         raise UserError(
-            f"resume_from_checkpoint: {path} was written by {what}, and strategy {backend} resumes "
-            f"{fmt.written_by} checkpoints; resume it with the same kind of launch"
-            + (" (or any torchrun world size with fsdp2/ddp)" if found is DCP else "")
+            f"resume_from_checkpoint: {path} {what}, and strategy {backend} resumes only checkpoints of "
+            f"{fmt.written_by}; resume it with the same kind of launch"
+            + (" (or any torchrun world size with fsdp2/ddp)" if found is not None and found.reshards else "")
         )
     saved_file = path / fmt.world_file if fmt.world_file else None
     if saved_file is not None and saved_file.is_file() and int(saved_file.read_text(encoding="utf-8")) != world_size:

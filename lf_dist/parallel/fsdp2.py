@@ -141,7 +141,7 @@ class FSDP2Strategy(DistributedStrategy):
         for unit in units:
             unit.unshard()
         try:
-            return super().generate(model, prompts, synced_gpus=False, **gen)
+            return super().generate(model, prompts, **{**gen, "synced_gpus": False})
         finally:
             for unit in units:
                 unit.reshard()

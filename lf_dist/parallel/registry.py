@@ -158,7 +158,7 @@ def choose(cfg, world: int) -> tuple[BackendSpec, str]:
     if name != "auto":
         spec, why = get_backend(name), f"strategy {name}: as the config says"
     elif keyed:
-        spec, why = keyed[0], f"strategy {keyed[0].name}: a {keyed[0].config_key} config is given"
+        spec, why = keyed[0], f"strategy {keyed[0].name}: a {keyed[0].shown} config is given"
     elif world == 1:
         spec, why = get_backend(default_backend(1)), f"strategy {default_backend(1)}: one process"
     else:

@@ -44,7 +44,7 @@ class Setup:
     checkpointing: bool
     tokens: int  # tokens through the model with gradients in one micro-batch
     frozen_copies: int  # frozen models loaded next to the policy (a reference)
-    frozen_forward: bool  # a forward without gradients runs after the policy's (reference, adapters off)
+    frozen_forward: bool  # a reference's forward without gradients (its own model, or adapters off)
     optimizer_bytes: int  # per trainable parameter
     seq_len: int = 0
     rows: int = 1  # sequences (rows) per micro-batch
@@ -185,7 +185,10 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     if s.attention_mask:  # a 4-D mask built once per forward (padded rows, or packed rows kept apart)
         dynamic["attention_mask"] = s.rows * s.seq_len**2 * c
     dynamic["logits"] = logits
-    if s.frozen_forward:  # a reference's logits and fp32 copy, while the policy's saved activations are alive
+    # A reference's logits and fp32 copy. Its forward now runs in the stage's `prepare`, before the policy's, so
+    # the two do not coexist: counting them together is an upper bound (kept while the plan-accuracy figures
+    # were measured this way)
+    if s.frozen_forward:
         ref_tokens = min(s.tokens, chunk_size(s.logit_width)) if s.chunked_logits else s.tokens
         dynamic["reference_logits"] = ref_tokens * s.logit_width * (c + (4 if c < 4 else 0))
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul

@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from lf_dist.errors import RunStopped, UserError
 from lf_dist.log import get_logger
+from lf_dist.parallel import formats
 from lf_dist.parallel.formats import RUN_FILE
 
 logger = get_logger(__name__)
@@ -216,3 +217,9 @@ def restore_rng(path: Path, rank: int) -> None:
     file = Path(path) / f"rng_state_{rank}.pth"
     if file.is_file():
         set_rng_state(torch.load(file, weights_only=False))
+
+
+def check_format(path: Path, strategy) -> None:
+    """Refuse, in one line and before anything is written, a checkpoint the run's strategy cannot resume: another
+    backend's format, or a DeepSpeed checkpoint of another world size (its format's marker files only)."""
+    formats.check_resumable(path, strategy.checkpoint_format, strategy.world_size, strategy.cfg.train.strategy)

@@ -140,7 +140,8 @@ class Trainer:
             for step in self.stage.prepare(self.context, [self.strategy.to_device(self.collator(rows))]):
                 for batch in step:
                     outputs = self.strategy.forward_only(self.model, batch, self.loss.forward)
-                    loss, batch_metrics = self.loss.loss(outputs, batch)
+                    with self.strategy.autocast():  # as in training
+                        loss, batch_metrics = self.loss.loss(outputs, batch)
                     total += weight * loss.double()
                     units += weight * self.loss.num_units(batch)
                     add_metrics(metrics, {k: v * weight for k, v in batch_metrics.items()})

@@ -59,7 +59,9 @@ def _sequence_logps(model, batch: dict, prefix: str = ""):
 
 def reference_columns(ctx: StepContext, batches: list[dict]) -> list[list[dict]]:
     """`prepare` of the stages with a reference model: its log-probs of every micro-batch as columns, computed
-    before the step through the strategy's `forward_only`."""
+    before the step through the strategy's `forward_only` (nothing for the reference-free losses)."""
+    if ctx.loss.reference is None:
+        return [batches]
     for batch in batches:
         batch.update(ctx.strategy.forward_only(ctx.model, batch, ctx.loss.reference_logps))
     return [batches]

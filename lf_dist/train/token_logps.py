@@ -8,7 +8,8 @@ their gradients. A plain linear output layer then goes through a chunked linear 
 (`kernels/cross_entropy.py`), or Liger's fused one when the model was patched with Liger (`kernels/liger.py`):
 no [tokens × vocabulary] logits exist at any time. Any other output layer (adapters on it, quantized) gives the
 logits of those positions, and cross-entropy follows. A model that changes its logits after the output layer
-(soft-capping, scaling) keeps its own forward, with the output layer handed the label positions only.
+(soft-capping, scaling), or makes them without it, keeps its own forward, with the output layer handed the label
+positions only: the first call for each model finds out, with one forward of two tokens (`_keeps_logits`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import torch.nn.functional as F
 
 from lf_dist.data.tokenize import IGNORE_INDEX
 from lf_dist.kernels.cross_entropy import linear_logps
+from lf_dist.log import get_logger
 
-# Config attributes of models whose forward post-processes the output layer's logits
-POST_PROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "dim_model_base")
+logger = get_logger(__name__)
+
+VERDICT = "_lf_dist_keeps_logits"  # set on the causal-LM module: whether `scored_forward` may replace its forward
 
 
 class TokenLogps(NamedTuple):
@@ -57,11 +60,26 @@ def _fused_logps(layer):
     return linear_logps
 
 
-def _own_forward_needed(lm) -> bool:
-    """A model whose forward post-processes its logits, or has no decoder to run on its own, keeps its forward."""
-    decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
-    config = getattr(lm, "config", None)
-    return not isinstance(decoder, torch.nn.Module) or any(getattr(config, n, None) for n in POST_PROCESSING)
+def _keeps_logits(model, lm, layer, inputs: dict) -> bool:
+    """Whether the model returns its output layer's result untouched (no soft-capping, scaling, or logits made
+    elsewhere) and has a decoder to run on its own, so that `scored_forward` computes what its forward would.
+    Found out once per model, every rank alike: one forward of two tokens without gradients, in which the
+    output layer's result is compared with what the model returns, by storage."""
+    if VERDICT not in lm.__dict__:
+        decoder = getattr(lm, getattr(lm, "base_model_prefix", ""), None)
+        own, returned = layer.forward, []
+
+        def probe(*args, **kwargs):
+            returned.append(own(*args, **kwargs))
+            return returned[-1]
+
+        with torch.no_grad(), _forward_as(layer, probe):
+            logits = model(input_ids=inputs["input_ids"][:1, :2], use_cache=False).logits
+        same = bool(returned) and logits.shape == returned[-1].shape and logits.data_ptr() == returned[-1].data_ptr()
+        lm.__dict__[VERDICT] = isinstance(decoder, torch.nn.Module) and same
+        if not same:
+            logger.warning(f"{type(lm).__name__} post-processes its logits: cross-entropy is not fused for it")
+    return lm.__dict__[VERDICT]
 
 
 @contextlib.contextmanager
@@ -105,7 +123,7 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, mask: torch.Tensor | 
     lm, layer = causal_lm(model), output_layer(model)
     index = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(-1)
     targets = labels[:, 1:][mask]
-    if _own_forward_needed(lm):
+    if not _keeps_logits(model, lm, layer, inputs):
         return TokenLogps(_own_forward_logps(model, layer, inputs, index, targets), mask)
     if fused is None:
         fused = type(layer) is torch.nn.Linear  # adapters or quantization on it: logits, then cross-entropy
@@ -131,6 +149,8 @@ def _own_forward_logps(model, layer, inputs: dict, index: torch.Tensor, targets:
 
     with _forward_as(layer, picked):
         logits = model(**inputs, use_cache=False).logits
+    if logits.shape[:2] != (1, index.numel()):  # a model that makes its logits without its output layer
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index).unsqueeze(0)
     return -F.cross_entropy(logits[0].float(), targets, reduction="none")
 
 
