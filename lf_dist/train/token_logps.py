@@ -73,7 +73,10 @@ def _keeps_logits(model, lm, layer, inputs: dict) -> bool:
             returned.append(own(*args, **kwargs))
             return returned[-1]
 
-        with torch.no_grad(), _forward_as(layer, probe):
+        # no gradients, and no random numbers drawn (dropout): a resumed run probes at another step than the
+        # uninterrupted one, and must see the same random stream
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.no_grad(), torch.random.fork_rng(devices), _forward_as(layer, probe):
             logits = model(input_ids=inputs["input_ids"][:1, :2], use_cache=False).logits
         same = bool(returned) and logits.shape == returned[-1].shape and logits.data_ptr() == returned[-1].data_ptr()
         lm.__dict__[VERDICT] = isinstance(decoder, torch.nn.Module) and same
