@@ -36,7 +36,6 @@ def trainer(yaml_path: Path):
     from lf_dist.parallel import build_strategy
     from lf_dist.planner import detect, make_plan
     from lf_dist.run_checks import load_config
-    from lf_dist.train.loop import Trainer
     from lf_dist.train.stages import get_stage
 
     cfg = load_config(yaml_path, [])
@@ -47,9 +46,7 @@ def trainer(yaml_path: Path):
     template = get_template(cfg.data.template, tok, cfg.data)
     fix_tokenizer(template, tok)
     datasets = build_datasets(cfg, tok, template, stage.data)
-    model, optimizer = worker.build_policy(cfg, stage, strategy, tok)
-    loss = stage.build_loss(cfg, worker.build_frozen(cfg, stage, strategy, tok))
-    return Trainer(cfg, strategy, stage, loss, model, optimizer, tok, datasets, None, yaml_path.parent / "ckpt")
+    return worker.build_trainer(cfg, stage, strategy, tok, datasets, yaml_path.parent / "ckpt")
 
 
 def use(model, lean: bool) -> None:

@@ -129,6 +129,22 @@ def run(cfg: RunConfig, plan=None, report=None) -> dict:
         strategy.teardown()
 
 
+def build_trainer(
+    cfg: RunConfig, stage, strategy, tokenizer, datasets, checkpoints, planned_peak_gb=None, report=None
+):
+    """The Trainer of a run: the policy (seeded, built and wrapped), the stage's frozen models and loss."""
+    from transformers import set_seed
+
+    from lf_dist.train.loop import Trainer
+
+    set_seed(cfg.train.seed)
+    model, optimizer = build_policy(cfg, stage, strategy, tokenizer)
+    loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
+    return Trainer(
+        cfg, strategy, stage, loss, model, optimizer, tokenizer, datasets, planned_peak_gb, checkpoints, report
+    )
+
+
 def _write_run_files(cfg: RunConfig, plan, out: Path, checkpoints: Path, clear: bool) -> None:
     """output_dir made (the previous run's logs gone when starting over); the resolved config and the plan in it."""
     from lf_dist.planner import PLAN_FILE
@@ -158,7 +174,6 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from lf_dist.model import load_tokenizer
     from lf_dist.model.loader import check_weights, model_folder
     from lf_dist.model.recipe import ModelRecipe
-    from lf_dist.train.loop import Trainer
     from lf_dist.train.resume import check_resume
 
     set_seed(cfg.train.seed)
@@ -176,12 +191,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
         if changes and strategy.is_main:
             logger.info(f"notice: resuming {resume_from.name} with changes: " + "; ".join(changes))
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
-    set_seed(cfg.train.seed)
-    model, optimizer = build_policy(cfg, stage, strategy, tokenizer)
-    loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
-    trainer = Trainer(
-        cfg, strategy, stage, loss, model, optimizer, tokenizer, datasets, plan.expected_peak_gib, checkpoints, report
-    )
+    trainer = build_trainer(cfg, stage, strategy, tokenizer, datasets, checkpoints, plan.expected_peak_gib, report)
     out = Path(cfg.train.output_dir)
     if strategy.is_main:
         _write_run_files(cfg, plan, out, checkpoints, clear)

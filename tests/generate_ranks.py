@@ -16,7 +16,6 @@ PROMPTS = ["Hello, how are you?", "Name three colors"]
 
 
 def main() -> None:
-    from transformers import set_seed
 
     from lf_dist.data import build_datasets
     from lf_dist.data.templates import fix_tokenizer, get_template
@@ -24,9 +23,8 @@ def main() -> None:
     from lf_dist.parallel import build_strategy
     from lf_dist.planner import detect, make_plan
     from lf_dist.run_checks import load_config
-    from lf_dist.train.loop import Trainer
     from lf_dist.train.stages import get_stage
-    from lf_dist.worker import build_frozen, build_policy
+    from lf_dist.worker import build_trainer
 
     config, out, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     cfg = load_config(config, overrides)
@@ -37,10 +35,8 @@ def main() -> None:
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
-    set_seed(cfg.train.seed)
-    model, optimizer = build_policy(cfg, stage, strategy, tokenizer)
-    loss = stage.build_loss(cfg, build_frozen(cfg, stage, strategy, tokenizer))
-    trainer = Trainer(cfg, strategy, stage, loss, model, optimizer, tokenizer, datasets, None, out / "ckpt")
+    trainer = build_trainer(cfg, stage, strategy, tokenizer, datasets, out / "ckpt")
+    model = trainer.model
     tokenizer.padding_side = "left"
     prompts = dict(tokenizer(PROMPTS, return_tensors="pt", padding=True))
     n_new = NEW_TOKENS[strategy.rank]
