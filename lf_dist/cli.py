@@ -25,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", help="a named hardware profile or a profile YAML file (default: this machine)")
     plan.add_argument("--nnodes", type=int, help="nodes of the profile")
     plan.add_argument("--json", action="store_true", help="one JSON object")
+    plan.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the planned model on the meta device, shard it at the planned world size under a fake process "
+        "group and print what each rank holds next to the planner's terms (fsdp2 / HSDP)",
+    )
     for name, text in (
         ("export", "merge adapters / consolidate a checkpoint into a Hugging Face model (export_dir)"),
         ("chat", "chat with the model in the terminal (streamed; `clear`, `exit`)"),
@@ -77,7 +83,10 @@ def _plan(args) -> int:
     hw = load_profile(args.profile, args.nnodes) if args.profile else detect()
     if not args.profile and args.nnodes:
         hw = hw.with_nodes(args.nnodes)
-    plan = make_plan(cfg, hw, get_stage(cfg.finetuning.stage), launching=not args.profile)
+    stage = get_stage(cfg.finetuning.stage)
+    plan = make_plan(cfg, hw, stage, launching=not args.profile)
+    if args.dry_run:
+        return _dry_run(cfg, hw, stage, plan, args.json)
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0
@@ -91,6 +100,19 @@ def _plan(args) -> int:
         print(f"  - {reason}")
     if plan.suggestion:
         print(f"  - to fit: {plan.suggestion}")
+    return 0
+
+
+def _dry_run(cfg, hw, stage, plan, as_json: bool) -> int:
+    """The plan, then what each rank holds once its model is sharded at the planned size (planner/dry_run.py)."""
+    from lf_dist.planner.dry_run import dry_run
+
+    result = dry_run(cfg, hw, stage, plan)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "plan": plan.to_dict()}))
+        return 0
+    print(plan.summary())
+    print("\n".join(result.lines()))
     return 0
 
 
@@ -195,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "version":
             print(f"lf-dist {__version__}")
             return 0
-        if args.command in ("train", "export", "chat", "api"):
+        if args.command in ("train", "plan", "export", "chat", "api"):
             from lf_dist.log import quiet_libraries
 
             quiet_libraries()

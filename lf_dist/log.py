@@ -48,10 +48,14 @@ def quiet_libraries() -> None:
     """Keep the libraries' start-up chatter that says nothing to a user off the terminal: DeepSpeed guessing its
     accelerator on a machine without CUDA (told it is the CPU, through the environment its child processes
     inherit), and the hub-kernel lines bitsandbytes' CPU backend causes at import (a publisher check that offline
-    mode skips, a fallback to bitsandbytes' own kernel)."""
+    mode skips, a fallback to bitsandbytes' own kernel), torchao's CUDA extensions missing on a CPU."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("kernels").setLevel(logging.ERROR)
+    # torchao (imported by peft when installed) reports its CUDA-only extensions as failing to load on a CPU
+    # machine, and registers enums with torch's pytree the way torch now calls deprecated
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_Drop("from kernels-community"))

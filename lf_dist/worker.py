@@ -82,7 +82,9 @@ def build_policy(cfg: RunConfig, stage, strategy, tokenizer):
     from lf_dist.parallel.base import compile_blocks
     from lf_dist.train.optim import build_optimizer
 
-    recipe = ModelRecipe(cfg, tokenizer, stage.head, strategy.load_dtype(), strategy.device)
+    recipe = ModelRecipe(
+        cfg, tokenizer, stage.head, strategy.load_dtype(), strategy.device, quantize=strategy.quantizes_at_load
+    )
     model, optimizer = strategy.setup(strategy.create_model(recipe.build), lambda m: build_optimizer(m, cfg))
     if cfg.train.torch_compile:
         compile_blocks(model)
@@ -100,7 +102,7 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
         if need.path is None:
             frozen[need.role] = Frozen(None, strategy.unwrap)
         else:
-            recipe = ModelRecipe(cfg, tokenizer, need.head, strategy.load_dtype(), path=need.path)
+            recipe = ModelRecipe(cfg, tokenizer, need.head, strategy.frozen_dtype(), path=need.path)
             frozen[need.role] = Frozen(strategy.prepare_frozen(recipe.build))
     return frozen
 

@@ -69,9 +69,10 @@ def make_cfg(tmp_path):
 
 
 def make_llama(
-    path: Path, hidden: int = 128, layers: int = 2, intermediate: int = 256, vocab: int | None = None
+    path: Path, hidden: int = 128, layers: int = 2, intermediate: int = 256, vocab: int | None = None, dtype=None
 ) -> Path:
-    """A random-weight Llama with the tiny model's tokenizer (dims multiples of 64, as 4-bit CPU kernels need)."""
+    """A random-weight Llama with the tiny model's tokenizer (dims multiples of 64, as 4-bit CPU kernels need),
+    saved in fp32 unless `dtype` (released checkpoints are mostly bf16)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -91,6 +92,6 @@ def make_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(config).to(dtype or torch.float32).save_pretrained(path)
     tok.save_pretrained(path)
     return path

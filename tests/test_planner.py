@@ -262,10 +262,25 @@ def test_advice_names_the_first_change_that_fits_and_never_a_tiny_cutoff():
         "finetuning_type: lora with quantization_bit: 4 and per_device_train_batch_size: 2 with "
         "gradient_accumulation_steps: 8"  # 2 × 8 / 2: the YAML accumulates 2 micro-batches of 8
     )
-    offload = _plan("Llama-3.1-405B", "h100x8", finetuning_type="lora", cutoff_len=1024)
-    assert offload.suggestion.startswith("fsdp_cpu_offload: true would fit")  # 1.5 of the node's 2 TiB of RAM
+    # 405B LoRA on one node: QLoRA comes before offload in the advice, and with NF4 sharded over 8 ranks it fits
+    qlora = _plan("Llama-3.1-405B", "h100x8", finetuning_type="lora", cutoff_len=1024)
+    assert qlora.suggestion.startswith("finetuning_type: lora with quantization_bit: 4 would fit")
+    # 70B QLoRA on two 24 GB cards: the sharded NF4 base is offloaded (as Answer.AI's FSDP-QLoRA runs it)
+    offload = _plan("Llama-3.1-70B", "rtx4090x2", finetuning_type="lora", quantization_bit=4, cutoff_len=1024)
+    assert offload.suggestion.startswith("fsdp_cpu_offload: true would fit")  # 38 of 128 GiB of RAM
+    assert _plan(
+        "Llama-3.1-70B",
+        "rtx4090x2",
+        finetuning_type="lora",
+        quantization_bit=4,
+        cutoff_len=1024,
+        fsdp_cpu_offload=True,
+    ).fits
     gpus = _plan("Qwen2.5-72B", "rtx4090x1", finetuning_type="full", cutoff_len=1024)  # 64 GiB RAM: no offload
-    assert gpus.suggestion.startswith("finetuning_type: lora, 32 × NVIDIA GeForce RTX 4090 (32 nodes of 1, ")
+    # the fewest cards: QLoRA with its NF4 base sharded over 4 (LoRA would take 32)
+    assert gpus.suggestion.startswith(
+        "finetuning_type: lora with quantization_bit: 4, 4 × NVIDIA GeForce RTX 4090 (4 nodes of 1, "
+    )
     tight = _plan("Qwen2.5-72B", "rtx4090x1", finetuning_type="lora", quantization_bit=4, cutoff_len=1024)
     assert not tight.fits and "cutoff_len" not in tight.suggestion  # what fits there is far below 256 tokens
 

@@ -1,9 +1,11 @@
-"""QLoRA through bitsandbytes (its CPU backend here): the 4-bit base trains adapters that reload onto a freshly
-quantized base, FSDP2 over 2 ranks gives the 1-process losses, and what cannot run is refused in one line."""
+"""QLoRA through bitsandbytes (its CPU backend here) on one device: the 4-bit base trains adapters that reload onto
+a freshly quantized base; under FSDP2 through torchao's NF4, sharded: 2 ranks hold half the quantized storage and
+give the 1-process losses; what cannot run is refused in one line."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,9 @@ def _losses(out: Path) -> list[float]:
     return [e["loss"] for e in _log(out) if "loss" in e]
 
 
-def _eval_loss_on_a_fresh_quantized_base(cfg, out: Path) -> float:
+def _eval_loss_on_a_fresh_quantized_base(cfg, out: Path, nf4: bool = False) -> float:
+    """The eval loss of the trained adapter on a base quantized anew: bitsandbytes, or (`nf4`) torchao's NF4 as
+    FSDP2 quantizes it, on one rank."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -46,8 +50,15 @@ def _eval_loss_on_a_fresh_quantized_base(cfg, out: Path) -> float:
     template = get_template(cfg.data.template, tokenizer, cfg.data)
     fix_tokenizer(template, tokenizer)
     eval_ds = build_datasets(cfg, tokenizer, template, stage_data(cfg)).eval
-    base = load_model(cfg, tokenizer, get_stage("sft").head)
-    assert is_quantized(base)
+    base = load_model(cfg, tokenizer, get_stage("sft").head, quantize=not nf4)
+    if nf4:
+        from lf_dist.parallel.base import decoder_layers
+        from lf_dist.parallel.nf4 import nf4_params, quantize
+
+        base.requires_grad_(False)
+        assert quantize(base, decoder_layers(base), 1) == [] and nf4_params(base)
+    else:
+        assert is_quantized(base)
     model = PeftModel.from_pretrained(base, out).eval()
     loss_fn, collate = build_loss(cfg), get_stage("sft").data.make_collator(tokenizer, cfg.data.cutoff_len)
     total, units = 0.0, 0
@@ -82,23 +93,74 @@ def test_eight_bit_adamw_lowers_the_loss(make_cfg, model, optim):
     assert "optim" not in cfg.ignored
 
 
+@pytest.fixture(scope="module")
+def nf4_model(tmp_path_factory):
+    """Linear layers whose NF4 blocks split over 2 ranks (rows and rows·cols / 16384 even)."""
+    return make_llama(tmp_path_factory.mktemp("nf4") / "model", hidden=256, intermediate=1024)
+
+
+def _nf4_bytes(model: Path, adapter: Path) -> float:
+    """What one process holds for this QLoRA model: NF4 for the decoder's linear weights (4 bits, an 8-bit scaler
+    per 64, an fp32 factor per 16,384), bf16 for the rest of the base, fp32 adapters."""
+    from safetensors import safe_open
+
+    from lf_dist.parallel.nf4 import bytes_per_value
+
+    with safe_open(model / "model.safetensors", "pt") as f:
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        lora = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    linear = sum(n for k, n in sizes.items() if ".layers." in k and k.endswith("proj.weight"))
+    return linear * bytes_per_value() + 2 * (sum(sizes.values()) - linear) + 4 * lora
+
+
 @pytest.mark.slow
-def test_fsdp2_qlora_on_two_ranks_matches_one_process(model, tmp_path):
-    common = [*base_overrides(tmp_path / "x"), f"model_name_or_path={model}", "quantization_bit=4", "max_steps=6"]
-    common = [o for o in common if not o.startswith(("output_dir=", "per_device_train_batch_size="))]
-    one = tmp_path / "one"
-    lf_dist_train(SFT, *common, f"output_dir={one}", "per_device_train_batch_size=4", nproc=None)
-    two = tmp_path / "two"
-    lf_dist_train(SFT, *common, f"output_dir={two}", "per_device_train_batch_size=2", "strategy=fsdp2")
-    assert _losses(two) == pytest.approx(_losses(one), abs=1e-4)
+def test_fsdp2_qlora_shards_nf4_weights_and_matches_one_process(nf4_model, tmp_path):
+    """2 FSDP2 ranks hold half the NF4 storage each and train to the 1-process NF4 run's losses (that run
+    accumulates the same per-rank micro-batches: bf16 matmuls over other row groupings round differently)."""
+    common = [
+        *base_overrides(tmp_path / "x", model_name_or_path=nf4_model, quantization_bit=4, max_steps=6, bf16=True),
+        "strategy=fsdp2",
+        "per_device_train_batch_size=1",
+        "val_size=0.1",
+    ]
+    common = [o for o in common if not o.startswith(("output_dir=", "per_device_train_batch_size=4"))]
+    one, two = tmp_path / "one", tmp_path / "two"
+    lf_dist_train(SFT, *common, f"output_dir={one}", "gradient_accumulation_steps=2", nproc=1)
+    lf_dist_train(SFT, *common, f"output_dir={two}", "gradient_accumulation_steps=1")
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-4), (_losses(two), _losses(one))
+    assert sum(_losses(two)[-2:]) / 2 < _losses(two)[0]
     plan = json.loads((two / "run_plan.json").read_text(encoding="utf-8"))
     assert (plan["strategy"], plan["world_size"], plan["quantization_bit"]) == ("fsdp2", 2, 4)
-    from safetensors.torch import load_file
+    assert plan["unquantized_layers"] == {}  # every linear layer splits over 2 ranks
+    whole = json.loads((one / "all_results.json").read_text(encoding="utf-8"))["weight_bytes_per_rank"]
+    halves = json.loads((two / "all_results.json").read_text(encoding="utf-8"))["weight_bytes_per_rank"]
+    assert whole == [pytest.approx(_nf4_bytes(nf4_model, one), rel=0.01)]
+    assert halves == [pytest.approx(whole[0] / 2, rel=0.05)] * 2, (halves, whole)
 
-    ours, ref = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
-    assert ours.keys() == ref.keys()
-    for key in ref:
-        torch.testing.assert_close(ours[key], ref[key], rtol=1e-3, atol=1e-4)
+    # the adapter reloads onto a freshly quantized NF4 base (the training's eval loss) and merges onto bf16
+    from lf_dist.run_checks import load_config
+
+    cfg = load_config(None, [*common, f"output_dir={two}", "gradient_accumulation_steps=1"])
+    assert _eval_loss_on_a_fresh_quantized_base(cfg, two, nf4=True) == pytest.approx(
+        json.loads((two / "all_results.json").read_text(encoding="utf-8"))["eval_loss"], abs=1e-3
+    )
+    export = tmp_path / "infer.yaml"
+    export.write_text(
+        f"model_name_or_path: {nf4_model}\nadapter_name_or_path: {two}\ntemplate: chatml\n"
+        f"export_dir: {tmp_path / 'merged'}\n",
+        encoding="utf-8",
+    )
+    assert main(["export", str(export)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (2, 16))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    from peft import PeftModel
+
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(nf4_model), two)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -113,6 +175,14 @@ def test_fsdp2_qlora_on_two_ranks_matches_one_process(model, tmp_path):
         (
             {"quantization_bit": 4, "deepspeed": ROOT / "examples/deepspeed/ds_z3_config.json"},
             "quantization_bit: not supported with DeepSpeed",
+        ),
+        (
+            {"quantization_bit": 8, "strategy": "fsdp2"},
+            "quantization_bit: fsdp2 shards 4-bit nf4 weights (torchao), not 8-bit nf4 (bitsandbytes, which does",
+        ),
+        (
+            {"quantization_bit": 4, "quantization_type": "fp4", "strategy": "fsdp2"},
+            "quantization_bit: fsdp2 shards 4-bit nf4 weights (torchao), not 4-bit fp4",
         ),
     ],
 )

@@ -125,6 +125,7 @@ def load_model(
     meta: bool = False,
     path=None,
     device: torch.device | None = None,
+    quantize: bool = True,
 ):
     """The base model with `head` (compute dtype unless `dtype`), the tokenizer's vocabulary and no KV cache;
     `path` overrides model_name_or_path.
@@ -133,7 +134,7 @@ def load_model(
     weights on one rank and scatter them after sharding, and the worker checks the fine-tuning setup on it
     before any data is read. With `quantization_bit` (and not on meta) the policy's base is loaded quantized by
     bitsandbytes straight onto `device` (a quantized model cannot be moved afterwards); `path` models (frozen
-    references) load unquantized.
+    references) load unquantized; `quantize=False` leaves that to the strategy (FSDP2's NF4).
     """
     from transformers import AutoConfig
 
@@ -153,7 +154,7 @@ def load_model(
             setattr(config, key, value)
         model = _from_config(auto, config, head, kwargs)
     else:
-        if model_args.quantization_bit and policy:
+        if model_args.quantization_bit and policy and quantize:
             device = device or torch.device("cpu")
             kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
         model = auto.from_pretrained(path, cache_dir=model_args.cache_dir, **head_config, **kwargs)

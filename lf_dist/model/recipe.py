@@ -23,6 +23,7 @@ class ModelRecipe:
     dtype: torch.dtype | None = None  # None: the config's compute dtype
     device: torch.device | None = None  # where a quantized base is loaded (it cannot move afterwards)
     path: str | None = None  # a frozen model's checkpoint; None: the policy, with its fine-tuning method applied
+    quantize: bool = True  # a quantization_bit base loaded through bitsandbytes (False: the strategy quantizes it)
 
     def build(self, meta: bool = False) -> torch.nn.Module:
         """The model; `meta=True` builds it on the meta device (no memory, weights come later)."""
@@ -35,6 +36,7 @@ class ModelRecipe:
                 meta=meta,
                 path=self.path,
                 device=None if meta else self.device,
+                quantize=self.quantize,
             )
             return model if self.path is not None else apply_finetuning(model, self.cfg, self.head)
 

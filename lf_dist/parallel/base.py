@@ -19,6 +19,38 @@ def quantized_params(model) -> set:
     return {p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")}
 
 
+def storage_bytes(tensor) -> int:
+    """Bytes a rank stores for one parameter: its local shard (FSDP2's DTensor, ZeRO-3's partition), the inner
+    tensors of a quantized tensor subclass (torchao's NF4), or the tensor itself."""
+    if hasattr(tensor, "ds_tensor"):  # ZeRO-3: the parameter itself is an empty placeholder
+        tensor = tensor.ds_tensor
+    local = getattr(tensor, "_local_tensor", tensor)
+    if hasattr(local, "__tensor_flatten__"):  # a wrapper subclass: the inner tensors hold the storage
+        names, _ = local.__tensor_flatten__()
+        return sum(storage_bytes(getattr(local, name)) for name in names)
+    return local.numel() * local.element_size()
+
+
+def weight_bytes(model) -> int:
+    """The weights this rank holds, counted from the local storage of every parameter."""
+    return sum(storage_bytes(p) for p in model.parameters())
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages that freed tensors leave behind back to the OS (glibc keeps them otherwise: a rank that
+    handed out a full model would carry its size in RSS for the whole run). A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def decoder_layers(model) -> list[torch.nn.Module]:
     """The decoder blocks (the model's `_no_split_modules` classes), through DDP / DeepSpeed / peft wrappers."""
     inner = model
@@ -98,9 +130,15 @@ class Strategy(ABC):
         return self.world_size
 
     # -- model creation and wrapping --------------------------------------------------------------------
+    quantizes_at_load = True  # a 4/8-bit base is loaded quantized by bitsandbytes (else the strategy quantizes it)
+
     def load_dtype(self) -> torch.dtype | None:
-        """dtype to load weights in; None keeps the config's compute dtype."""
+        """dtype to load the trained model's weights in; None keeps the config's compute dtype."""
         return None
+
+    def frozen_dtype(self) -> torch.dtype | None:
+        """dtype to load a frozen model (a reference) in."""
+        return self.load_dtype()
 
     def create_model(self, factory):
         """`factory(meta: bool)` builds the fine-tuning model; sharded strategies build it on meta on most ranks."""

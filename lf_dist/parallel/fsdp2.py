@@ -10,6 +10,10 @@ of ranks (a node), replicate across groups — gradients cross the slow link onc
 
 Large models never exist in full on every rank: rank 0 loads the checkpoint, the other ranks build the model
 on the meta device; after sharding, rank 0 broadcasts the weights and each rank keeps only its shard.
+
+Frozen weights (a LoRA or freeze base, a reference model) are stored and gathered in the compute dtype; trainable
+ones keep fp32 masters that the mixed-precision policy casts for compute. A 4-bit base (QLoRA) is torchao's NF4
+(`nf4.py`): every rank loads and quantizes it, and `fully_shard` keeps 1/N of its quantized storage per rank.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from lf_dist.errors import UserError
-from lf_dist.parallel.base import decoder_layers, quantized_params
+from lf_dist.log import get_logger
+from lf_dist.parallel import nf4
+from lf_dist.parallel.base import decoder_layers, quantized_params, release_freed_memory
 from lf_dist.parallel.distributed import DistributedStrategy
+
+logger = get_logger(__name__)
 
 
 def _hf_model(model):
@@ -44,8 +51,10 @@ def build_mesh(device_type: str, world_size: int, shard_size: int | None):
 
 def apply_fsdp(model, mesh, mp_policy, reshard_after_forward: bool, offload: bool) -> None:
     kwargs = {"mesh": mesh, "mp_policy": mp_policy, "reshard_after_forward": reshard_after_forward}
-    quantized = quantized_params(model)
-    if quantized:  # FSDP2 would unshard them into plain tensors without their quantization state
+    # bitsandbytes' weights would be unsharded into plain tensors without their quantization state; NF4 weights
+    # shard, but not over a single rank (torch 2.13's fully_shard fails on them there), where they are whole anyway
+    quantized = quantized_params(model) | (nf4.nf4_params(model) if mesh["dp_shard"].size() == 1 else set())
+    if quantized:
         kwargs["ignored_params"] = quantized
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -85,37 +94,78 @@ class FSDP2Strategy(DistributedStrategy):
         self.mesh = build_mesh(self.device.type, self.world_size, cfg.train.fsdp_shard_size)
         self._full_state = None
 
+    quantizes_at_load = False  # a 4-bit base is quantized to NF4 after loading (create_model), not by bitsandbytes
+
     def load_dtype(self):
-        # fp32 master weights; bf16 compute comes from the MixedPrecisionPolicy, not from casting the weights.
-        return torch.float32
+        """fp32 masters when every weight trains (bf16 compute comes from the MixedPrecisionPolicy); otherwise the
+        compute dtype, which the frozen weights keep (the trainable ones are upcast to fp32 by apply_finetuning)."""
+        if self.cfg.finetuning.finetuning_type == "full" and not self.cfg.model.quantization_bit:
+            return torch.float32
+        return None
+
+    def frozen_dtype(self):
+        return None  # a reference never trains: the compute dtype
+
+    @property
+    def shards(self) -> int:
+        """The ranks one weight is split over (the shard group of HSDP)."""
+        return self.mesh["dp_shard"].size()
 
     def autocast(self):
         return contextlib.nullcontext()
 
     def create_model(self, factory):
         if self.cfg.model.quantization_bit:  # quantization state cannot be broadcast: every rank loads its own
-            return factory(False)
+            return self._quantized(factory(False))
+        return self._skeleton(factory)
+
+    def _skeleton(self, factory):
+        """The model on the meta device on every rank; rank 0 also builds it for real and keeps only its tensors
+        (the one full copy), handed out one by one after sharding."""
         if self.rank == 0:
-            model = factory(False)
-            self._full_state = dict(model.state_dict())  # the one full copy, broadcast after sharding
-            return model
+            full = factory(False)
+            self._full_state = {**dict(full.named_buffers()), **full.state_dict()}  # non-persistent buffers too
+            del full
         return factory(True)
+
+    def _quantized(self, model):
+        """The decoder's frozen linear weights in NF4, where the block rule lets them split over the shards."""
+        kept = nf4.quantize(model, decoder_layers(model), self.shards)
+        if kept and self.is_main:
+            names = ", ".join(kept[:4]) + (", ..." if len(kept) > 4 else "")
+            logger.info(f"NF4: {len(kept)} linear layers stay unquantized (not splittable in {self.shards}): {names}")
+        return model
 
     def _shard_and_fill(self, model, full_state: dict):
         """Shard, then give every rank its part of rank 0's weights (a quantized model: each rank loaded its own,
-        identical weights, and keeps its quantized base whole)."""
-        if quantized_params(model):
-            return parallelize(model, self.mesh, self.cfg)
+        identical weights, and `fully_shard` keeps each rank's part)."""
         model = parallelize(model, self.mesh, self.cfg)
-        if self.rank != 0:
-            model.to_empty(device=self.device)
-        elif self.device.type == "cuda":
-            model.to(self.device)
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, full_state, options=options)
-        for buf in model.buffers():  # non-persistent buffers (rotary tables) are not in the state dict
-            dist.broadcast(buf.data, src=0)
+        if self.cfg.model.quantization_bit:  # every rank loaded its own copy (create_model)
+            return model
+        model.to_empty(device=self.device)
+        self._scatter(model, full_state)
         return model
+
+    @torch.no_grad()
+    def _scatter(self, model, full_state: dict) -> None:
+        """Rank 0's full tensors one at a time: broadcast, each rank keeps its shard, and rank 0 drops the tensor,
+        so that no rank holds more than one full tensor beyond its shards (torch's `broadcast_from_rank0` state-dict
+        load allocates every full tensor on every rank at once)."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if self.rank == 0:
+                full = full_state.pop(name).to(self.device, tensor.dtype)
+            else:
+                full = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+            dist.broadcast(full, src=0)
+            if isinstance(tensor, DTensor):  # this rank's rows, cut locally (the values are on every rank now)
+                shard = distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+                tensor.to_local().copy_(shard.to_local())
+            else:
+                tensor.copy_(full)
+            del full
+        release_freed_memory()
 
     def setup(self, model, build_optimizer):
         model = self._shard_and_fill(model, self._full_state or {})
@@ -123,9 +173,9 @@ class FSDP2Strategy(DistributedStrategy):
         return model, build_optimizer(model)
 
     def prepare_frozen(self, factory):
-        """Sharded like the policy: loaded on rank 0 only, never whole on the other ranks."""
-        model = factory(self.rank != 0).requires_grad_(False)
-        full_state = dict(model.state_dict()) if self.rank == 0 else {}
+        """Sharded like the policy: built for real on rank 0 only, never whole on the other ranks."""
+        model = self._skeleton(factory).requires_grad_(False)
+        full_state, self._full_state = self._full_state or {}, None
         return self._shard_and_fill(model, full_state).eval()
 
     def generate(self, model, prompts, **gen):

@@ -25,6 +25,8 @@ class MemoryTerms:
     optimizer_from: int | None = None
     gradients_from: int | None = None
     frozen_bytes: int | None = None  # bytes per frozen weight; None: the compute dtype's
+    quantized_shards: bool = False  # 4-bit weights are sharded like the others (NF4 under FSDP2)
+    pads_rows: bool = False  # each weight is split by rows, ceil(rows / shards) per rank (FSDP2; ZeRO-3 flattens)
     casts_module: bool = False  # weights and gradients in the compute dtype, fp32 masters in the optimizer
     gradient_copies: int = 1  # DDP keeps a second copy of the gradients in its buckets
 
@@ -44,12 +46,16 @@ class BackendSpec:
     title: str = ""  # how messages spell it (default: the name)
     memory: MemoryTerms = field(default_factory=MemoryTerms)
     one_process: bool = False  # runs in the launching process only, no process group
-    quantized_base: bool = True  # bitsandbytes 4/8-bit bases
+    # how a quantization_bit base is held: bitsandbytes 4/8-bit on each device ("bitsandbytes"), torchao's NF4
+    # sharded like the other weights ("nf4": 4-bit only), or not at all (None)
+    quantizer: str | None = "bitsandbytes"
     eight_bit_optim: bool = True  # bitsandbytes' 8-bit AdamW
     fused_optimizer: bool = True  # the planner may pick torch's fused AdamW
     config_key: str | None = None  # a train key that only this backend reads (its config file)
     # (ZeRO stage, offload) as the config sets them up for this backend
     sharding: Callable = _no_sharding_setup
+    # the ranks one sharded state is split over, of `world` (HSDP: the shard group)
+    shard_group: Callable = lambda cfg, world: world
     # what the advice says to offload weights and optimizer states, and the planner changes to price it
     offload: tuple[str, dict] = (
         "deepspeed: examples/deepspeed/ds_z3_offload_config.json",
@@ -75,8 +81,18 @@ class BackendSpec:
         """Why this backend cannot run `cfg` on `world` ranks (one line), or None."""
         if self.one_process and world > 1:
             return f"strategy {self.name}: runs one process, but {world} were launched; use ddp or fsdp2"
-        if cfg.model.quantization_bit and not self.quantized_base:
+        group = self.shard_group(cfg, world)
+        if world % group:
+            return f"fsdp_shard_size: {group} must divide the world size {world} (whole shard groups of ranks)"
+        if cfg.model.quantization_bit and not self.quantizer:
             return f"quantization_bit: not supported with {self.shown} in lf-dist; use fsdp2 (or ddp) or one GPU"
+        if cfg.model.quantization_bit and self.quantizer == "nf4":
+            if cfg.model.quantization_bit != 4 or cfg.model.quantization_type != "nf4":
+                wanted = f"{cfg.model.quantization_bit}-bit {cfg.model.quantization_type}"
+                return (
+                    f"quantization_bit: {self.shown} shards 4-bit nf4 weights (torchao), not {wanted} "
+                    "(bitsandbytes, which does not shard); use quantization_bit: 4 with nf4, or ddp / one GPU"
+                )
         if "8bit" in cfg.train.optim and not self.eight_bit_optim:
             runs = ", ".join(n for n, s in BACKENDS.items() if s.eight_bit_optim)
             return f"optim: {cfg.train.optim} runs with strategy {runs.replace(', ', ' or ')}, not {self.name}"
@@ -103,10 +119,12 @@ BACKENDS: dict[str, BackendSpec] = {
         BackendSpec(
             "fsdp2",
             "lf_dist.parallel.fsdp2:FSDP2Strategy",
-            # fp32 shards of every state; bf16 compute comes from the mixed-precision policy
-            memory=MemoryTerms(0, 0, 0, frozen_bytes=4),
+            # shards of every state: frozen weights in the compute dtype, trainable ones fp32; 4-bit weights NF4
+            memory=MemoryTerms(0, 0, 0, quantized_shards=True, pads_rows=True),
+            quantizer="nf4",
             eight_bit_optim=False,
             sharding=lambda cfg: (0, bool(cfg.train.fsdp_cpu_offload)),
+            shard_group=lambda cfg, world: min(cfg.train.fsdp_shard_size or world, world),
             offload=("fsdp_cpu_offload: true", {}),
         ),
         BackendSpec(
@@ -114,7 +132,7 @@ BACKENDS: dict[str, BackendSpec] = {
             "lf_dist.parallel.deepspeed:DeepSpeedStrategy",
             "DeepSpeed",
             memory=MemoryTerms(weights_from=3, optimizer_from=1, gradients_from=2, casts_module=True),
-            quantized_base=False,
+            quantizer=None,
             eight_bit_optim=False,
             fused_optimizer=False,
             config_key="deepspeed",

@@ -39,7 +39,7 @@ def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
         methods.append(("lora", None, "finetuning_type: lora", {}))
     if not bits:
         methods.append(("lora", 4, "finetuning_type: lora with quantization_bit: 4" + _without_deepspeed(p), {}))
-        if not get_backend(p.strategy).quantized_base:  # a quantized base runs with the default backend
+        if not get_backend(p.strategy).quantizer:  # a quantized base runs with the default backend
             methods[-1][3].update(strategy=registry.default_backend(p.world), zero_stage=0, offload=False)
     for m, b, what, changes in methods:
         if what and (total := fits(m, b, **changes)) is not None:
@@ -66,7 +66,7 @@ def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
 
 def _without_deepspeed(p: Sizing) -> str:
     spec = get_backend(p.strategy)
-    if spec.quantized_base:
+    if spec.quantizer:
         return ""
     return f" and no {spec.config_key or 'strategy'} config ({spec.shown} takes no quantized base)"
 
@@ -74,7 +74,9 @@ def _without_deepspeed(p: Sizing) -> str:
 def _offload_option(p: Sizing, method, bits) -> str | None:
     """Weights and optimizer states in CPU memory (FSDP2's cpu offload, or DeepSpeed ZeRO-3 offload), checked
     against the node's RAM."""
-    if p.offload or bits or not p.hw.on_gpu:
+    if p.offload or not p.hw.on_gpu:
+        return None
+    if bits and not get_backend(p.strategy).memory.quantized_shards:  # bitsandbytes' weights stay on the device
         return None
     setup, changes = get_backend(p.strategy).offload
     mem = p.memory(method, bits, True, offload=True, **changes)

@@ -11,6 +11,7 @@ from lf_dist.config import RunConfig
 from lf_dist.env_contract import force_torchrun, int_env, use_ray
 from lf_dist.errors import UserError
 from lf_dist.parallel import registry
+from lf_dist.parallel.registry import get_backend
 from lf_dist.planner import kernel_choice
 from lf_dist.planner.advice import suggest
 from lf_dist.planner.plan import Plan, method_name
@@ -76,7 +77,7 @@ def search(cfg: RunConfig, p: Sizing, backend) -> Choice:
     gc_options = [not cfg.finetuning.disable_gradient_checkpointing] if gc_given else [False, True]
     tried, chosen = [], None
     for method, bits in _candidates(cfg):
-        if bits and not backend.quantized_base:
+        if bits and not backend.quantizer:
             continue
         for gc in gc_options:
             mem = p.memory(method, bits, gc)
@@ -167,6 +168,10 @@ def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_di
     ]
     if c.fits:
         reasons.append(f"{method_name(c.method, c.bits)} fits: {mem['total']:.2f} of {p.capacity:.2f} GiB per device")
+    unquantized = {}
+    if c.bits:
+        unquantized, why = _quantization(p, c)
+        reasons.append(why)
     reasons.append(_checkpointing_reason(p, c))
     if cfg.finetuning.finetuning_type == "freeze" and cfg.finetuning.allow_fallback:
         reasons.append("freeze is kept as the config says: the fallback walks full → lora → qlora only")
@@ -210,4 +215,19 @@ def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_di
         lean_lora=lean,
         torch_compile=k.torch_compile,
         optim=k.optim,
+        unquantized_layers=unquantized,
     )
+
+
+def _quantization(p: Sizing, c: Choice) -> tuple[dict, str]:
+    """How the 4/8-bit base is held, and (NF4) the decoder linear layers that stay in the compute dtype."""
+    backend = get_backend(p.strategy)
+    if backend.quantizer != "nf4":
+        return {}, f"{c.bits}-bit base: bitsandbytes, whole on every device"
+    shards = p.setup(c.method, c.bits, c.checkpointing, p.cfg.data.cutoff_len, 1).dp
+    quantized, kept = p.size.nf4_split(shards)
+    share = quantized / max(p.size.quantizable_params, 1)
+    why = f"4-bit base: torchao NF4 sharded over {shards} rank(s), {share:.0%} of the decoder's linear weights"
+    if kept:
+        why += "; unquantized (blocks do not split): " + ", ".join(f"{n} ×{k}" for n, k in kept.items())
+    return kept, why

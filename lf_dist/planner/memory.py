@@ -1,11 +1,13 @@
 """The memory model: bytes per device of one training setup, term by term.
 
 What each term counts follows what lf-dist builds (not a generic textbook model):
-- trainable parameters are kept in fp32 (as LLaMA-Factory does), frozen ones in the compute dtype — except
-  under FSDP2, which loads fp32 and computes in bf16 through its mixed-precision policy, and DeepSpeed, which
-  keeps bf16/fp16 weights with fp32 master copies in the optimizer;
+- trainable parameters are kept in fp32 (as LLaMA-Factory does), frozen ones in the compute dtype (FSDP2
+  included: its mixed-precision policy casts the fp32 masters for compute) — except DeepSpeed, which keeps
+  bf16/fp16 weights with fp32 master copies in the optimizer;
 - 4-bit weights take 4 bits plus one fp32 absmax per 64 (double quantization: 8-bit absmax with an fp32
-  scale per 256 blocks); only the decoder's linear layers are quantized, and FSDP2 leaves them unsharded;
+  scale per 256 blocks); only the decoder's linear layers are quantized. bitsandbytes' weights are whole on
+  every rank; FSDP2's NF4 (torchao, the same 4.0 + 0.13 bits) are sharded, except the layers whose blocks do not
+  split over the ranks, which stay in the compute dtype (`ModelSize.nf4_split`);
 - gradients are fp32 like the trainable weights (DDP holds a second copy in its buckets); they overlap with
   the activations the backward frees unless micro-batches accumulate;
 - AdamW keeps two fp32 moments per trainable parameter (8-bit AdamW: two bytes);
@@ -24,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lf_dist.kernels.cross_entropy import chunk_size
+from lf_dist.parallel.nf4 import bytes_per_value as nf4_bytes_per_value
 from lf_dist.parallel.registry import MemoryTerms, get_backend
 from lf_dist.planner.model_size import ModelSize
 
@@ -39,7 +42,7 @@ class Setup:
     compute_bytes: int  # 2 for bf16 / fp16, 4 for fp32
     strategy: str  # single | ddp | fsdp2 | deepspeed
     zero_stage: int  # DeepSpeed's ZeRO stage (0 otherwise)
-    dp: int  # data-parallel ranks the sharded state is split over
+    dp: int  # ranks a sharded state is split over (HSDP: the shard group)
     offload: bool  # optimizer state (and with ZeRO-3 / FSDP2 the parameters) in CPU memory
     checkpointing: bool
     tokens: int  # tokens through the model with gradients in one micro-batch
@@ -54,6 +57,7 @@ class Setup:
     accumulation: int = 1  # micro-batches per optimizer step
     logit_width: int = 0  # outputs per token: the vocabulary for a language-model head, 1 for a score head
     chunked_logits: bool = False  # the chunked linear cross-entropy: logits exist one chunk at a time
+    trainable_padding: float = 0.0  # trainable values per rank beyond trainable / dp: FSDP2's padded rows
 
 
 def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
@@ -119,27 +123,50 @@ def _sharded(s: Setup, state: str = "weights") -> bool:
     return _terms(s).shards(state, s.zero_stage)
 
 
+def _trainable(s: Setup, state: str = "weights") -> float:
+    """Trainable values one rank holds of `state`: its share where sharded, plus FSDP2's row padding (a weight
+    splits in ceil(rows / shards) rows per rank: LoRA's A has lora_rank rows, fewer than a large world)."""
+    if not _sharded(s, state) or s.dp <= 1:
+        return float(s.trainable)
+    return s.trainable / s.dp + s.trainable_padding
+
+
 def _weight_bytes(size: ModelSize, s: Setup) -> float:
     """The weights one rank holds (its shards where sharded)."""
-    c, sharded = s.compute_bytes, _sharded(s)
-    frozen = size.num_params - s.trainable
-    if s.quant_bits:
+    c, terms = s.compute_bytes, _terms(s)
+    shards = s.dp if _sharded(s) else 1
+    # LoRA's adapters sit beside the whole base; the other methods train part of the model itself
+    frozen = size.num_params - (0 if s.method == "lora" else s.trainable)
+    trainable = 4 * _trainable(s)
+    if s.quant_bits and terms.quantized_shards:  # NF4 shards; layers it cannot split stay in the compute dtype
+        quantized, _ = size.nf4_split(shards)
+        return (quantized * nf4_bytes_per_value() + (frozen - quantized) * c) / shards + trainable
+    if s.quant_bits:  # whole on every rank
         quantized = _quantized_bytes(size.quantizable_params, s.quant_bits, s.double_quant)
         rest = (frozen - size.quantizable_params) * c  # embeddings, norms, output layer
-        return quantized + (rest + 4 * s.trainable) / (s.dp if sharded else 1)
-    terms = _terms(s)
-    frozen_bytes = terms.frozen_bytes or c  # FSDP2 keeps fp32 shards, computes in bf16
+        return quantized + rest / shards + trainable
+    frozen_bytes = terms.frozen_bytes or c
     train_bytes = c if terms.casts_module and c < 4 else 4  # DeepSpeed casts the module; fp32 masters
-    return (frozen * frozen_bytes + s.trainable * train_bytes) / (s.dp if sharded else 1)
+    return frozen * frozen_bytes / shards + _trainable(s) * train_bytes
 
 
 def _optimizer_bytes(s: Setup) -> float:
     """AdamW's states of one rank (and DeepSpeed's fp32 master weights in bf16 / fp16)."""
-    shard_state = s.dp if _sharded(s, "optimizer") else 1
-    optimizer = s.trainable * s.optimizer_bytes / shard_state
-    if _terms(s).casts_module and s.compute_bytes < 4:
-        optimizer += s.trainable * 4 / shard_state
-    return optimizer
+    per_value = s.optimizer_bytes + (4 if _terms(s).casts_module and s.compute_bytes < 4 else 0)
+    return _trainable(s, "optimizer") * per_value
+
+
+def _gradient_bytes(s: Setup) -> float:
+    """The gradients of one rank's trainable weights (a second copy in DDP's buckets)."""
+    terms = _terms(s)
+    per_value = s.compute_bytes if terms.casts_module and s.compute_bytes < 4 else 4
+    return _trainable(s, "gradients") * per_value * terms.gradient_copies
+
+
+def state_bytes(size: ModelSize, s: Setup) -> dict[str, float]:
+    """What one rank holds for the whole run, in bytes: its parameters (shards where sharded), their gradients
+    and the optimizer's states. `lf-dist plan --dry-run` checks these against the real sharding."""
+    return {"parameters": _weight_bytes(size, s), "gradients": _gradient_bytes(s), "optimizer": _optimizer_bytes(s)}
 
 
 def host_bytes(size: ModelSize, s: Setup, ranks_per_node: int) -> float:
@@ -147,7 +174,7 @@ def host_bytes(size: ModelSize, s: Setup, ranks_per_node: int) -> float:
     under ZeRO-3 / FSDP2 its weight shards (a node holds the shards of all its ranks)."""
     if not s.offload:
         return 0.0
-    grads = s.trainable * 4 / (s.dp if _sharded(s, "gradients") else 1)
+    grads = _trainable(s, "gradients") * 4
     per_rank = _optimizer_bytes(s) + grads + (_weight_bytes(size, s) if _sharded(s) else 0.0)
     return per_rank * ranks_per_node
 
@@ -157,14 +184,14 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     c = s.compute_bytes
     sharded, backend = _sharded(s), _terms(s)
     shard_state = s.dp if _sharded(s, "optimizer") else 1
-    shard_grads = s.dp if _sharded(s, "gradients") else 1
     terms: dict[str, float] = {}
 
     # -- weights ------------------------------------------------------------------------------------------
     # FSDP2 cpu offload / ZeRO-3 offload_param: the shards live in CPU memory (see host_bytes)
     terms["weights"] = 0.0 if s.offload and sharded else _weight_bytes(size, s)
     if sharded:  # the unsharded copies in flight: the root unit all forward, a layer and the next one prefetched
-        gathered = (size.root_params + 2 * size.largest_layer_params) * c
+        layer_bytes = nf4_bytes_per_value() if s.quant_bits and backend.quantized_shards else c
+        gathered = size.root_params * c + 2 * size.largest_layer_params * layer_bytes
         terms["gathered_layers"] = gathered + size.largest_layer_params * 4 * (s.method == "full")
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
         terms["dequantized_linear"] = size.largest_linear_params * c
@@ -196,7 +223,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     # Gradients grow as the backward frees activations, and the step frees them again: with one micro-batch per
     # step only what exceeds the freed activations adds; with accumulation they stay while the next
     # micro-batch's activations build up.
-    grads = s.trainable * (c if backend.casts_module and c < 4 else 4) / shard_grads * backend.gradient_copies
+    grads = _gradient_bytes(s)
     step_temp = s.trainable * 4 / shard_state if not s.on_cpu else 0.0  # foreach AdamW's intermediate on GPU
     transient = sum(dynamic.values())
     dynamic["gradients"] = grads if s.accumulation > 1 else max(0.0, grads + step_temp - transient)

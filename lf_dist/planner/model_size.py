@@ -30,6 +30,21 @@ class ModelSize:
     vocab_size: int
     max_positions: int
     uniform_layers: bool = False  # every decoder layer has the same class and parameter shapes
+    # (name within its layer, rows, cols) of every decoder linear weight: which NF4 blocks split over the shards
+    linear_shapes: tuple[tuple[str, int, int], ...] = ()
+
+    def nf4_split(self, shards: int) -> tuple[int, dict[str, int]]:
+        """Parameters FSDP2 holds in NF4 over `shards` ranks, and the linear layers that stay in the compute
+        dtype (their blocks do not split), by name with their number of layers."""
+        from lf_dist.parallel.nf4 import splits
+
+        quantized, kept = 0, {}
+        for name, rows, cols in self.linear_shapes:
+            if splits(rows, cols, shards):
+                quantized += rows * cols
+            else:
+                kept[name] = kept.get(name, 0) + 1
+        return quantized, kept
 
     @property
     def kv_size(self) -> int:
@@ -77,9 +92,13 @@ def measure(config, head: Head) -> ModelSize:
     embed = model.get_input_embeddings().weight
     tied = bool(getattr(config, "tie_word_embeddings", False))
     outside = [p for p in model.parameters() if id(p) not in in_layers and p is not embed]
-    quantizable = [
-        m.weight for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear) and m.weight.ndim == 2
+    linears = [
+        (name, m)
+        for layer in layers
+        for name, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear) and m.weight.ndim == 2
     ]
+    quantizable = [m.weight for _, m in linears]
     heads = int(config.num_attention_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     return ModelSize(
@@ -98,6 +117,7 @@ def measure(config, head: Head) -> ModelSize:
         vocab_size=int(config.vocab_size),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
         uniform_layers=_uniform(layers, int(config.num_hidden_layers)),
+        linear_shapes=tuple((name, *m.weight.shape) for name, m in linears),
     )
 
 

@@ -52,6 +52,9 @@ class Plan:
     lean_lora: bool = False
     torch_compile: bool = False
     optim: str = "adamw_torch"
+    # a 4-bit base under FSDP2 (torchao NF4): the decoder linear layers whose blocks do not split over the shards,
+    # by name within their layer, with how many layers hold one; they stay in the compute dtype
+    unquantized_layers: dict = field(default_factory=dict)
 
     @property
     def expected_peak_gib(self) -> float:

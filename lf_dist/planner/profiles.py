@@ -64,6 +64,8 @@ PROFILES = {
         HardwareProfile("cpu", None, 0, 24.0, True, 0.375, 0.0, 0.0, 2, 24.0, 1, 0.55),
         _gpu("a6000x1", "NVIDIA RTX A6000", 1, 47.99, 154.8, 32.0, 1.25, 16, 128.0),
         _gpu("rtx4090x1", "NVIDIA GeForce RTX 4090", 1, 23.99, 165.2, 32.0, 1.25, 16, 64.0),
+        # a workstation with two 24 GB cards on PCIe 4.0 x16 (no NVLink): Answer.AI's FSDP-QLoRA 70B machine
+        _gpu("rtx4090x2", "NVIDIA GeForce RTX 4090", 2, 23.99, 165.2, 25.0, 1.25, 32, 128.0),
         _gpu("a100-40gbx8", "NVIDIA A100-SXM4-40GB", 8, 39.59, 312.0, 300.0, 200.0, 128, 1024.0),
         _gpu("a100-80gbx8", "NVIDIA A100-SXM4-80GB", 8, 79.35, 312.0, 300.0, 200.0, 128, 2048.0),
         _gpu("h100x8", "NVIDIA H100 80GB HBM3", 8, 79.19, 989.0, 450.0, 400.0, 224, 2048.0),

@@ -62,6 +62,7 @@ class Sizing:
         world = world or self.world
         # more GPUs than a backend that replicates the weights: the scale-out backend shards them
         sharded_more = world != self.world and not get_backend(self.strategy).memory.shards("weights", 3)
+        shards = get_backend(registry.SCALE_OUT if sharded_more else self.strategy).shard_group(self.cfg, world)
         return Setup(
             method=method,
             trainable=self.trainable(method, rank),
@@ -70,7 +71,7 @@ class Sizing:
             compute_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
             strategy=registry.SCALE_OUT if sharded_more else self.strategy,
             zero_stage=self.zero_stage,
-            dp=world,
+            dp=shards,
             offload=self.offload,
             checkpointing=checkpointing,
             tokens=rows * cutoff,
@@ -85,7 +86,21 @@ class Sizing:
             graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
             accumulation=training_args.gradient_accumulation_steps,
             logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
+            trainable_padding=self.padding(method, rank, shards, registry.SCALE_OUT if sharded_more else None),
         )
+
+    def padding(self, method: str, rank: int | None, shards: int, strategy: str | None = None) -> float:
+        """LoRA values per rank beyond an even split, where the backend shards each weight's rows (FSDP2: every
+        rank holds ceil(rows / shards) rows, so past lora_rank ranks each holds a padded row of every A)."""
+        if method != "lora" or shards <= 1 or not get_backend(strategy or self.strategy).memory.pads_rows:
+            return 0.0
+        r = rank or self.cfg.finetuning.lora_rank
+        targets = [t.strip() for t in (self.cfg.finetuning.lora_target or "all").split(",") if t.strip()]
+        excess = 0.0
+        for name, rows, cols in self.size.linear_shapes:
+            if targets == ["all"] or name.rsplit(".", 1)[-1] in targets:  # A: r × cols, B: rows × r
+                excess += math.ceil(r / shards) * cols + math.ceil(rows / shards) * r - (r * cols + rows * r) / shards
+        return excess
 
     def _builds_mask(self) -> bool:
         """Whether attention gets a 4-D mask: eager always; otherwise only rows whose examples are kept apart

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lf_dist.errors import RunStopped
-from lf_dist.parallel.base import add_metrics
+from lf_dist.parallel.base import add_metrics, weight_bytes
 from lf_dist.signals import STOP_FILE
 from lf_dist.train import checkpoint as ckpt
 from lf_dist.train import faults
@@ -310,4 +310,14 @@ class Trainer:
             results["memory_after_setup_gb"] = self.memory_after_setup_gb
         if self.planned_peak_gb is not None:
             results["planned_peak_memory_gb"] = self.planned_peak_gb
+        results.update(self._per_rank_memory())
         return results
+
+    def _per_rank_memory(self) -> dict:
+        """Each rank's weights (its local storage: shards where sharded) and peak memory, measured, in rank order."""
+        weights = self.strategy.gather(float(weight_bytes(self.model)))
+        peaks = self.strategy.gather(self.strategy.max_memory_allocated() / 2**30)
+        return {
+            "weight_bytes_per_rank": [int(w) for w in weights],
+            "peak_memory_gb_per_rank": [round(x, 3) for x in peaks],
+        }
