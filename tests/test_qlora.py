@@ -204,3 +204,30 @@ def test_qlora_on_a_gpu_learns_in_less_memory_than_lora(make_cfg, model):
         runs[name] = (results["peak_memory_gb"], _losses(Path(cfg.train.output_dir)))
     assert runs["qlora"][1][-1] < runs["qlora"][1][0]
     assert runs["qlora"][0] < runs["lora"][0]
+
+
+@pytest.mark.cuda
+def test_qlora_of_a_qwen_sized_model_on_a_gpu_peaks_within_ten_percent_of_the_plan(tmp_path):
+    """The 4-bit route the plan picks on one GPU trains a Qwen2.5-0.5B-shaped model (random weights, bf16) and
+    CUDA's allocated peak is the plan's estimate ±10%."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .conftest import TINY_MODEL
+
+    path = tmp_path / "qwen"
+    tok = AutoTokenizer.from_pretrained(TINY_MODEL)
+    config = AutoConfig.from_pretrained(ROOT / "examples" / "model-configs" / "Qwen2.5-0.5B")
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (
+        tok.pad_token_id,
+        tok.bos_token_id,
+        tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+    out = tmp_path / "out"
+    overrides = base_overrides(out, model_name_or_path=path, quantization_bit=4, bf16=True, max_steps=8)
+    lf_dist_train(SFT, *overrides, "cutoff_len=512", nproc=None)
+    losses, last = _losses(out), _log(out)[-1]
+    assert losses[-1] < losses[0]
+    assert last["peak_memory_gb"] == pytest.approx(last["planned_peak_memory_gb"], rel=0.1), last
