@@ -98,3 +98,25 @@ def test_fsdp2_keeps_frozen_weights_in_bf16_and_matches_one_process(nf4_model, t
         expected = (2 * (sum(base.values()) - trained) + 4 * trained) / 2
     per_rank = _results(two)["weight_bytes_per_rank"]
     assert per_rank == [pytest.approx(expected, rel=0.01)] * 2, (per_rank, expected)
+
+
+@pytest.fixture(scope="module")
+def model_100m(tmp_path_factory):
+    """~100M parameters saved in bf16, as released checkpoints are (weights dominate a short run's memory)."""
+    import torch
+
+    return make_llama(
+        tmp_path_factory.mktemp("m100") / "model", hidden=768, layers=14, intermediate=2560, dtype=torch.bfloat16
+    )
+
+
+def test_fsdp2_lora_ranks_peak_below_one_rank_by_a_third_of_the_weights(model_100m, tmp_path):
+    """No rank builds the whole model (each reads its rows of the checkpoint), so at 2 ranks every rank's peak
+    RSS is below the 1-rank run's by at least a third of the weights."""
+    extra = {"max_steps": 2, "cutoff_len": 256, "disable_gradient_checkpointing": True}
+    one, two = _one_and_two_ranks(model_100m, tmp_path, "fsdp2", **extra)  # the same backend on one rank
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    weights = 2 * sum(_shapes(model_100m / "model.safetensors").values())  # the bf16 base
+    peak_one = _results(one)["peak_memory_gb_per_rank"][0] * 2**30
+    peaks = [p * 2**30 for p in _results(two)["peak_memory_gb_per_rank"]]
+    assert all(p <= peak_one - weights / 3 for p in peaks), (peaks, peak_one, weights)

@@ -109,6 +109,13 @@ def _forward_signals(proc):
     return on_signals(forward)
 
 
+# CPU ranks: glibc serves blocks of 4 MiB and more with mmap and unmaps them when freed. Its default raises that
+# threshold to the size of each freed block, so the per-layer buffers FSDP2's all-gathers allocate and free every
+# step end up kept in the heap: measured on a 100M-parameter LoRA run, 2 ranks then peaked above 1 rank
+# (1.26 GB vs 1.18 GB per process); with the fixed threshold at 0.90 GB. A user's own setting is kept.
+CPU_MMAP_THRESHOLD = str(4 * 2**20)
+
+
 def launch_torchrun(config_path: str, overrides: list[str], cfg, plan) -> int:
     cmd = torchrun_args(config_path, overrides, plan.nproc_per_node)
     node_rank = int_env("NODE_RANK", 0)
@@ -120,6 +127,8 @@ def launch_torchrun(config_path: str, overrides: list[str], cfg, plan) -> int:
         error_file, plan_file = Path(tmp) / "user_error.txt", Path(tmp) / "plan.json"
         plan.save(plan_file)  # every rank runs the parent's plan instead of deciding again
         env = {**os.environ, "LF_DIST_ERROR_FILE": str(error_file), "LF_DIST_PLAN": str(plan_file)}
+        if plan.device == "cpu":  # see CPU_MMAP_THRESHOLD
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", CPU_MMAP_THRESHOLD)
         logger.info("launching: " + " ".join(cmd[1:]))
         # its own session: a signal meant for the run (Ctrl-C, a scheduler's SIGTERM to this process or its group)
         # reaches torchrun once, through `_forward_signals`, and torchrun hands it to every rank once

@@ -90,10 +90,25 @@ def _prepare_quantized(model, cfg: RunConfig) -> None:
         model.enable_input_require_grads()  # checkpointed layers of a frozen base still pass gradients
 
 
+def _partitioned(param) -> bool:
+    """A ZeRO-3 parameter built inside zero.Init: an empty placeholder whose shard DeepSpeed holds (and whose
+    dtype its engine sets: it keeps fp32 master weights of the trainable ones itself)."""
+    return hasattr(param, "ds_id")
+
+
+def _numel(param) -> int:
+    return param.ds_numel if _partitioned(param) else param.numel()
+
+
+def _upcast(param) -> None:
+    if param.dtype != torch.float32 and not _partitioned(param):
+        param.data = param.data.float()
+
+
 def _upcast_layernorm(model) -> None:
     for name, param in model.named_parameters():
-        if param.ndim == 1 and ("norm" in name or ".ln" in name):
-            param.data = param.data.float()
+        if len(getattr(param, "ds_shape", param.shape)) == 1 and ("norm" in name or ".ln" in name):
+            _upcast(param)
 
 
 def apply_finetuning(model, cfg: RunConfig, head: Head = CAUSAL_LM, quiet: bool = False):
@@ -111,8 +126,8 @@ def apply_finetuning(model, cfg: RunConfig, head: Head = CAUSAL_LM, quiet: bool 
     else:
         model.requires_grad_(True)
     for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+        if param.requires_grad:
+            _upcast(param)
     if not cfg.finetuning.disable_gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(cfg.train.gradient_checkpointing_kwargs or {})}
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -122,8 +137,8 @@ def apply_finetuning(model, cfg: RunConfig, head: Head = CAUSAL_LM, quiet: bool 
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if kwargs["use_reentrant"]:  # reentrant checkpointing needs inputs that require grad
             model.enable_input_require_grads()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     if not quiet:
         logger.info(f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.4f}%) [{kind}]")
     return model

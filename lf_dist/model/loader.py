@@ -163,7 +163,8 @@ def load_model(
         from lf_dist.kernels import liger
 
         liger.apply(model)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    vocab = getattr(weight, "ds_shape", weight.shape)[0]  # built inside zero.Init: the parameter is a placeholder
     if len(tokenizer) > vocab:
         logger.info(f"resizing token embeddings {vocab} -> {len(tokenizer)} for added special tokens")
         # On meta there are no values to average (and the new rows come from rank 0's weights anyway).

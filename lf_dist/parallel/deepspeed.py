@@ -1,6 +1,8 @@
 """DeepSpeed ZeRO (stages 0-3, optional offload) from a LLaMA-Factory style ds_config.json.
 
-"auto" values are filled from the run config, as the Hugging Face integration does. DeepSpeed runs in its
+"auto" values are filled from the run config, as the Hugging Face integration does. Under ZeRO-3 the policy and
+every frozen model are built inside `deepspeed.zero.Init` (transformers' ZeRO-3 loading): each parameter is
+partitioned as it is created, so no rank ever holds the whole model. DeepSpeed runs in its
 unmanaged gradient-accumulation mode: `backward` only accumulates locally and `step` reduces and updates once
 per optimizer step, so it follows the same loop (and the same token normalization) as every other strategy.
 """
@@ -70,6 +72,56 @@ def fill_auto(ds: dict, cfg, dp_size: int, hidden_size: int) -> dict:
     return ds
 
 
+@contextlib.contextmanager
+def zero3_init(ds_config: dict):
+    """Models built (and adapted by peft) in this block are created inside `deepspeed.zero.Init` with `ds_config`,
+    and loaded partitioned: transformers does so while an `HfDeepSpeedConfig` is alive (a module-level weak
+    reference). It is dropped on the way out, so no later model of this process (another strategy's, another
+    run's in the same process) is partitioned by accident."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    # as deepspeed.initialize does (it adopts the existing process group): zero.Init reads the world size from it
+    deepspeed.init_distributed(get_accelerator().communication_backend_name())
+    hf_config = hf_deepspeed.HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        if hasattr(hf_deepspeed, "unset_hf_deepspeed_config"):
+            hf_deepspeed.unset_hf_deepspeed_config()
+        del hf_config  # with the last reference gone, the weak reference reads None on any transformers version
+
+
+def _hidden_size(cfg) -> int:
+    """The model's hidden size, from its config.json (the "auto" bucket sizes need it before the model exists)."""
+    from transformers import AutoConfig
+
+    from lf_dist.model.loader import model_folder
+
+    model_args = cfg.model
+    config = AutoConfig.from_pretrained(
+        model_folder(cfg), trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir
+    )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "hidden_size", None) or 1024
+
+
+def _cast_unpartitioned(model, ds_config: dict) -> None:
+    """The engine casts a model's parameters to bf16/fp16 itself, unless zero.Init built it (then it takes them as
+    cast already): the parameters made after zero.Init (LoRA's, peft's modules_to_save copies) are cast here as
+    the engine would have, so no fp32 weight meets a bf16 activation (DeepSpeed runs without autocast)."""
+    if (ds_config.get("bf16") or ds_config.get("bfloat16") or {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif (ds_config.get("fp16") or {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        return
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype and not hasattr(param, "ds_id"):
+            param.data = param.data.to(dtype)
+
+
 def _walk(d: dict, prefix: str = ""):
     for k, v in d.items():
         if isinstance(v, dict):
@@ -95,11 +147,21 @@ class DeepSpeedStrategy(DistributedStrategy):
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed casts the module itself when bf16/fp16 is enabled
 
+    def create_model(self, factory):
+        """Under ZeRO-3 the policy is built partitioned (inside zero.Init, with the run's filled config); LoRA's
+        adapters, created afterwards, are ordinary parameters that `deepspeed.initialize` partitions."""
+        if self.zero_stage != 3:
+            return factory(False)
+        with zero3_init(fill_auto(self.ds_config, self.cfg, self.dp_size, _hidden_size(self.cfg))):
+            return factory(False)
+
     def setup(self, model, build_optimizer):
         import deepspeed
 
         hidden = getattr(getattr(model, "config", None), "hidden_size", 1024)
-        config = fill_auto(self.ds_config, self.cfg, self.dp_size, hidden)
+        config = fill_auto(self.ds_config, self.cfg, self.dp_size, hidden)  # a no-op where create_model filled it
+        if self.zero_stage == 3:
+            _cast_unpartitioned(model, config)
         optimizer = build_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # The LR schedule acts on the wrapped torch optimizer's param groups, which DeepSpeed reads each step.
@@ -109,13 +171,13 @@ class DeepSpeedStrategy(DistributedStrategy):
         return model.module if hasattr(model, "module") else model
 
     def prepare_frozen(self, factory):
-        """Under ZeRO-3 a frozen model is partitioned by an optimizer-less engine (as TRL prepares its
-        reference); below stage 3 every rank holds a full frozen copy, as it does of the policy's weights."""
+        """Under ZeRO-3 a frozen model is built partitioned (inside zero.Init) and run by an optimizer-less engine
+        (as TRL prepares its reference); below stage 3 every rank holds a full frozen copy, as it does of the
+        policy's weights."""
         if self.zero_stage != 3:
             return super().prepare_frozen(factory)
         import deepspeed
 
-        model = factory(False).requires_grad_(False)
         config = {
             "train_micro_batch_size_per_gpu": self.cfg.train.per_device_train_batch_size,
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -123,6 +185,8 @@ class DeepSpeedStrategy(DistributedStrategy):
             "fp16": {"enabled": self.cfg.train.fp16},
             "steps_per_print": 10**9,
         }
+        with zero3_init(config):
+            model = factory(False).requires_grad_(False)
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
         engine.eval()  # DeepSpeedEngine.eval() does not return the engine
         self.frozen_engines.append(engine)
@@ -178,9 +242,14 @@ class DeepSpeedStrategy(DistributedStrategy):
 
         inner = self.unwrap(model)
         adapter = is_peft(inner)
-        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad or not adapter]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=self.zero_stage == 3):
-            state = {n: p.detach().to("cpu", copy=True) for n, p in named} if self.is_main else {}
+        state = {}
+        for name, param in inner.named_parameters():
+            if adapter and not param.requires_grad:
+                continue
+            # one parameter at a time: only rank 0's CPU copy grows to the whole model, no rank's gathered weights
+            with deepspeed.zero.GatheredParameters([param], enabled=self.zero_stage == 3):
+                if self.is_main:
+                    state[name] = param.detach().to("cpu", copy=True)
         if self.is_main and not adapter:  # buffers and tied weights as the module reports them
             state = {**{k: v.cpu() for k, v in inner.state_dict().items() if k not in state}, **state}
         self.write_hf(inner, state, tokenizer, path)

@@ -26,7 +26,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
-from lf_dist.parallel import nf4
+from lf_dist.model.loader import compute_dtype
+from lf_dist.parallel import nf4, sharded_load
 from lf_dist.parallel.base import decoder_layers, quantized_params, release_freed_memory
 from lf_dist.parallel.distributed import DistributedStrategy
 
@@ -92,7 +93,7 @@ class FSDP2Strategy(DistributedStrategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.mesh = build_mesh(self.device.type, self.world_size, cfg.train.fsdp_shard_size)
-        self._full_state = None
+        self._full_state, self._sources = None, None
 
     quantizes_at_load = False  # a 4-bit base is quantized to NF4 after loading (create_model), not by bitsandbytes
 
@@ -117,11 +118,19 @@ class FSDP2Strategy(DistributedStrategy):
     def create_model(self, factory):
         if self.cfg.model.quantization_bit:  # quantization state cannot be broadcast: every rank loads its own
             return self._quantized(factory(False))
-        return self._skeleton(factory)
+        return self._skeleton(factory, self.load_dtype())
 
-    def _skeleton(self, factory):
-        """The model on the meta device on every rank; rank 0 also builds it for real and keeps only its tensors
-        (the one full copy), handed out one by one after sharding."""
+    def _skeleton(self, factory, load_dtype=None):
+        """The model on the meta device on every rank. Each rank then reads only its rows of the checkpoint
+        (`sharded_load.py`); where the files cannot give every tensor, rank 0 builds the model for real and
+        keeps its tensors (the one full copy) to hand them out one by one after sharding."""
+        skeleton = factory(True)
+        folder = getattr(_hf_model(skeleton).config, "_name_or_path", "")
+        trained = bool(self.cfg.model.adapter_name_or_path)
+        load_dtype = load_dtype or compute_dtype(self.cfg)
+        self._sources = sharded_load.sources(skeleton, folder, load_dtype, trained) if folder else None
+        if self._sources is not None:
+            return skeleton
         if self.rank == 0:
             full = factory(False)
             self._full_state = {**dict(full.named_buffers()), **full.state_dict()}  # non-persistent buffers too
@@ -143,7 +152,12 @@ class FSDP2Strategy(DistributedStrategy):
         if self.cfg.model.quantization_bit:  # every rank loaded its own copy (create_model)
             return model
         model.to_empty(device=self.device)
-        self._scatter(model, full_state)
+        sources, self._sources = self._sources, None
+        if sources is not None:
+            sharded_load.fill(model, sources)
+        else:
+            self._scatter(model, full_state)
+        release_freed_memory()
         return model
 
     @torch.no_grad()
@@ -165,7 +179,6 @@ class FSDP2Strategy(DistributedStrategy):
             else:
                 tensor.copy_(full)
             del full
-        release_freed_memory()
 
     def setup(self, model, build_optimizer):
         model = self._shard_and_fill(model, self._full_state or {})
@@ -173,7 +186,7 @@ class FSDP2Strategy(DistributedStrategy):
         return model, build_optimizer(model)
 
     def prepare_frozen(self, factory):
-        """Sharded like the policy: built for real on rank 0 only, never whole on the other ranks."""
+        """Sharded like the policy: read in rows by every rank, or built for real on rank 0 only."""
         model = self._skeleton(factory).requires_grad_(False)
         full_state, self._full_state = self._full_state or {}, None
         return self._shard_and_fill(model, full_state).eval()
