@@ -102,7 +102,9 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
         if need.path is None:
             frozen[need.role] = Frozen(None, strategy.unwrap)
         else:
-            recipe = ModelRecipe(cfg, tokenizer, need.head, strategy.frozen_dtype(), path=need.path)
+            recipe = ModelRecipe(
+                cfg, tokenizer, need.head, strategy.frozen_dtype(), path=need.path, quantize=strategy.quantizes_at_load
+            )
             frozen[need.role] = Frozen(strategy.prepare_frozen(recipe.build))
     return frozen
 

@@ -231,3 +231,23 @@ def test_qlora_of_a_qwen_sized_model_on_a_gpu_peaks_within_ten_percent_of_the_pl
     losses, last = _losses(out), _log(out)[-1]
     assert losses[-1] < losses[0]
     assert last["peak_memory_gb"] == pytest.approx(last["planned_peak_memory_gb"], rel=0.1), last
+
+
+@pytest.mark.slow
+def test_fsdp2_qlora_dpo_with_a_reference_model_matches_one_process(nf4_model, tmp_path):
+    """DPO on a 4-bit NF4 base with its own reference model (bf16, sharded like the policy): 2 ranks give the
+    1-process losses."""
+    common = [
+        *base_overrides(tmp_path / "x", model_name_or_path=nf4_model, quantization_bit=4, max_steps=4, bf16=True),
+        "stage=dpo",
+        "dataset=ranking_demo",
+        f"ref_model={nf4_model}",
+        "strategy=fsdp2",
+        "per_device_train_batch_size=1",
+    ]
+    common = [o for o in common if not o.startswith(("output_dir=", "per_device_train_batch_size=4"))]
+    one, two = tmp_path / "one", tmp_path / "two"
+    lf_dist_train(SFT, *common, f"output_dir={one}", "gradient_accumulation_steps=2", nproc=1)
+    lf_dist_train(SFT, *common, f"output_dir={two}", "gradient_accumulation_steps=1")
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-4), (_losses(two), _losses(one))
+    assert all(math.isfinite(x) for x in _losses(two))

@@ -130,9 +130,9 @@ def load_model(
     """The base model with `head` (compute dtype unless `dtype`), the tokenizer's vocabulary and no KV cache;
     `path` overrides model_name_or_path.
 
-    `meta=True` builds the architecture only (call under `torch.device("meta")`): sharded strategies load the
-    weights on one rank and scatter them after sharding, and the worker checks the fine-tuning setup on it
-    before any data is read. With `quantization_bit` (and not on meta) the policy's base is loaded quantized by
+    `meta=True` builds the architecture only (call under `torch.device("meta")`): sharded strategies shard it and
+    read each rank's part of the weights afterwards, and the worker checks the fine-tuning setup on it before any
+    data is read. With `quantization_bit` (and not on meta) the policy's base is loaded quantized by
     bitsandbytes straight onto `device` (a quantized model cannot be moved afterwards); `path` models (frozen
     references) load unquantized; `quantize=False` leaves that to the strategy (FSDP2's NF4).
     """
@@ -159,7 +159,9 @@ def load_model(
             kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
         model = auto.from_pretrained(path, cache_dir=model_args.cache_dir, **head_config, **kwargs)
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
-    if model_args.enable_liger_kernel and not meta:  # the plan turns it on only with CUDA and a supported family
+    # the plan turns it on only with CUDA and a supported family; a meta model too (instance patching allocates
+    # nothing), since sharded strategies train the model they built on the meta device
+    if model_args.enable_liger_kernel:
         from lf_dist.kernels import liger
 
         liger.apply(model)

@@ -74,8 +74,9 @@ def fill_auto(ds: dict, cfg, dp_size: int, hidden_size: int) -> dict:
 
 @contextlib.contextmanager
 def zero3_init(ds_config: dict):
-    """Models built (and adapted by peft) in this block are created inside `deepspeed.zero.Init` with `ds_config`,
-    and loaded partitioned: transformers does so while an `HfDeepSpeedConfig` is alive (a module-level weak
+    """Models built in this block are created inside `deepspeed.zero.Init` with `ds_config` and loaded
+    partitioned (peft's adapters, added after the base is loaded, are ordinary parameters that the engine
+    partitions): transformers does so while an `HfDeepSpeedConfig` is alive (a module-level weak
     reference). It is dropped on the way out, so no later model of this process (another strategy's, another
     run's in the same process) is partitioned by accident."""
     import deepspeed

@@ -8,12 +8,14 @@ Order (each step is a small `apply_*`):
 A 1-D mesh shards over all ranks; a 2-D mesh (`fsdp_shard_size` < world size) is HSDP: shard within a group
 of ranks (a node), replicate across groups — gradients cross the slow link once per step, weights never.
 
-Large models never exist in full on every rank: rank 0 loads the checkpoint, the other ranks build the model
-on the meta device; after sharding, rank 0 broadcasts the weights and each rank keeps only its shard.
+No rank holds the whole model: every rank builds it on the meta device, shards it and reads its rows of the
+checkpoint (`sharded_load.py`); where the files cannot give every tensor, rank 0 builds it for real and hands
+out its tensors one at a time.
 
 Frozen weights (a LoRA or freeze base, a reference model) are stored and gathered in the compute dtype; trainable
 ones keep fp32 masters that the mixed-precision policy casts for compute. A 4-bit base (QLoRA) is torchao's NF4
-(`nf4.py`): every rank loads and quantizes it, and `fully_shard` keeps 1/N of its quantized storage per rank.
+(`nf4.py`): every rank makes the model whole one tensor at a time, each decoder linear weight quantized as it is
+read (the bf16 model never exists whole), and `fully_shard` keeps 1/N of its quantized storage per rank.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class FSDP2Strategy(DistributedStrategy):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.mesh = build_mesh(self.device.type, self.world_size, cfg.train.fsdp_shard_size)
-        self._full_state, self._sources = None, None
+        self._full_state, self._plan, self._whole = None, None, False
 
     quantizes_at_load = False  # a 4-bit base is quantized to NF4 after loading (create_model), not by bitsandbytes
 
@@ -116,20 +118,26 @@ class FSDP2Strategy(DistributedStrategy):
         return contextlib.nullcontext()
 
     def create_model(self, factory):
-        if self.cfg.model.quantization_bit:  # quantization state cannot be broadcast: every rank loads its own
-            return self._quantized(factory(False))
+        if self.cfg.model.quantization_bit:  # each rank makes its own NF4 copy; fully_shard keeps its part
+            self._whole = True
+            return self._quantized(factory)
         return self._skeleton(factory, self.load_dtype())
 
-    def _skeleton(self, factory, load_dtype=None):
-        """The model on the meta device on every rank. Each rank then reads only its rows of the checkpoint
-        (`sharded_load.py`); where the files cannot give every tensor, rank 0 builds the model for real and
-        keeps its tensors (the one full copy) to hand them out one by one after sharding."""
-        skeleton = factory(True)
+    def _sources(self, skeleton, load_dtype):
+        """Where each tensor comes from in the checkpoint files, or None; every rank takes the same branch (files
+        in node-local caches could differ)."""
         folder = getattr(_hf_model(skeleton).config, "_name_or_path", "")
         trained = bool(self.cfg.model.adapter_name_or_path)
-        load_dtype = load_dtype or compute_dtype(self.cfg)
-        self._sources = sharded_load.sources(skeleton, folder, load_dtype, trained) if folder else None
-        if self._sources is not None:
+        sources = sharded_load.sources(skeleton, folder, load_dtype, trained) if folder else None
+        return sources if self.all_reduce_sum(0 if sources is None else 1) == self.world_size else None
+
+    def _skeleton(self, factory, load_dtype=None):
+        """The model on the meta device on every rank, with where each rank reads its rows; where the files cannot
+        give every tensor, rank 0 builds the model for real and keeps its tensors (the one full copy) to hand them
+        out one by one after sharding."""
+        skeleton = factory(True)
+        self._plan = self._sources(skeleton, load_dtype or compute_dtype(self.cfg))
+        if self._plan is not None:
             return skeleton
         if self.rank == 0:
             full = factory(False)
@@ -137,22 +145,34 @@ class FSDP2Strategy(DistributedStrategy):
             del full
         return factory(True)
 
-    def _quantized(self, model):
-        """The decoder's frozen linear weights in NF4, where the block rule lets them split over the shards."""
-        kept = nf4.quantize(model, decoder_layers(model), self.shards)
+    def _quantized(self, factory):
+        """The model whole on this rank with its decoder's frozen linear weights in NF4 where the block rule lets
+        them split over the shards: made tensor by tensor from the files (each weight quantized as it is read), or
+        loaded whole and then quantized where the files cannot give every tensor."""
+        skeleton = factory(True)
+        sources = self._sources(skeleton, compute_dtype(self.cfg))
+        if sources is None:
+            model = factory(False)
+            kept = nf4.quantize(model, decoder_layers(model), self.shards)
+        else:
+            model = skeleton
+            make, kept = nf4.transform(model, decoder_layers(model), self.shards)
+            sharded_load.materialize(model, sources, make)
         if kept and self.is_main:
             names = ", ".join(kept[:4]) + (", ..." if len(kept) > 4 else "")
             logger.info(f"NF4: {len(kept)} linear layers stay unquantized (not splittable in {self.shards}): {names}")
         return model
 
-    def _shard_and_fill(self, model, full_state: dict):
-        """Shard, then give every rank its part of rank 0's weights (a quantized model: each rank loaded its own,
-        identical weights, and `fully_shard` keeps each rank's part)."""
+    def _shard_and_fill(self, model, full_state: dict, whole: bool = False):
+        """Shard, then give every rank its part: its rows read from the files, or rank 0's tensors (`whole`: each
+        rank made its own identical copy, and `fully_shard` keeps each rank's part)."""
         model = parallelize(model, self.mesh, self.cfg)
-        if self.cfg.model.quantization_bit:  # every rank loaded its own copy (create_model)
+        if whole:
+            if self.shards == 1 and not self.cfg.train.fsdp_cpu_offload:  # NF4 weights fully_shard left alone
+                model.to(self.device)
             return model
         model.to_empty(device=self.device)
-        sources, self._sources = self._sources, None
+        sources, self._plan = self._plan, None
         if sources is not None:
             sharded_load.fill(model, sources)
         else:
@@ -181,8 +201,8 @@ class FSDP2Strategy(DistributedStrategy):
             del full
 
     def setup(self, model, build_optimizer):
-        model = self._shard_and_fill(model, self._full_state or {})
-        self._full_state = None
+        model = self._shard_and_fill(model, self._full_state or {}, self._whole)
+        self._full_state, self._whole = None, False
         return model, build_optimizer(model)
 
     def prepare_frozen(self, factory):

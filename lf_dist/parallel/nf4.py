@@ -61,6 +61,24 @@ def quantizable_linears(model, layers) -> dict[str, torch.nn.Linear]:
     }
 
 
+def transform(model, layers, shards: int) -> tuple:
+    """For a model made whole tensor by tensor (`sharded_load.materialize`): a function that turns each decoder
+    linear weight that splits over `shards` into NF4 as it is read, and the list it fills with the names of those
+    that stay in the compute dtype."""
+    to_nf4, kept = _to_nf4(), []
+    linears = {id(m): name for name, m in quantizable_linears(model, layers).items()}
+
+    def make(module, name, value):
+        if name != "weight" or id(module) not in linears:
+            return None
+        if not splits(*value.shape, shards):
+            kept.append(linears[id(module)])
+            return None
+        return torch.nn.Parameter(to_nf4(value.contiguous(), BLOCK, SCALER_BLOCK), requires_grad=False)
+
+    return make, kept
+
+
 def quantize(model, layers, shards: int) -> list[str]:
     """Replace the decoder's frozen linear weights by NF4 where the block rule allows `shards` ranks; returns the
     names of the linear layers that stay in the compute dtype."""

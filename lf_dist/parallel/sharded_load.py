@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 SAFETENSORS, INDEX = "model.safetensors", "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16")  # what a plain cast reads right (not FP8 codes that need their scales)
 
 
 def checkpoint_files(folder: str | Path) -> dict[str, Path] | None:
@@ -47,6 +48,8 @@ def _rebuilt_buffers(model) -> dict[str, torch.Tensor] | None:
         names = [n for n, b in module.named_buffers(recurse=False) if b.is_meta]
         if not names:
             continue
+        if any(True for _ in module.parameters()):  # only small parameterless modules (rotary tables) are rebuilt
+            return None
         try:
             with torch.device("cpu"):
                 fresh = type(module)(module.config)
@@ -97,6 +100,9 @@ def sources(skeleton, folder: str | Path, load_dtype: torch.dtype, trained_adapt
     to load, so that a fallback draws them exactly as a loaded model does."""
     from safetensors import safe_open
 
+    config = getattr(skeleton.get_base_model() if hasattr(skeleton, "get_base_model") else skeleton, "config", None)
+    if getattr(config, "quantization_config", None):  # FP8 / GPTQ weights need the loader's dequantization
+        return None
     files, rebuilt, layers = checkpoint_files(folder), _rebuilt_buffers(skeleton), _lora_layers(skeleton)
     if files is None or rebuilt is None or layers is None or trained_adapter:
         return None
@@ -113,8 +119,9 @@ def sources(skeleton, folder: str | Path, load_dtype: torch.dtype, trained_adapt
                 return None
             if key not in shapes:
                 with safe_open(files[key], "pt") as f:
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-            if shapes[key] != tuple(tensor.shape):
+                    piece = f.get_slice(key)
+                    shapes[key] = (tuple(piece.get_shape()), piece.get_dtype())
+            if shapes[key] != (tuple(tensor.shape), shapes[key][1]) or shapes[key][1] not in FLOAT_DTYPES:
                 return None
             out[name] = ("file", files[key], key, load_dtype)
     out.update({name: ("value", value) for name, value in _draw_lora(layers).items()})
@@ -129,25 +136,57 @@ def _local_rows(tensor) -> tuple[int, int]:
     return (offset[0], offset[0] + shape[0]) if shape else (0, 0)
 
 
+def _read(source, handles: dict, stack, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    """A source's tensor (rows [start, stop) of it), in the dtype a loaded model has it in."""
+    from safetensors import safe_open
+
+    if source[0] == "value":
+        value = source[1]
+        return value if value.dim() == 0 or start is None else value[start:stop]
+    _, path, key, load_dtype = source
+    if path not in handles:
+        handles[path] = stack.enter_context(safe_open(path, "pt"))
+    if start is None:
+        return handles[path].get_tensor(key).to(load_dtype)
+    piece = handles[path].get_slice(key)
+    return piece[start:stop].to(load_dtype)
+
+
 @torch.no_grad()
 def fill(model, plan: dict) -> None:
     """Copy into every (sharded) tensor of `model` its rows from its source."""
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor
 
     with contextlib.ExitStack() as stack:
         handles = {}
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            source = plan[name]
             sharded = isinstance(tensor, DTensor)
             local = tensor.to_local() if sharded else tensor
-            start, stop = _local_rows(tensor) if sharded else (0, tensor.shape[0] if tensor.dim() else 0)
-            if source[0] == "value":
-                rows = source[1] if tensor.dim() == 0 else source[1][start:stop]
-            else:
-                _, path, key, load_dtype = source
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(path, "pt"))
-                piece = handles[path].get_slice(key)
-                rows = (piece[:] if tensor.dim() == 0 else piece[start:stop]).to(load_dtype)
-            local.copy_(rows.to(local.dtype))
+            rows = (None, None) if tensor.dim() == 0 else _local_rows(tensor) if sharded else (0, tensor.shape[0])
+            local.copy_(_read(plan[name], handles, stack, *rows).to(local.dtype))
+
+
+@torch.no_grad()
+def materialize(model, plan: dict, transform) -> None:
+    """Make every tensor of a meta `model` whole on the CPU from its source, one at a time; `transform(module,
+    name, tensor)` returns the parameter to keep (NF4 for a quantized weight) or None for a plain one. Tied
+    weights stay tied."""
+    done: dict[int, torch.nn.Parameter] = {}
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for prefix, module in model.named_modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                if id(param) not in done:
+                    full = f"{prefix}.{name}" if prefix else name
+                    value = _read(plan[full], handles, stack)
+                    kept = transform(module, name, value)
+                    done[id(param)] = (
+                        kept
+                        if kept is not None
+                        else torch.nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+                    )
+                    del value
+                module._parameters[name] = done[id(param)]
+            for name, buf in list(module.named_buffers(recurse=False)):
+                full = f"{prefix}.{name}" if prefix else name
+                module._buffers[name] = _read(plan[full], handles, stack).to(buf.dtype)
