@@ -126,3 +126,23 @@ def test_fsdp2_lora_ranks_peak_below_one_rank_by_a_third_of_the_weights(model_10
         )
     )
     assert all(p <= peak_one - weights / 3 for p in peaks), (peaks, peak_one, weights)
+
+
+def test_fsdp2_without_safetensors_loads_on_rank_0_and_matches_one_process(tmp_path):
+    """A checkpoint the ranks cannot read in rows (`pytorch_model.bin`) falls back to rank 0 building the model and
+    handing out its tensors one at a time: the 2-rank run still gives the 1-process losses."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from .conftest import TINY_MODEL
+
+    model = tmp_path / "bin_model"
+    shutil.copytree(TINY_MODEL, model)  # the same weights, as the older pickle format
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    assert (model / "pytorch_model.bin").is_file() and not (model / "model.safetensors").exists()
+    one, two = _one_and_two_ranks(model, tmp_path, "single", finetuning_type="lora", bf16=False, learning_rate=5e-3)
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4), (losses(two), losses(one))
+    assert losses(two)[-1] < losses(two)[0]

@@ -143,7 +143,7 @@ class FSDP2Strategy(DistributedStrategy):
             full = factory(False)
             self._full_state = {**dict(full.named_buffers()), **full.state_dict()}  # non-persistent buffers too
             del full
-        return factory(True)
+        return skeleton
 
     def _quantized(self, factory):
         """The model whole on this rank with its decoder's frozen linear weights in NF4 where the block rule lets
