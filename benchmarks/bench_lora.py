@@ -80,7 +80,7 @@ def main() -> None:
         batch = next(tr._loader(0))
         sides = {"peft": False, "lean": True}
         for _ in range(2):
-            tr.train_step(batch)  # warm-up; B is no longer zero after it
+            tr.train_step([batch])  # warm-up; B is no longer zero after it
         with torch.no_grad():  # the loss of each side on the same weights
             losses = {}
             for side, lean in sides.items():
@@ -91,7 +91,7 @@ def main() -> None:
             for side in sorted(sides, reverse=r % 2 == 1):  # either side first in turn
                 use(tr.model, sides[side])
                 start = time.perf_counter()
-                tr.train_step(batch)
+                tr.train_step([batch])
                 times[side].append(time.perf_counter() - start)
     tokens = sum(b["input_ids"].numel() for b in batch)
     for side, ts in times.items():

@@ -64,8 +64,7 @@ def side(tr, before: bool, old_label_logps):
 def timed_step(tr, batch: list[dict], prepare) -> float:
     start = time.perf_counter()
     tr.model.train()
-    for step in prepare(tr.context, [dict(b) for b in batch]):
-        tr.train_step(step)
+    tr.train_step(prepare(tr.context, [dict(b) for b in batch]))
     return time.perf_counter() - start
 
 

@@ -18,7 +18,7 @@ from lf_dist.config.known_keys import (
     REFUSED_WHEN_SET,
     is_hf_training_arg,
 )
-from lf_dist.config.schema import ALIASES, COMMANDS, SECTIONS, RunConfig, key_owner
+from lf_dist.config.schema import ALIASES, SECTIONS, RunConfig, key_owner, sections_read
 from lf_dist.config.validate import validate
 from lf_dist.errors import UserError
 
@@ -107,13 +107,14 @@ def build_config(raw: dict, source: str | None = None, command: str = "train") -
     owners = key_owner()
     cfg = RunConfig(source=source, command=command)
     hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
+    stage = raw.get("stage", cfg.finetuning.stage)
     for key, value in raw.items():
         key = ALIASES.get(key, key)
         section = owners.get(key)
         if section is not None:
             setattr(getattr(cfg, section), key, _coerce(key, value, hints[section][key]))
             cfg.given.add(key)
-            if section not in COMMANDS[command]:
+            if section not in sections_read(command, stage):
                 cfg.ignored[key] = value
         elif key in ALWAYS_ON and value in (True, "true", "True", "all", "non_padding"):
             continue

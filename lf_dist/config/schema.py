@@ -34,6 +34,12 @@ QUANTIZATION_TYPES = ("nf4", "fp4")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 # The values `pref_loss` may take (what each means is the dpo stage's business, in train/pref_losses.py).
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
+# online RL: the reward model's kinds (LLaMA-Factory's `api` is refused), GRPO's losses and reward scaling (TRL's)
+REWARD_MODEL_TYPES = ("lora", "full")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+# stages that generate while they train: a train config of these reads the generation keys
+ROLLOUT_STAGES = ("ppo", "ppo_custom", "grpo")
 # `report_to` trackers lf-dist implements (each an optional extra); "all" means every one that is installed
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 INFER_BACKENDS = ("huggingface",)
@@ -41,7 +47,7 @@ INFER_DTYPES = ("auto", "float16", "bfloat16", "float32")
 EXPORT_DEVICES = ("cpu", "auto")
 # The commands and the sections each reads; a key of another section is reported as having no effect there.
 COMMANDS = {
-    "train": ("model", "data", "finetuning", "train", "launch"),
+    "train": ("model", "data", "finetuning", "train", "launch"),  # + generation for the ROLLOUT_STAGES
     "chat": ("model", "data", "finetuning", "generation"),
     "api": ("model", "data", "finetuning", "generation"),
     "export": ("model", "data", "finetuning", "export"),
@@ -138,6 +144,30 @@ class FinetuningArgs(Freezable):
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
     ref_model: str | None = None
+    # online RL, ppo and ppo_custom: LLaMA-Factory's keys and defaults
+    reward_model: str | None = None
+    reward_model_adapters: str | None = None
+    reward_model_quantization_bit: int | None = None
+    reward_model_type: str = "lora"
+    ppo_buffer_size: int = 1
+    ppo_epochs: int = 4
+    ppo_score_norm: bool = False
+    ppo_target: float = 6.0
+    ppo_whiten_rewards: bool = False
+    # reward functions (`path.py:function`, comma-separated or a list) and their weights; ppo_custom's default is
+    # the fork's custom_rewards/reward_functions.py:custom_reward
+    reward_funcs: str | list | None = None
+    reward_weights: list | None = None
+    # grpo: TRL GRPOConfig's names and defaults (max_completion_length is max_new_tokens)
+    num_generations: int = 8
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "dapo"
+    scale_rewards: str | bool = "group"
+    num_iterations: int = 1
+    mask_truncated_completions: bool = False
+    use_bias_correction_kl: bool = False
 
 
 @dataclass
@@ -252,7 +282,13 @@ SECTIONS = {
     "export": ExportArgs,
 }
 # LLaMA-Factory's spellings that mean the same as one of our fields.
-ALIASES = {"evaluation_strategy": "eval_strategy", "lora_r": "lora_rank"}
+ALIASES = {"evaluation_strategy": "eval_strategy", "lora_r": "lora_rank", "max_completion_length": "max_new_tokens"}
+
+
+def sections_read(command: str, stage: str) -> tuple[str, ...]:
+    """The config sections `command` reads; training a rollout stage also reads the generation keys."""
+    sections = COMMANDS[command]
+    return (*sections, "generation") if command == "train" and stage in ROLLOUT_STAGES else sections
 
 
 def key_owner() -> dict[str, str]:

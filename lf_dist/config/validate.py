@@ -14,6 +14,7 @@ from lf_dist.config.schema import (
     EXPORT_DEVICES,
     FINETUNING_TYPES,
     FLASH_ATTN,
+    GRPO_LOSS_TYPES,
     INFER_BACKENDS,
     INFER_DTYPES,
     LAUNCHERS,
@@ -22,6 +23,8 @@ from lf_dist.config.schema import (
     PREF_LOSSES,
     QUANTIZATION_BITS,
     QUANTIZATION_TYPES,
+    REWARD_MODEL_TYPES,
+    SCALE_REWARDS,
     SCHEDULERS,
     TRACKERS,
     RunConfig,
@@ -60,6 +63,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         cfg.finetuning.lora_alpha = 2 * cfg.finetuning.lora_rank
     _validate_data(cfg)
     _validate_preference(cfg)
+    _validate_online_rl(cfg)
     _validate_checkpointing_and_resume(cfg)
     return cfg
 
@@ -281,3 +285,40 @@ def _validate_preference(cfg: RunConfig) -> None:
             f"ref_model: {finetuning_args.ref_model} is not a Hugging Face checkpoint folder (no config.json) "
             "or hub name"
         )
+
+
+def _validate_online_rl(cfg: RunConfig) -> None:
+    """ppo's and grpo's keys, checked whatever the stage (what a stage requires is its own check)."""
+    finetuning_args = cfg.finetuning
+    if finetuning_args.reward_model_type == "api":
+        raise UserError("reward_model_type: 'api' is not implemented by lf-dist (available: lora, full)")
+    _choice("reward_model_type", finetuning_args.reward_model_type, REWARD_MODEL_TYPES)
+    if finetuning_args.reward_model_quantization_bit is not None:
+        raise UserError("reward_model_quantization_bit: not implemented by lf-dist yet; remove it to continue")
+    _choice("loss_type", finetuning_args.loss_type, GRPO_LOSS_TYPES)
+    if isinstance(finetuning_args.scale_rewards, bool):  # TRL's older spelling: true is "group", false "none"
+        finetuning_args.scale_rewards = "group" if finetuning_args.scale_rewards else "none"
+    _choice("scale_rewards", finetuning_args.scale_rewards, SCALE_REWARDS)
+    for key in ("ppo_epochs", "ppo_buffer_size", "num_iterations", "ppo_target", "epsilon"):
+        _positive(key, getattr(finetuning_args, key))
+    _positive("beta", finetuning_args.beta, allow_zero=True)
+    _positive("epsilon_high", finetuning_args.epsilon_high)
+    if finetuning_args.num_generations < 2:
+        raise UserError(
+            f"num_generations: must be at least 2 (a group's rewards are compared), got "
+            f"{finetuning_args.num_generations}"
+        )
+    funcs = finetuning_args.reward_funcs
+    if isinstance(funcs, str):
+        funcs = [f.strip() for f in funcs.split(",") if f.strip()]
+    if funcs is not None and not all(isinstance(f, str) for f in funcs):
+        raise UserError(f"reward_funcs: expected 'path.py:function' entries, got {finetuning_args.reward_funcs!r}")
+    finetuning_args.reward_funcs = funcs or None
+    weights = finetuning_args.reward_weights
+    if weights is not None:
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise UserError(f"reward_weights: expected a list of numbers, got {weights!r}")
+        if len(weights) != len(funcs or ()):
+            raise UserError(
+                f"reward_weights: {len(weights)} weights for {len(funcs or ())} reward_funcs; give one per function"
+            )

@@ -6,6 +6,8 @@ A stage names its kind (`lf_dist/train/stages.py`); data/ only ever sees the kin
 - supervised: prompt / answer turns → input_ids, labels with the prompt masked; packs examples into rows.
 - pairwise: prompt, chosen, rejected → chosen_* / rejected_* columns; packs whole pairs into 2 × cutoff_len.
 - feedback: prompt, answer and whether it is desirable → input_ids, labels, kto_tags; does not pack.
+- prompt: the prompt a model answers by generating (left-padded input_ids) and the dataset's reference answer as
+  text; does not pack.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from lf_dist.data.collator import Collator, FeedbackCollator, PairwiseCollator
 from lf_dist.data.packing import pack_dataset, pack_pairs
 from lf_dist.data.preference import encode_feedback_records, encode_pairwise_records
+from lf_dist.data.prompts import PromptCollator, encode_prompt_records
 from lf_dist.data.tokenize import encode_supervised_records
 
 
@@ -53,12 +56,17 @@ def _feedback(pad_token_id: int, cutoff_len: int, separate: bool, padding_free: 
     return FeedbackCollator(pad_token_id, cutoff_len, padding_free)
 
 
+def _prompts(pad_token_id: int, cutoff_len: int, separate: bool, padding_free: bool) -> PromptCollator:
+    return PromptCollator(pad_token_id)
+
+
 TEXT = DataKind("text", encode=None, pack=None, collator=_plain, packs=True)
 SUPERVISED = DataKind("supervised", encode=encode_supervised_records, pack=pack_dataset, collator=_plain, packs=True)
 PAIRWISE = DataKind(
     "pairwise", encode=encode_pairwise_records, pack=pack_pairs, collator=_pairs, packs=True, sequences=2, ranking=True
 )
 FEEDBACK = DataKind("feedback", encode=encode_feedback_records, pack=None, collator=_feedback, packs=False)
+PROMPT = DataKind("prompt", encode=encode_prompt_records, pack=None, collator=_prompts, packs=False)
 
 
 def row_layout(kind_or_columns) -> str:
@@ -68,4 +76,6 @@ def row_layout(kind_or_columns) -> str:
     columns = set(kind_or_columns)
     if "kto_tags" in columns:
         return "feedback"
+    if "answer" in columns:
+        return "prompt"
     return "pairwise" if {"chosen_input_ids", "seq_lens"} & columns else "supervised"

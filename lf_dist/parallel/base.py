@@ -176,7 +176,7 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device) for k, v in batch.items()}
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def forward_backward(self, model, micro_batches: list[dict], stage_loss, n_units: int):
         """Forward and backward of every micro-batch of one optimizer step: `stage_loss.forward(model, batch)`

@@ -1,5 +1,9 @@
 """The training loop, shared by every backend: the stage prepares each step's micro-batches (`prepare`), the
-strategy runs them (the stage's forward and loss, then backward), steps the optimizer and saves."""
+strategy runs them (the stage's forward and loss, then backward), steps the optimizer and saves.
+
+A step is one draw of the loader. Most stages make one optimizer update of it; a rollout stage's `prepare` may
+turn it into several (ppo's epochs over its buffer, grpo's iterations), and steps, logs, saves and the learning
+rate schedule still count steps."""
 
 from __future__ import annotations
 
@@ -53,13 +57,15 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir or self.output_dir)
         self.planned_peak_gb, self.report = planned_peak_gb, report
         self.model, self.optimizer = model, optimizer
-        self.context = StepContext(strategy, model, loss, tokenizer)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.context = StepContext(strategy, model, loss, tokenizer, seed=self.args.seed)
         self.memory_after_setup_gb = round(strategy.memory_allocated() / 2**30, 3)  # weights, before any step
+        batch_size, accum = stage.loader_shape(cfg)
         self.schedule = StepSchedule(
             len(self.train_ds),
-            self.args.per_device_train_batch_size,
-            self.args.gradient_accumulation_steps,
-            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            batch_size,
+            accum,
+            seed,
             strategy.dp_rank,
             strategy.dp_size,
         )
@@ -76,19 +82,24 @@ class Trainer:
         self.padded_tokens = 0  # batch slots processed, padding included (for the padding share)
         self.faults = faults.from_env()  # None unless a test arms one
 
-    # -- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int, dict]:
-        """Forward/backward every micro-batch, normalized by the step's global unit count (label tokens, pairs
-        or examples, as the stage says); then step. Returns loss, grad norm, input tokens and metric sums."""
-        n_units = self.strategy.all_reduce_sum(sum(self.loss.num_units(b) for b in micro_batches))
-        self.model.train()
-        loss_sum, metrics = self.strategy.forward_backward(self.model, micro_batches, self.loss, n_units)
-        grad_norm = self.strategy.step(self.model, self.optimizer, self.args.max_grad_norm)
+    # -- one step ------------------------------------------------------------------------------------
+    def train_step(self, updates: list[list[dict]]) -> tuple[float, float, int, dict]:
+        """Each update: forward/backward of its micro-batches, normalized by its global unit count (label tokens,
+        pairs, examples or completions, as the stage says), then an optimizer step; the learning rate moves once.
+        Returns the mean loss and grad norm of the updates, input tokens and metric sums (with `prepare`'s)."""
+        losses, norms, n_input, metrics = [], [], 0, self.context.metrics
+        self.context.metrics = {}
+        for micro_batches in updates:
+            n_units = self.strategy.all_reduce_sum(sum(self.loss.num_units(b) for b in micro_batches))
+            self.model.train()
+            loss_sum, update_metrics = self.strategy.forward_backward(self.model, micro_batches, self.loss, n_units)
+            norms.append(self.strategy.step(self.model, self.optimizer, self.args.max_grad_norm))
+            add_metrics(metrics, update_metrics)
+            losses.append(float(self.strategy.all_reduce_sum(loss_sum)) / max(n_units, 1))
+            n_input += int(self.strategy.all_reduce_sum(sum(self.loss.num_input_tokens(b) for b in micro_batches)))
+            self.padded_tokens += int(self.strategy.all_reduce_sum(sum(b["input_ids"].numel() for b in micro_batches)))
         self.scheduler.step()
-        loss_value = float(self.strategy.all_reduce_sum(loss_sum)) / max(n_units, 1)
-        n_input = int(self.strategy.all_reduce_sum(sum(self.loss.num_input_tokens(b) for b in micro_batches)))
-        self.padded_tokens += int(self.strategy.all_reduce_sum(sum(b["input_ids"].numel() for b in micro_batches)))
-        return loss_value, grad_norm, n_input, self._reduce(metrics)
+        return sum(losses) / len(losses), sum(norms) / len(norms), n_input, self._reduce(metrics)
 
     def _reduce(self, metrics: dict) -> dict:
         """(sum, count) pairs summed over the data-parallel ranks in one collective (every rank has the same keys)."""
@@ -100,7 +111,8 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------
     def _loader(self, start_step: int):
-        """Micro-batches from `start_step` on, grouped per optimizer step (the schedule is deterministic)."""
+        """Micro-batches from `start_step` on, grouped per step (the schedule is deterministic); each carries its
+        examples' dataset indices (`index`), which key a rollout's random draws."""
         steps = [self.schedule.step(s) for s in range(start_step, self.total_steps)]
         flat = [mb for step in steps for mb in step]
         # Its own generator: creating the iterator must not draw from the global RNG (dropout), or a resumed
@@ -114,13 +126,14 @@ class Trainer:
         )
         it = iter(loader)
         for step in steps:
-            yield [next(it) for _ in step]
+            yield [{**next(it), "index": torch.as_tensor(rows)} for rows in step]
 
     def _steps(self, start_step: int):
-        """The optimizer steps from `start_step` on, each as the stage's `prepare` leaves its micro-batches."""
-        for micro_batches in self._loader(start_step):
+        """The steps from `start_step` on, each the updates the stage's `prepare` makes of its micro-batches."""
+        for step, micro_batches in enumerate(self._loader(start_step), start=start_step):
             self.model.train()
-            yield from self.stage.prepare(self.context, micro_batches)
+            self.context.step = step
+            yield self.stage.prepare(self.context, micro_batches)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, dict]:
@@ -265,8 +278,8 @@ class Trainer:
         guard = RunGuard(self.strategy, self.args.max_nonfinite_steps, self.args.fp16, self.output_dir / STOP_FILE)
         with guard:
             try:
-                for micro_batches in self._steps(self.step):
-                    loss, grad_norm, n_tokens, metrics = self.train_step(micro_batches)
+                for updates in self._steps(self.step):
+                    loss, grad_norm, n_tokens, metrics = self.train_step(updates)
                     self.step += 1
                     losses.append(loss)
                     run_tokens += n_tokens

@@ -14,7 +14,7 @@ reduces them and `summarize` turns them into the logged means. A loss knows noth
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,12 +94,19 @@ class StageLoss:
 @dataclass
 class StepContext:
     """What a stage's `prepare` works with: the strategy (`forward_only`, `generate`), the policy as the
-    strategy wrapped it, the stage's loss (its frozen models) and the tokenizer."""
+    strategy wrapped it, the stage's loss (its frozen models) and the tokenizer; for rollouts also the token ids
+    that end an answer, the 0-based step being prepared and the run's seed. `metrics` collects the (sum, count)
+    pairs `prepare` measures (rewards, lengths, seconds), which the loop logs with the step's."""
 
     strategy: object
     model: torch.nn.Module
     loss: StageLoss
     tokenizer: object = None
+    stop_ids: list[int] | None = None
+    step: int = 0
+    seed: int = 0
+    metrics: dict = field(default_factory=dict)
+    training: bool = True  # False while evaluating
 
 
 def one_step(ctx: StepContext, batches: list[dict]) -> list[list[dict]]:

@@ -2,8 +2,8 @@
 
 A spec names its data kind (how records become rows, how they pack and collate), its model head, the frozen
 models it reads, its loss and the metrics it shows, the work it does before each update (`prepare`: reference
-log-probs now, rollouts later) and its config rules. Adding a stage is adding one spec
-here; no other module compares a stage's name.
+log-probs, rollouts), how many rows the loader draws per micro-batch and step, and its config rules. Adding a
+stage is adding one spec here; no other module compares a stage's name.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lf_dist.config import RunConfig
-from lf_dist.data.kinds import FEEDBACK, PAIRWISE, SUPERVISED, TEXT, DataKind
+from lf_dist.data.kinds import FEEDBACK, PAIRWISE, PROMPT, SUPERVISED, TEXT, DataKind
 from lf_dist.errors import UserError
 from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE, Head
+from lf_dist.train.grpo import GRPOLoss, grpo_prepare
 from lf_dist.train.losses import CausalLMLoss, StageLoss, StepContext, one_step
 from lf_dist.train.pref_losses import REFERENCE_LOSSES
 from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss, reference_columns
@@ -42,6 +43,13 @@ class StageSpec:
     # (context, the loader's micro-batches of one step) → the micro-batches of one or more optimizer steps, with
     # the columns the loss reads (reference log-probs; generated and scored completions), before `train_step`
     prepare: Callable[[StepContext, list[dict]], list[list[dict]]] = one_step
+    # (config) → (rows per micro-batch, micro-batches per step) the loader draws on each rank
+    loader_shape: Callable[[RunConfig], tuple[int, int]] = lambda cfg: (
+        cfg.train.per_device_train_batch_size,
+        cfg.train.gradient_accumulation_steps,
+    )
+    # the stage's own config rules (after the shared ones): a checked copy of the config, or a UserError
+    check: Callable[[RunConfig], RunConfig] = lambda cfg: cfg
     packing_default: bool = False  # packing when the config leaves it unset
     neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
     prompt_masking: bool = False  # train_on_prompt / mask_history apply
@@ -58,6 +66,45 @@ def _reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
 
 def _dpo_reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
     return _reference(cfg) if cfg.finetuning.pref_loss in REFERENCE_LOSSES else ()
+
+
+def _grpo_reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
+    return _reference(cfg) if cfg.finetuning.beta != 0.0 else ()
+
+
+def _prompts_per_batch(cfg: RunConfig) -> tuple[int, int]:
+    """grpo's per-device batch counts completions: its prompts are that over num_generations."""
+    return (
+        cfg.train.per_device_train_batch_size // cfg.finetuning.num_generations,
+        cfg.train.gradient_accumulation_steps,
+    )
+
+
+def _check_rollouts(cfg: RunConfig) -> None:
+    """What every rollout stage refuses: an eval set (no eval defined yet for them) and packing."""
+    stage, data_args = cfg.finetuning.stage, cfg.data
+    if data_args.eval_dataset or data_args.val_size > 1e-6:
+        raise UserError(
+            f"eval_dataset / val_size: stage {stage} has no evaluation yet (it would be the mean reward on eval "
+            "prompts); remove them to continue"
+        )
+
+
+def _check_grpo(cfg: RunConfig) -> RunConfig:
+    from lf_dist.train.rewards import load_reward_functions
+
+    _check_rollouts(cfg)
+    f, batch = cfg.finetuning, cfg.train.per_device_train_batch_size
+    if batch % f.num_generations:
+        raise UserError(
+            f"per_device_train_batch_size: {batch} completions per device do not divide into groups of "
+            f"num_generations {f.num_generations} (a prompt's group stays on one rank); use a multiple of "
+            f"{f.num_generations}"
+        )
+    if not f.reward_funcs:
+        raise UserError("reward_funcs: stage grpo needs at least one reward function (path.py:function)")
+    load_reward_functions(f.reward_funcs)  # a missing file or function, or a wrong signature: one line now
+    return cfg
 
 
 def _dpo(cfg: RunConfig, frozen: dict) -> DPOLoss:
@@ -100,9 +147,19 @@ STAGES = {
             "dpo", PAIRWISE, CAUSAL_LM, _dpo, frozen=_dpo_reference, prepare=reference_columns, neat_packing=True
         ),
         StageSpec("kto", FEEDBACK, CAUSAL_LM, _kto, frozen=_reference, prepare=reference_columns),
+        StageSpec(
+            "grpo",
+            PROMPT,
+            CAUSAL_LM,
+            GRPOLoss,
+            frozen=_grpo_reference,
+            prepare=grpo_prepare,
+            loader_shape=_prompts_per_batch,
+            check=_check_grpo,
+        ),
     )
 }
-NOT_IMPLEMENTED = ("ppo",)  # LLaMA-Factory stages lf-dist does not run yet
+NOT_IMPLEMENTED = ("ppo", "ppo_custom")  # stages lf-dist does not run yet
 
 
 def get_stage(name: str) -> StageSpec:
@@ -131,7 +188,7 @@ def check_stage_config(cfg: RunConfig) -> RunConfig:
     if data_args.packing and not spec.data.packs:
         where = _stages_where(lambda s: s.data.packs and not s.packing_default)
         raise UserError(f"packing: not supported for stage {spec.name} (rows pack for {where})")
-    return cfg
+    return spec.check(cfg)
 
 
 def build_loss(cfg: RunConfig, frozen: dict | None = None) -> StageLoss:

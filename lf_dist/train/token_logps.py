@@ -167,3 +167,63 @@ def sequence_logps(model, inputs: dict, labels: torch.Tensor, seq_ids: torch.Ten
     sums = torch.zeros(n_seqs, device=token_logps.device, dtype=token_logps.dtype).index_add(0, seqs, token_logps)
     counts = torch.zeros_like(sums).index_add(0, seqs, torch.ones_like(token_logps))
     return sums, counts
+
+
+class ScoredLogits(NamedTuple):
+    logits: torch.Tensor  # the output layer's logits at the scored positions [N, V], row-major order
+    mask: torch.Tensor  # [B, T-1], as in TokenLogps
+    values: torch.Tensor | None  # the value head's output at the same positions [N] (ppo), else None
+
+
+def scored_logits(model, inputs: dict, labels: torch.Tensor, value_head: torch.nn.Module | None = None):
+    """Logits (and a value head's outputs on the same hidden states) at the positions whose next label is not
+    IGNORE_INDEX: what online RL reads to take temperature-scaled log-probs and entropies of completions. Runs
+    inside the model's own call, like `label_logps`, so every wrapper's hooks see it."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    lm, layer = causal_lm(model), output_layer(model)
+    index = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(-1)
+    if not _keeps_logits(model, lm, layer, inputs):
+        if value_head is not None:
+            raise RuntimeError(f"{type(lm).__name__} post-processes its logits: no value head on it")
+        logits = _own_forward_logits(model, layer, inputs, index)
+        return ScoredLogits(logits, mask, None)
+    values = []
+    decoder = getattr(lm, lm.base_model_prefix)
+
+    def forward(*args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "logits_to_keep")}
+        hidden = decoder(*args, **kwargs).last_hidden_state
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        if value_head is not None:
+            values.append(value_head(picked.to(value_head.weight.dtype)).squeeze(-1).float())
+        return layer(picked)
+
+    with _forward_as(lm, forward):
+        logits = model(**inputs, use_cache=False)
+    return ScoredLogits(logits, mask, values[0] if values else None)
+
+
+def _own_forward_logits(model, layer, inputs: dict, index: torch.Tensor) -> torch.Tensor:
+    own = layer.forward
+
+    def picked(hidden, *args, **kwargs):
+        return own(hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)[None], *args, **kwargs)
+
+    with _forward_as(layer, picked):
+        logits = model(**inputs, use_cache=False).logits
+    if logits.shape[:2] != (1, index.numel()):
+        logits = logits.reshape(-1, logits.shape[-1]).index_select(0, index).unsqueeze(0)
+    return logits[0]
+
+
+def logps_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+    """log p(target) and the entropy (without gradient) of each row's distribution at `temperature`, in fp32
+    (TRL's order: logits divided by the temperature, then log-softmax)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets[:, None]).squeeze(-1)
+    with torch.no_grad():  # logged, never differentiated (as TRL)
+        entropy = -(logp.exp() * logp).sum(-1)
+    return picked, entropy
