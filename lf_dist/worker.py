@@ -7,6 +7,7 @@ data) is checked before the first byte goes to output_dir.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
     for need in stage.frozen(cfg):
         if need.path is None:
             frozen[need.role] = Frozen(None, strategy.unwrap)
+        elif need.build is not None:
+            factory = functools.partial(need.build, cfg, tokenizer, strategy.frozen_dtype())
+            frozen[need.role] = Frozen(strategy.prepare_frozen(lambda meta, factory=factory: factory(meta=meta)))
         else:
             recipe = ModelRecipe(
                 cfg, tokenizer, need.head, strategy.frozen_dtype(), path=need.path, quantize=strategy.quantizes_at_load

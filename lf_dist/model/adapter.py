@@ -61,7 +61,10 @@ def _apply_lora(model, cfg: RunConfig, head: Head):
         lora_alpha=finetuning_args.lora_alpha,
         lora_dropout=finetuning_args.lora_dropout,
         target_modules="all-linear" if targets == ["all"] else targets,
-        modules_to_save=_split(finetuning_args.additional_target) or None,
+        # peft saves SEQ_CLS's `score` by itself; a value head beside the language-model head is named here
+        modules_to_save=_split(finetuning_args.additional_target)
+        + [m for m in head.new_modules if head.peft_task != "SEQ_CLS"]
+        or None,
         use_dora=finetuning_args.use_dora,
         use_rslora=finetuning_args.use_rslora,
     )

@@ -158,6 +158,10 @@ def load_model(
             device = device or torch.device("cpu")
             kwargs.update(quantization_config=quantization_config(cfg), device_map={"": device})
         model = auto.from_pretrained(path, cache_dir=model_args.cache_dir, **head_config, **kwargs)
+    if head.value_head:
+        from lf_dist.model.heads import add_value_head
+
+        add_value_head(model, kwargs["dtype"])
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
     # the plan turns it on only with CUDA and a supported family; a meta model too (instance patching allocates
     # nothing), since sharded strategies train the model they built on the meta device

@@ -175,6 +175,7 @@ class Trainer:
             "data_position": {"epoch": epoch, "micro_batch": micro},
             "num_tokens": tracker.num_tokens,
             "log_history": tracker.history,
+            **({"stage_state": self.loss.state_dict()} if self.loss.state_dict() else {}),
         }
 
     def _log_eval_save(self, tracker: Tracker, loss: float, grad_norm: float, n_tokens: int, metrics: dict):
@@ -258,6 +259,8 @@ class Trainer:
         self.strategy.load_checkpoint(self.model, self.optimizer, self.scheduler, resume_from)
         ckpt.restore_rng(resume_from, self.strategy.rank)
         self.step = state["global_step"]
+        if "stage_state" in state:
+            self.loss.load_state_dict(state["stage_state"])
         self.last_checkpoint = Path(resume_from)
         self._follow_learning_rate()
         return state

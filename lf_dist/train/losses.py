@@ -90,6 +90,14 @@ class StageLoss:
         """The logged values of reduced (sum, count) pairs."""
         return {k: round(v, 6) for k, v in self.means(sums).items()}
 
+    def state_dict(self) -> dict:
+        """What the loss carries from step to step (ppo's KL coefficient, score moments), JSON-serialisable: it
+        is saved in checkpoints and restored on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027 - most losses carry nothing
+        pass
+
 
 @dataclass
 class StepContext:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from lf_dist.config import RunConfig
 from lf_dist.data.kinds import FEEDBACK, PAIRWISE, PROMPT, SUPERVISED, TEXT, DataKind
 from lf_dist.errors import UserError
-from lf_dist.model.heads import CAUSAL_LM, SEQUENCE_SCORE, Head
+from lf_dist.model.heads import CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_SCORE, Head
 from lf_dist.train.grpo import GRPOLoss, grpo_prepare
 from lf_dist.train.losses import CausalLMLoss, StageLoss, StepContext, one_step
+from lf_dist.train.ppo import PPOLoss, ppo_prepare
 from lf_dist.train.pref_losses import REFERENCE_LOSSES
 from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss, reference_columns
 
@@ -29,6 +30,9 @@ class FrozenModel:
     role: str
     path: str | None
     head: Head = CAUSAL_LM
+    # (config, tokenizer, dtype, meta) → the model, where a path and head do not say how to build it (a reward
+    # model made of adapters and a value head)
+    build: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,38 @@ def _check_rollouts(cfg: RunConfig) -> None:
             f"eval_dataset / val_size: stage {stage} has no evaluation yet (it would be the mean reward on eval "
             "prompts); remove them to continue"
         )
+
+
+def _ppo_frozen(cfg: RunConfig) -> tuple[FrozenModel, ...]:
+    """The reference, and ppo's reward model (ppo_custom scores with functions)."""
+    if cfg.finetuning.stage != "ppo":
+        return _reference(cfg)
+    from lf_dist.model.reward_model import build_reward_model
+
+    reward = FrozenModel("reward", cfg.finetuning.reward_model, SEQUENCE_SCORE, build=build_reward_model)
+    return (*_reference(cfg), reward)
+
+
+def _ppo_loader(cfg: RunConfig) -> tuple[int, int]:
+    """A ppo step's rollout: per-device batch × accumulation × ppo_buffer_size prompts per rank."""
+    train_args = cfg.train
+    return (
+        train_args.per_device_train_batch_size,
+        train_args.gradient_accumulation_steps * cfg.finetuning.ppo_buffer_size,
+    )
+
+
+def _check_ppo(cfg: RunConfig) -> RunConfig:
+    _check_rollouts(cfg)
+    if cfg.finetuning.stage == "ppo":
+        from lf_dist.model.reward_model import check_reward_model
+
+        check_reward_model(cfg)
+    else:
+        from lf_dist.train.rewards import PPO_CUSTOM_DEFAULT, load_reward_functions
+
+        load_reward_functions(cfg.finetuning.reward_funcs or [PPO_CUSTOM_DEFAULT])
+    return cfg
 
 
 def _check_grpo(cfg: RunConfig) -> RunConfig:
@@ -157,9 +193,22 @@ STAGES = {
             loader_shape=_prompts_per_batch,
             check=_check_grpo,
         ),
+        *(
+            StageSpec(
+                name,
+                PROMPT,
+                CAUSAL_LM_VALUE,
+                PPOLoss,
+                frozen=_ppo_frozen,
+                prepare=ppo_prepare,
+                loader_shape=_ppo_loader,
+                check=_check_ppo,
+            )
+            for name in ("ppo", "ppo_custom")
+        ),
     )
 }
-NOT_IMPLEMENTED = ("ppo", "ppo_custom")  # stages lf-dist does not run yet
+NOT_IMPLEMENTED = ()  # LLaMA-Factory stages lf-dist does not run yet
 
 
 def get_stage(name: str) -> StageSpec:
