@@ -212,6 +212,10 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
         results = trainer.fit(resume_from)
         strategy.export(trainer.model, tokenizer, out)
         if strategy.is_main:
+            if stage.head.value_head:
+                from lf_dist.model.value_head import split_value_head
+
+                split_value_head(out)
             ckpt.drop_superseded(checkpoints)
         if cfg.finetuning.plot_loss:
             trainer.tracker.plot()

@@ -168,6 +168,7 @@ class FinetuningArgs(Freezable):
     num_iterations: int = 1
     mask_truncated_completions: bool = False
     use_bias_correction_kl: bool = False
+    log_completions: bool = False  # TRL's: every rollout's prompts, completions and rewards in completions.jsonl
 
 
 @dataclass

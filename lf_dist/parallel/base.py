@@ -239,6 +239,10 @@ class Strategy(ABC):
         """One number from every data-parallel rank, in rank order."""
         return [value]
 
+    def gather_objects(self, value) -> list:
+        """A picklable object from every data-parallel rank, in rank order (logs, not tensors)."""
+        return [value]
+
     def barrier(self) -> None:  # noqa: B027 - a no-op on one process
         pass
 

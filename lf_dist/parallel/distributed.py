@@ -91,6 +91,11 @@ class DistributedStrategy(Strategy):
         dist.all_reduce(out, group=self.dp_group)
         return out.tolist()
 
+    def gather_objects(self, value) -> list:
+        out = [None] * self.dp_size
+        dist.all_gather_object(out, value, group=self.dp_group)
+        return out
+
     def barrier(self) -> None:
         dist.barrier()
 

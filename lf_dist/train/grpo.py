@@ -21,6 +21,7 @@ from lf_dist.train.online_rl import (
     global_moments,
     log_lengths,
     log_value,
+    record,
     sampling_of,
     score_with_functions,
 )
@@ -115,6 +116,7 @@ def grpo_prepare(ctx, batches: list[dict]) -> list[list[dict]]:
     advantages, std = _advantages(ctx, loss, rewards)
     clock.lap("scoring")
     _log_rewards(ctx, loss, per_func, rewards, std)
+    record(ctx, rollouts, batches, rewards)
     log_lengths(ctx, rollouts)
     out = []
     for r, adv in zip(rollouts, advantages):

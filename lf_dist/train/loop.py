@@ -59,6 +59,8 @@ class Trainer:
         self.model, self.optimizer = model, optimizer
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         self.context = StepContext(strategy, model, loss, tokenizer, seed=self.args.seed)
+        if cfg.finetuning.log_completions:
+            self.context.completions_file = self.output_dir / "completions.jsonl"
         self.memory_after_setup_gb = round(strategy.memory_allocated() / 2**30, 3)  # weights, before any step
         batch_size, accum = stage.loader_shape(cfg)
         self.schedule = StepSchedule(

@@ -115,6 +115,7 @@ class StepContext:
     seed: int = 0
     metrics: dict = field(default_factory=dict)
     training: bool = True  # False while evaluating
+    completions_file: object = None  # a Path: rollouts are recorded there by the main rank (`log_completions`)
 
 
 def one_step(ctx: StepContext, batches: list[dict]) -> list[list[dict]]:

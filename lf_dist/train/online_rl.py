@@ -7,6 +7,7 @@ statistics that span the batch are reduced over every rank, so 2 ranks compute w
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -85,6 +86,35 @@ def score_with_functions(ctx, rollouts: list[Rollout], funcs: list[RewardFunctio
             f"reward_funcs: {failure}" if failure else "reward_funcs: a reward function failed on another rank"
         )
     return out
+
+
+def record(ctx, rollouts: list[Rollout], batches: list[dict], rewards: list[torch.Tensor]) -> None:
+    """`log_completions`: each completion of the step with its prompt and reward, one JSON line each, written by
+    the main rank in (dataset index, sample) order whatever the rank layout."""
+    if ctx.completions_file is None:
+        return
+    mine = []
+    for r, b, reward in zip(rollouts, batches, rewards):
+        n = len(r.texts) // len(b["index"])
+        for i, text in enumerate(r.texts):
+            ids = r.completions.ids[i, : int(r.completions.lengths[i])].tolist()
+            value = float(reward[i])
+            mine.append(
+                {
+                    "step": ctx.step + 1,
+                    "index": int(b["index"][i // n]),
+                    "sample": i % n,
+                    "prompt": r.queries[i],
+                    "completion": text,
+                    "completion_ids": ids,
+                    "reward": None if math.isnan(value) else value,
+                }
+            )
+    everything = [x for part in ctx.strategy.gather_objects(mine) for x in part]
+    if ctx.strategy.is_main:
+        everything.sort(key=lambda x: (x["index"], x["sample"]))
+        with open(ctx.completions_file, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(x) + "\n" for x in everything)
 
 
 def global_moments(ctx, values: torch.Tensor) -> tuple[float, float, int]:

@@ -24,6 +24,7 @@ from lf_dist.train.online_rl import (
     global_moments,
     log_lengths,
     log_value,
+    record,
     sampling_of,
     score_with_functions,
 )
@@ -144,6 +145,7 @@ def ppo_prepare(ctx, batches: list[dict]) -> list[list[dict]]:
     mbs = [dict(r.batch) for r in rollouts]
     raw = _scores(ctx, loss, rollouts, mbs)
     clock.lap("scoring")
+    record(ctx, rollouts, batches, list(raw.split([len(r.texts) for r in rollouts])))
     mean, std, n = global_moments(ctx, raw)
     log_value(ctx, "reward", mean)
     log_value(ctx, "reward_std", std)
