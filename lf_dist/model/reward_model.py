@@ -230,7 +230,7 @@ def _load_merged(loading: RunConfig, plan: RewardPlan, tokenizer, dtype: torch.d
 
     sources = plan.sources
     model = load_model(loading, tokenizer, plan.head, dtype=dtype, device=device).to(device)
-    for adapter in sources.adapters[:0]:
+    for adapter in sources.adapters:
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
     if sources.sharded is not None:
         model = _lay_over(model, sources.sharded, device)
