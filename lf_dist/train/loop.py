@@ -90,7 +90,7 @@ class Trainer:
         pairs, examples or completions, as the stage says), then an optimizer step; the learning rate moves once.
         Returns the mean loss and grad norm of the updates, input tokens and metric sums (with `prepare`'s)."""
         losses, norms, n_input, metrics = [], [], 0, self.context.metrics
-        self.context.metrics = {}
+        self.context.metrics, start = {}, time.perf_counter()
         for micro_batches in updates:
             n_units = self.strategy.all_reduce_sum(sum(self.loss.num_units(b) for b in micro_batches))
             self.model.train()
@@ -101,6 +101,14 @@ class Trainer:
             n_input += int(self.strategy.all_reduce_sum(sum(self.loss.num_input_tokens(b) for b in micro_batches)))
             self.padded_tokens += int(self.strategy.all_reduce_sum(sum(b["input_ids"].numel() for b in micro_batches)))
         self.scheduler.step()
+        if any(k.startswith("time/") for k in metrics):  # a rollout stage: its update's share of the step too
+            seconds = time.perf_counter() - start
+            add_metrics(
+                metrics, {"time/updating": torch.stack([torch.tensor(seconds).double(), torch.tensor(1.0).double()])}
+            )
+            totals = self.context.totals
+            totals["updating_s"] = totals.get("updating_s", 0.0) + seconds
+            totals["update_tokens"] = totals.get("update_tokens", 0) + n_input
         return sum(losses) / len(losses), sum(norms) / len(norms), n_input, self._reduce(metrics)
 
     def _reduce(self, metrics: dict) -> dict:
@@ -329,7 +337,23 @@ class Trainer:
         if self.planned_peak_gb is not None:
             results["planned_peak_memory_gb"] = self.planned_peak_gb
         results.update(self._per_rank_memory())
+        results.update(self._rollout_throughput())
         return results
+
+    def _rollout_throughput(self) -> dict:
+        """Rollout stages: tokens generated per second of generating, and tokens updated on per second of updating
+        (every rank's tokens over the ranks' mean seconds)."""
+        totals = self.context.totals
+        if not totals:
+            return {}
+        keys = ("generated_tokens", "generating_s", "updating_s")  # this rank's; update_tokens is global already
+        summed = self.strategy.all_reduce_sum(torch.tensor([float(totals.get(k, 0)) for k in keys]).double())
+        tokens, gen_s, update_s = (float(x) for x in summed.cpu())
+        update_tokens, world = totals.get("update_tokens", 0), self.strategy.dp_size
+        return {
+            "generated_tokens_per_second": round(tokens / max(gen_s / world, 1e-9), 2),
+            "update_tokens_per_second": round(update_tokens / max(update_s / world, 1e-9), 2),
+        }
 
     def _per_rank_memory(self) -> dict:
         """Each rank's weights (its local storage: shards where sharded) and peak memory, measured, in rank order."""

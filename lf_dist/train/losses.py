@@ -116,6 +116,8 @@ class StepContext:
     metrics: dict = field(default_factory=dict)
     training: bool = True  # False while evaluating
     completions_file: object = None  # a Path: rollouts are recorded there by the main rank (`log_completions`)
+    # this rank's running totals for all_results.json: generated tokens and seconds spent generating, updating
+    totals: dict = field(default_factory=dict)
 
 
 def one_step(ctx: StepContext, batches: list[dict]) -> list[list[dict]]:

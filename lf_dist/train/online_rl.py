@@ -53,6 +53,7 @@ def generate(ctx, batches: list[dict], n: int, sampling: Sampling, engine=None) 
         prompts = {k: b[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask")}
         keys = sample_keys(ctx.seed, ctx.step, b["index"], n)
         completions = engine.generate(ctx, prompts, keys, sampling)
+        ctx.totals["generated_tokens"] = ctx.totals.get("generated_tokens", 0) + int(completions.lengths.sum())
         out.append(
             Rollout(
                 completions,
@@ -156,6 +157,7 @@ class Clock:
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         add_metrics(self.ctx.metrics, {f"time/{phase}": metric(torch.tensor(now - self.start), 1)})
+        self.ctx.totals[f"{phase}_s"] = self.ctx.totals.get(f"{phase}_s", 0.0) + now - self.start
         self.start = now
 
 

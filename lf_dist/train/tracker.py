@@ -196,7 +196,8 @@ class Tracker:
         self.reporters = []
 
     def plot(self) -> Path | None:
-        """training_loss.png (and eval_loss.png when evaluated), like LLaMA-Factory's plot_loss."""
+        """training_loss.png (and eval_loss.png when evaluated; training_reward.png for the rollout stages), like
+        LLaMA-Factory's plot_loss."""
         if not self.enabled:
             return None
         import matplotlib
@@ -204,7 +205,7 @@ class Tracker:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        for key in ("loss", "eval_loss"):
+        for key in ("loss", "eval_loss", "reward"):
             points = [(e["current_steps"], e[key]) for e in self.history if key in e]
             if not points:
                 continue
@@ -216,7 +217,7 @@ class Tracker:
             plt.xlabel("step")
             plt.ylabel(key)
             plt.legend()
-            name = "training_loss.png" if key == "loss" else "training_eval_loss.png"
+            name = {"loss": "training_loss.png", "eval_loss": "training_eval_loss.png"}.get(key, f"training_{key}.png")
             plt.savefig(self.output_dir / name, format="png", dpi=100)
             plt.close()
         return self.output_dir / "training_loss.png"

@@ -1,0 +1,175 @@
+"""Online RL as users run it: the tiny grpo, ppo_custom and ppo examples raise their rewards on a CPU in seconds,
+LLaMA-Factory's own PPO YAML runs, the result loads in chat and export, a killed run resumes bitwise, and every
+mistake ends in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import DATA_DIR, ROOT, TINY_MODEL
+
+EXAMPLES = ROOT / "examples" / "tiny"
+
+
+def _run(command: str, config: Path, *overrides: str, cwd: Path = ROOT, env: dict | None = None, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "lf_dist", command, str(config), *overrides],
+        cwd=cwd,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=400,
+    )
+
+
+def _train(config: Path, *overrides: str, **kw) -> subprocess.CompletedProcess:
+    proc = _run("train", config, "disable_tqdm=true", "logging_steps=1", *overrides, **kw)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _log(out: Path) -> list[dict]:
+    lines = (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+    return [e for e in map(json.loads, lines) if "loss" in e]
+
+
+def _first_last(values: list[float]) -> tuple[float, float, float]:
+    return statistics.mean(values[:5]), statistics.stdev(values[:5]), statistics.mean(values[-5:])
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory) -> Path:
+    """The reward model `examples/tiny/rm_lora.yaml` trains, as ppo_lora.yaml expects it."""
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    _train(EXAMPLES / "rm_lora.yaml", f"output_dir={out}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ppo_custom_run(tmp_path_factory) -> Path:
+    """ppo_custom as the fork runs it: no reward_funcs key, custom_rewards/reward_functions.py in the working
+    directory."""
+    work = tmp_path_factory.mktemp("fork")
+    shutil.copytree(EXAMPLES / "custom_rewards", work / "custom_rewards")
+    text = (EXAMPLES / "ppo_custom_lora.yaml").read_text(encoding="utf-8")
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("reward_funcs:"))
+    text = text.replace("examples/tiny/model", str(TINY_MODEL)).replace("examples/data", str(DATA_DIR))
+    config = work / "ppo_custom_lora.yaml"
+    config.write_text(text, encoding="utf-8")
+    _train(config, f"output_dir={work / 'out'}", cwd=work)
+    return work / "out"
+
+
+def test_grpo_example_raises_the_reward_of_its_reward_function(tmp_path):
+    out = tmp_path / "grpo"
+    _train(EXAMPLES / "grpo_lora.yaml", f"output_dir={out}")
+    log = _log(out)
+    first, _, last = _first_last([e["reward"] for e in log])
+    assert last - first >= 0.15, (first, last)
+    assert all(math.isfinite(e["kl"]) for e in log) and log[0]["kl"] == 0.0  # the reference is the start
+    for key in (
+        "reward",
+        "reward_std",
+        "rewards/even_word_share/mean",
+        "kl",
+        "entropy",
+        "policy_loss",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "clip_ratio/region_mean",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+        "completions/clipped_ratio",
+        "frac_reward_zero_std",
+        "lr",  # trainer_log.jsonl names it as LLaMA-Factory does
+        "time/generating",
+        "time/scoring",
+        "time/updating",
+    ):
+        assert key in log[-1], key
+    results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
+    assert results["generated_tokens_per_second"] > 0 and results["update_tokens_per_second"] > 0
+    assert (out / "training_reward.png").is_file() and (out / "training_loss.png").is_file()
+
+
+def test_ppo_custom_with_the_forks_default_reward_file_raises_the_reward(ppo_custom_run):
+    log = _log(ppo_custom_run)
+    first, _, last = _first_last([e["reward"] for e in log])
+    assert last - first >= 0.15, (first, last)
+    assert all(math.isfinite(e["kl"]) for e in log)
+    for key in ("value_loss", "kl_coef", "policy_loss", "clip_ratio/value_mean", "entropy"):
+        assert key in log[-1], key
+
+
+def test_the_value_head_is_saved_apart_and_the_policy_loads_in_chat_and_export(ppo_custom_run, tmp_path):
+    head = load_file(ppo_custom_run / "value_head.safetensors")
+    assert set(head) == {"v_head.summary.weight", "v_head.summary.bias"}
+    assert not any("v_head" in k for k in load_file(ppo_custom_run / "adapter_model.safetensors"))
+    infer = tmp_path / "infer.yaml"
+    infer.write_text(
+        f"model_name_or_path: {TINY_MODEL}\nadapter_name_or_path: {ppo_custom_run}\ntemplate: chatml\n"
+        f"max_new_tokens: 8\nexport_dir: {tmp_path / 'merged'}\n",
+        encoding="utf-8",
+    )
+    chat = _run("chat", infer, stdin="hello\nexit\n")
+    assert chat.returncode == 0 and "Assistant:" in chat.stdout, chat.stderr[-2000:]
+    export = _run("export", infer)
+    assert export.returncode == 0, export.stderr[-2000:]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any("v_head" in k or "lora" in k for k in merged)
+
+
+def test_ppo_against_a_reward_model_trained_by_rm_raises_its_score(reward_model, tmp_path):
+    out = tmp_path / "ppo"
+    _train(EXAMPLES / "ppo_lora.yaml", f"reward_model={reward_model}", f"output_dir={out}")
+    first, spread, last = _first_last([e["reward"] for e in _log(out)])
+    assert last >= first + spread, (first, spread, last)
+
+
+def test_llamafactorys_own_ppo_yaml_runs_with_only_its_paths_changed(reward_model, tmp_path):
+    """examples/train_lora/llama3_lora_ppo.yaml of LLaMA-Factory (top_k 0, top_p 0.9, 512 new tokens), pointed at
+    the tiny model, the demo data and a reward model trained by rm_lora.yaml; two steps of its run."""
+    out = tmp_path / "ppo"
+    proc = _train(
+        ROOT / "tests/fixtures/llamafactory_lora_ppo.yaml", f"reward_model={reward_model}", f"output_dir={out}",
+        "max_steps=2", "max_new_tokens=24",
+    )  # fmt: skip
+    log = _log(out)
+    assert len(log) == 2 and all(math.isfinite(e["reward"]) and math.isfinite(e["loss"]) for e in log)
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tmp_path):
+    """ppo_custom carries its KL coefficient and score moments across the checkpoint; -9 leaves no chance to
+    save anything else."""
+    config = EXAMPLES / "ppo_custom_lora.yaml"
+    common = ["max_steps=6", "save_steps=2", "per_device_train_batch_size=4", "overwrite_output_dir=false"]
+    common += ["disable_tqdm=true", "logging_steps=1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    _train(config, f"output_dir={ref}", *common)
+    killed = _run(
+        "train", config, f"output_dir={out}", *common, env={"LF_DIST_KILL_AT_STEP": "5", "LF_DIST_KILL_RANK": "0"}
+    )
+    assert killed.returncode != 0 and (out / "checkpoint-4").is_dir()
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text(encoding="utf-8"))
+    assert set(state["stage_state"]) == {"kl", "moments"} and state["stage_state"]["moments"]["count"] > 1
+    _train(config, f"output_dir={out}", *common)  # the same command resumes from checkpoint-4
+    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(load_file(out / "value_head.safetensors")["v_head.summary.weight"],
+                       load_file(ref / "value_head.safetensors")["v_head.summary.weight"])  # fmt: skip
+    assert [e["loss"] for e in _log(out)] == [e["loss"] for e in _log(ref)]
