@@ -173,3 +173,91 @@ def test_a_run_killed_after_its_second_checkpoint_resumes_to_the_same_weights(tm
     assert torch.equal(load_file(out / "value_head.safetensors")["v_head.summary.weight"],
                        load_file(ref / "value_head.safetensors")["v_head.summary.weight"])  # fmt: skip
     assert [e["loss"] for e in _log(out)] == [e["loss"] for e in _log(ref)]
+
+
+def _rl_yaml(tmp_path: Path, stage: str, **extra) -> Path:
+    """A small run of `stage` on the tiny model, with the examples' reward functions (files users keep beside
+    their configs)."""
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text(
+        "def share(prompts, completions, completion_ids, **kw):\n    return [0.5 for _ in completions]\n"
+        "def raises(prompts, completions, **kw):\n    raise ValueError('no judge reachable')\n"
+        "def not_finite(query, response):\n    return float('nan')\n"
+        "def not_a_number(query, response):\n    return 'good'\n"
+        "def short(prompts, completions, **kw):\n    return [1.0]\n"
+        "def one_arg(text):\n    return 1.0\n",
+        encoding="utf-8",
+    )
+    values = {
+        "model_name_or_path": TINY_MODEL,
+        "stage": stage,
+        "finetuning_type": "lora",
+        "dataset": "alpaca_demo",
+        "dataset_dir": DATA_DIR,
+        "template": "chatml",
+        "cutoff_len": 96,
+        "max_samples": 16,
+        "per_device_train_batch_size": 4,
+        "num_generations": 2,
+        "max_new_tokens": 4,
+        "max_steps": 2,
+        "save_steps": 1,
+        "output_dir": tmp_path / "out",
+        "disable_tqdm": True,
+        "reward_funcs": f"{rewards}:share",
+        **extra,
+    }
+    config = tmp_path / f"{stage}.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in values.items() if v is not None), encoding="utf-8")
+    return config
+
+
+CONFIG_MISTAKES = [
+    ("ppo", {"reward_funcs": None}, "reward_model: stage ppo scores completions with a reward model"),
+    ("ppo", {"reward_model": TINY_MODEL, "finetuning_type": "full"}, "reward_model_type:"),
+    ("ppo", {"reward_model": TINY_MODEL, "reward_model_type": "full"}, "reward_model:"),  # no score / value head
+    ("ppo", {"reward_model_type": "api"}, "reward_model_type: 'api' is not implemented"),
+    ("grpo", {"reward_funcs": "nowhere/rewards.py:share"}, "reward_funcs: nowhere/rewards.py not found"),
+    ("grpo", {"reward_funcs": "{rewards}:missing"}, "has no function 'missing'"),
+    ("grpo", {"reward_funcs": "{rewards}:one_arg"}, "reward_funcs: one_arg in"),
+    ("grpo", {"reward_funcs": None}, "reward_funcs: stage grpo needs at least one reward function"),
+    ("grpo", {"per_device_train_batch_size": 3}, "per_device_train_batch_size: 3 completions per device"),
+    ("grpo", {"val_size": 0.2}, "eval_dataset / val_size: stage grpo has no evaluation yet"),
+    ("grpo", {"reward_weights": "[1.0, 2.0]"}, "reward_weights: 2 weights for 1 reward_funcs"),
+    ("ppo_custom", {"reward_funcs": None}, "reward_funcs: custom_rewards/reward_functions.py not found"),
+]
+
+
+@pytest.mark.parametrize(("stage", "extra", "message"), CONFIG_MISTAKES, ids=[m[2][:40] for m in CONFIG_MISTAKES])
+def test_a_config_mistake_is_one_line_before_anything_loads(tmp_path, capsys, stage, extra, message):
+    from lf_dist.cli import main
+
+    rewards = tmp_path / "rewards.py"
+    extra = {k: (v.format(rewards=rewards) if isinstance(v, str) else v) for k, v in extra.items()}
+    config = _rl_yaml(tmp_path, stage, **extra)
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lf-dist: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+RUN_MISTAKES = [
+    ("raises", "raises in {rewards} raised ValueError: no judge reachable on a batch of 4 (first prompt '"),
+    ("not_finite", "not_finite in {rewards} returned nan for sample 0 (prompt '"),
+    ("not_a_number", "not_a_number in {rewards} returned str 'good', not a number, for sample 0 (prompt '"),
+    ("short", "short in {rewards} returned 1 rewards for 4 completions"),
+]
+
+
+@pytest.mark.parametrize(("func", "message"), RUN_MISTAKES, ids=[m[0] for m in RUN_MISTAKES])
+def test_a_failing_reward_function_stops_the_run_in_one_line_naming_it(tmp_path, capsys, func, message):
+    from lf_dist.cli import main
+
+    rewards = tmp_path / "rewards.py"
+    config = _rl_yaml(tmp_path, "grpo", reward_funcs=f"{rewards}:{func}")
+    assert main(["train", str(config)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("lf-dist:")]
+    assert len(err) == 1 and message.format(rewards=rewards) in err[0], err
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists() and not list(
+        (tmp_path / "out").glob("checkpoint-*")
+    )

@@ -82,10 +82,9 @@ def score_with_functions(ctx, rollouts: list[Rollout], funcs: list[RewardFunctio
                 failure = str(err)
         out.append(torch.tensor(columns, dtype=torch.float32).T if failure is None else None)
     failed = int(ctx.strategy.all_reduce_sum(torch.tensor(float(failure is not None))))
-    if failed:
-        raise UserError(
-            f"reward_funcs: {failure}" if failure else "reward_funcs: a reward function failed on another rank"
-        )
+    if failed:  # every rank stops with the first failing rank's message, whichever rank's line the user sees
+        failure = next(m for m in ctx.strategy.gather_objects(failure) if m is not None)
+        raise UserError(f"reward_funcs: {failure}")
     return out
 
 

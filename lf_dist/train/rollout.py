@@ -153,12 +153,14 @@ class RolloutEngine(Protocol):
 
 def _completions(prompt_ids, prompt_mask, output: torch.Tensor, stop_ids: list[int], pad_token_id: int) -> Completions:
     ids = output[:, prompt_ids.shape[1] :].cpu()
+    if ids.shape[1] == 0:  # nothing generated (an engine that returns the prompts alone): empty, not ended
+        return Completions(
+            prompt_ids.cpu(), prompt_mask.cpu(), ids, torch.zeros_like(ids), torch.ones(len(ids), dtype=torch.bool)
+        )
     is_stop = torch.isin(ids, torch.tensor(stop_ids))
     ended = is_stop.any(-1)
     first_stop = torch.where(ended, is_stop.int().argmax(-1), ids.shape[1] - 1)
     mask = (torch.arange(ids.shape[1])[None] <= first_stop[:, None]).long()
-    if ids.shape[1] == 0:
-        mask = torch.zeros_like(ids)
     return Completions(prompt_ids.cpu(), prompt_mask.cpu(), ids.masked_fill(mask == 0, pad_token_id), mask, ~ended)
 
 
