@@ -104,7 +104,8 @@ def build_frozen(cfg: RunConfig, stage, strategy, tokenizer) -> dict:
             frozen[need.role] = Frozen(None, strategy.unwrap)
         elif need.build is not None:
             factory = functools.partial(need.build, cfg, tokenizer, strategy.frozen_dtype())
-            frozen[need.role] = Frozen(strategy.prepare_frozen(lambda meta, factory=factory: factory(meta=meta)))
+            factory.loads_whole = True  # merges adapters into its weights: not buildable already partitioned
+            frozen[need.role] = Frozen(strategy.prepare_frozen(factory))
         else:
             recipe = ModelRecipe(
                 cfg, tokenizer, need.head, strategy.frozen_dtype(), path=need.path, quantize=strategy.quantizes_at_load

@@ -77,8 +77,9 @@ def assert_same_rollouts(out: Path, ref: Path, atol: float = 1e-4, weight_atol: 
     `weight_atol` (ppo makes 8 AdamW updates per step here, which amplify summation-order differences)."""
     ours, theirs = _completions(out), _completions(ref)
     assert len(ours) == len(theirs) > 0 and ours == theirs  # token for token, in the same order
-    for key in ("loss", "reward", "kl"):
+    for key in ("loss", "reward"):
         assert _log(out, key) == pytest.approx(_log(ref, key), abs=atol), key
+    assert _log(out, "kl") == pytest.approx(_log(ref, "kl"), rel=atol, abs=atol)  # ppo's: a sum over ~12 tokens
     w, r = weights(out), weights(ref)
     assert w.keys() == r.keys()
     for k in r:

@@ -186,8 +186,11 @@ class DeepSpeedStrategy(DistributedStrategy):
             "fp16": {"enabled": self.cfg.train.fp16},
             "steps_per_print": 10**9,
         }
-        with zero3_init(config):
+        if getattr(factory, "loads_whole", False):  # partitioned by initialize() after a whole load on each rank
             model = factory(False).requires_grad_(False)
+        else:
+            with zero3_init(config):
+                model = factory(False).requires_grad_(False)
         engine, _, _, _ = deepspeed.initialize(model=model, config=config)
         engine.eval()  # DeepSpeedEngine.eval() does not return the engine
         self.frozen_engines.append(engine)
