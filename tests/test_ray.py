@@ -252,3 +252,19 @@ def test_a_multi_node_cluster_without_ray_storage_path_is_refused_in_one_line(cl
         )
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_grpo_on_two_ray_workers_generates_and_learns_as_two_torchrun_ranks(cluster, tmp_path):
+    """Online RL through Ray Train: the rollouts (keyed by seed, step, prompt and sample) and the per-step loss
+    and reward of 2 workers equal the 2-rank torchrun run's."""
+    from .test_distributed_rl import _config as _rl_config
+    from .test_distributed_rl import assert_same_rollouts
+
+    config = _rl_config(tmp_path, "grpo", "lora")
+    text = config.read_text(encoding="utf-8").replace("overwrite_output_dir: True\n", "")
+    config.write_text(text, encoding="utf-8")
+    torchrun, on_ray = tmp_path / "torchrun", tmp_path / "ray"
+    lf_dist_train(config, f"output_dir={torchrun}", "strategy=fsdp2", "per_device_train_batch_size=4")
+    _on_ray(cluster, config, f"output_dir={on_ray}", "strategy=fsdp2", "per_device_train_batch_size=4",
+            f"ray_storage_path={tmp_path / 'store'}", "ray_run_name=grpo")  # fmt: skip
+    assert_same_rollouts(on_ray, torchrun)
