@@ -46,6 +46,12 @@ def _log(out: Path) -> list[dict]:
     return [e for e in map(json.loads, lines) if "loss" in e]
 
 
+def assert_planned_within_20_percent(out: Path) -> None:
+    """The measured peak (RSS on a CPU) within ±20% of the plan's estimate, which counts the rollout's terms."""
+    results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
+    assert abs(results["peak_memory_gb"] / results["planned_peak_memory_gb"] - 1) <= 0.2, results
+
+
 def _first_last(values: list[float]) -> tuple[float, float, float]:
     return statistics.mean(values[:5]), statistics.stdev(values[:5]), statistics.mean(values[-5:])
 
@@ -104,6 +110,7 @@ def test_grpo_example_raises_the_reward_of_its_reward_function(tmp_path):
     results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
     assert results["generated_tokens_per_second"] > 0 and results["update_tokens_per_second"] > 0
     assert (out / "training_reward.png").is_file() and (out / "training_loss.png").is_file()
+    assert_planned_within_20_percent(out)
 
 
 def test_ppo_custom_with_the_forks_default_reward_file_raises_the_reward(ppo_custom_run):
@@ -113,6 +120,7 @@ def test_ppo_custom_with_the_forks_default_reward_file_raises_the_reward(ppo_cus
     assert all(math.isfinite(e["kl"]) for e in log)
     for key in ("value_loss", "kl_coef", "policy_loss", "clip_ratio/value_mean", "entropy"):
         assert key in log[-1], key
+    assert_planned_within_20_percent(ppo_custom_run)
 
 
 def test_the_value_head_is_saved_apart_and_the_policy_loads_in_chat_and_export(ppo_custom_run, tmp_path):
@@ -138,6 +146,7 @@ def test_ppo_against_a_reward_model_trained_by_rm_raises_its_score(reward_model,
     _train(EXAMPLES / "ppo_lora.yaml", f"reward_model={reward_model}", f"output_dir={out}")
     first, spread, last = _first_last([e["reward"] for e in _log(out)])
     assert last >= first + spread, (first, spread, last)
+    assert_planned_within_20_percent(out)
 
 
 def test_llamafactorys_own_ppo_yaml_runs_with_only_its_paths_changed(reward_model, tmp_path):
@@ -261,3 +270,51 @@ def test_a_failing_reward_function_stops_the_run_in_one_line_naming_it(tmp_path,
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists() and not list(
         (tmp_path / "out").glob("checkpoint-*")
     )
+
+
+def _rl_plan(stage: str, profile: str, model: str = "Qwen2.5-7B", **keys):
+    from lf_dist.planner import load_profile, make_plan
+    from lf_dist.run_checks import load_config
+    from lf_dist.train.stages import get_stage
+
+    config = EXAMPLES / f"{stage}_lora.yaml"
+    values = {"model_name_or_path": ROOT / "examples/model-configs" / model, "bf16": True, **keys}
+    if stage != "ppo":
+        values["reward_funcs"] = f"{EXAMPLES / 'custom_rewards/reward_functions.py'}:custom_reward"
+    cfg = load_config(config, [f"{k}={v}" for k, v in values.items()])
+    return make_plan(cfg, load_profile(profile), get_stage(stage), launching=False)
+
+
+def test_the_plan_counts_a_rollouts_logits_kv_cache_gathered_weights_and_group_rows():
+    base = {"per_device_train_batch_size": 8, "num_generations": 4, "max_new_tokens": 256, "cutoff_len": 512}
+    one = _rl_plan("grpo", "a6000x1", "Qwen2.5-0.5B", **base).memory_gib
+    # the update's logits: every completion position, fp32, log-softmax, its gradient and the entropy (bf16: 14 B)
+    assert one["logits"] == pytest.approx(8 * 256 * 151_936 * 14 / 2**30, rel=1e-3)
+    longer = _rl_plan("grpo", "a6000x1", "Qwen2.5-0.5B", **{**base, "max_new_tokens": 512}).memory_gib
+    more_rows = _rl_plan("grpo", "a6000x1", "Qwen2.5-0.5B", **{**base, "per_device_train_batch_size": 16}).memory_gib
+    assert longer["total"] > one["total"] and more_rows["total"] > one["total"]  # KV cache, activations, logits
+    small = {**base, "per_device_train_batch_size": 4, "max_new_tokens": 64, "cutoff_len": 128}
+    sharded = _rl_plan("grpo", "h100x8", strategy="fsdp2", finetuning_type="full", **small).memory_gib
+    # generation gathers the whole model on every rank: 7/8 of its bf16 weights beyond the rank's own shard, on
+    # top of what the run holds throughout
+    gathered = 7_615_616_512 * 2 * 7 / 8 / 2**30
+    held = sum(sharded[k] for k in ("weights", "gathered_layers", "optimizer", "runtime"))
+    assert sharded["rollout"] > 0 and sharded["total"] >= held + gathered
+
+
+def test_the_plan_counts_ppos_reward_model_and_reference_as_frozen_copies(tmp_path):
+    from safetensors.torch import save_file
+
+    rm = tmp_path / "rm"  # a reward model's folder as the planner reads it: its config (weights are not read)
+    shutil.copytree(ROOT / "examples/model-configs/Qwen2.5-7B", rm)
+    config = json.loads((rm / "config.json").read_text(encoding="utf-8"))
+    config["architectures"] = ["Qwen2ForSequenceClassification"]
+    (rm / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    save_file({"score.weight": torch.zeros(1, config["hidden_size"])}, str(rm / "model.safetensors"))
+    lora = _rl_plan("ppo", "h100x8", reward_model=tmp_path / "rm", reward_model_type="full").memory_gib
+    assert lora["reference_model"] > 0  # LoRA: the reference is the policy with adapters off, the rm a copy
+    full = _rl_plan(
+        "ppo", "h100x8", reward_model=tmp_path / "rm", reward_model_type="full", finetuning_type="full",
+        strategy="fsdp2",
+    ).memory_gib  # fmt: skip
+    assert full["reference_model"] == pytest.approx(2 * 7_615_616_512 * 2 / 8 / 2**30, rel=0.01)

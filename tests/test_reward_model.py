@@ -15,7 +15,7 @@ import torch
 from lf_dist.errors import UserError
 from lf_dist.model.heads import SEQUENCE_SCORE, VALUE_HEAD_FILE, find_module
 from lf_dist.model.loader import load_tokenizer
-from lf_dist.model.reward_model import build_reward_model, check_reward_model, reward_scores
+from lf_dist.train.reward_model import build_reward_model, check_reward_model, reward_scores
 
 from .conftest import ROOT, TINY_MODEL, base_overrides, make_llama, stage_data
 

@@ -78,13 +78,22 @@ def choose(cfg: RunConfig, hw: HardwareProfile, model_config, stage, strategy: s
     k = Kernels()
     k.attention, why = _attention(cfg, hw, model_config)
     k.reasons.append(why)
-    k.padding_free, why = _padding_free(cfg, k.attention, stage.data.packs)
+    if stage.generates:  # completions are scored in right-padded rows, prompt then completion
+        k.padding_free, why = False, "padding-free batches off: a rollout's rows are prompt + completion, right-padded"
+    else:
+        k.padding_free, why = _padding_free(cfg, k.attention, stage.data.packs)
     k.reasons.append(why)
     k.liger, why = _liger(cfg, hw, getattr(model_config, "model_type", ""))
     if why:
         k.reasons.append(why)
     if not stage.head.scores_vocabulary:
         k.cross_entropy = "none"
+    elif stage.generates:
+        k.cross_entropy = "none"
+        k.reasons.append(
+            "log-probs: full fp32 logits at the completion's positions (the sampling temperature and the entropy "
+            "need them)"
+        )
     else:
         k.cross_entropy = "liger" if k.liger else "chunked"
         k.reasons.append(

@@ -17,6 +17,10 @@ What each term counts follows what lf-dist builds (not a generic textbook model)
   `kernels/cross_entropy.py`: ~128 MiB of fp32 logits, plus d logp / d hidden per token); without chunks every
   token is counted (an upper bound; prompts have none), with cross-entropy's saved log-softmax and gradient;
 - a frozen reference model is loaded like the policy; its forward without gradients adds its own logits;
+- a rollout stage (ppo, grpo) scores completions with full fp32 logits at their positions (temperature and
+  entropy need them), and generates first: a KV cache for prompt + new tokens of every row, and under sharding
+  the whole model gathered for the call (`Strategy.generate`); generation and the update do not overlap, so the
+  step's peak is the larger of the two (`rollout` counts what generation needs beyond the update);
 - on a CPU the process's RSS is the measure, and glibc's allocator keeps the blocks a step freed
   (`cpu_allocator_slack`).
 """
@@ -58,6 +62,7 @@ class Setup:
     logit_width: int = 0  # outputs per token: the vocabulary for a language-model head, 1 for a score head
     chunked_logits: bool = False  # the chunked linear cross-entropy: logits exist one chunk at a time
     trainable_padding: float = 0.0  # trainable values per rank beyond trainable / dp: FSDP2's padded rows
+    new_tokens: int = 0  # a rollout stage's max_new_tokens: rows are generated, then scored at those positions
 
 
 def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
@@ -94,6 +99,8 @@ def logit_bytes(c: int) -> int:
 
 
 def _logits(size: ModelSize, s: Setup) -> float:
+    if s.new_tokens:  # a completion's positions only, full fp32 logits: log-softmax, its gradient, the entropy
+        return s.rows * s.new_tokens * s.logit_width * (logit_bytes(s.compute_bytes) + 4)
     if not s.chunked_logits:
         return s.tokens * s.logit_width * logit_bytes(c=s.compute_bytes)
     # one chunk: the matmul's output, its fp32 copy in bf16 and the gradient cast back; d logp / d hidden kept
@@ -179,6 +186,15 @@ def host_bytes(size: ModelSize, s: Setup, ranks_per_node: int) -> float:
     return per_rank * ranks_per_node
 
 
+def _generation_bytes(size: ModelSize, s: Setup, sharded: bool) -> float:
+    """A rollout's generation: the KV cache of every row (prompt + new tokens), the last position's logits, and a
+    sharded model gathered whole for the call."""
+    c = s.compute_bytes
+    kv = s.rows * s.seq_len * size.num_layers * 2 * size.kv_size * c
+    gathered = size.num_params * c * (1 - 1 / s.dp) if sharded else 0.0
+    return kv + gathered + s.rows * s.logit_width * 4
+
+
 def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     """Bytes per device for each term (GiB), plus their total under "total"."""
     c = s.compute_bytes
@@ -217,6 +233,7 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     # were measured this way)
     if s.frozen_forward:
         ref_tokens = min(s.tokens, chunk_size(s.logit_width)) if s.chunked_logits else s.tokens
+        ref_tokens = s.rows * s.new_tokens if s.new_tokens else ref_tokens
         dynamic["reference_logits"] = ref_tokens * s.logit_width * (c + (4 if c < 4 else 0))
     if s.quant_bits:  # a 4/8-bit linear layer is dequantized for its matmul
         dynamic["dequantized_linear"] = size.largest_linear_params * c
@@ -228,6 +245,8 @@ def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:
     transient = sum(dynamic.values())
     dynamic["gradients"] = grads if s.accumulation > 1 else max(0.0, grads + step_temp - transient)
     terms.update(dynamic)
+    if s.new_tokens:
+        terms["rollout"] = max(0.0, _generation_bytes(size, s, sharded) - sum(dynamic.values()))
     if s.on_cpu:
         uncheckpointed = s.tokens * layers * layer_activation_bytes(size, s)
         terms["allocator_slack"] = cpu_allocator_slack(sum(dynamic.values()), terms["optimizer"], uncheckpointed, s)

@@ -58,6 +58,8 @@ class Sizing:
         training_args = self.cfg.train
         frozen = self.stage.frozen(with_method(self.cfg, method))
         rows = batch * self.stage.data.sequences
+        new_tokens = self.stage.generates(self.cfg) if self.stage.generates else 0
+        cutoff = cutoff + new_tokens  # a rollout's rows: the prompt (cut at cutoff_len), then its completion
         first_trainable = self.cfg.finetuning.freeze_trainable_layers
         world = world or self.world
         # more GPUs than a backend that replicates the weights: the scale-out backend shards them
@@ -87,6 +89,7 @@ class Sizing:
             accumulation=training_args.gradient_accumulation_steps,
             logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
             trainable_padding=self.padding(method, rank, shards, registry.SCALE_OUT if sharded_more else None),
+            new_tokens=new_tokens,
         )
 
     def padding(self, method: str, rank: int | None, shards: int, strategy: str | None = None) -> float:

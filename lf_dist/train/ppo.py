@@ -71,7 +71,7 @@ class PPOLoss(StageLoss):
         return {"old_logps": logps, "old_values": values, "ref_logps": ref_logps}
 
     def scores(self, model, batch: dict) -> torch.Tensor:
-        from lf_dist.model.reward_model import reward_scores
+        from lf_dist.train.reward_model import reward_scores
 
         last = (batch["labels"] != -100).long().cumsum(-1).argmax(-1)  # the last completion token of each row
         with self.reward_model.use(model) as rm:

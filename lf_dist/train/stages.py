@@ -15,8 +15,9 @@ from lf_dist.config import RunConfig
 from lf_dist.data.kinds import FEEDBACK, PAIRWISE, PROMPT, SUPERVISED, TEXT, DataKind
 from lf_dist.errors import UserError
 from lf_dist.model.heads import CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_SCORE, Head
-from lf_dist.train.grpo import GRPOLoss, grpo_prepare
+from lf_dist.train.grpo import GRPO_SAMPLING, GRPOLoss, grpo_prepare
 from lf_dist.train.losses import CausalLMLoss, StageLoss, StepContext, one_step
+from lf_dist.train.online_rl import sampling_of
 from lf_dist.train.ppo import PPOLoss, ppo_prepare
 from lf_dist.train.pref_losses import REFERENCE_LOSSES
 from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss, reference_columns
@@ -54,6 +55,8 @@ class StageSpec:
     )
     # the stage's own config rules (after the shared ones): a checked copy of the config, or a UserError
     check: Callable[[RunConfig], RunConfig] = lambda cfg: cfg
+    # a rollout stage: (config) → the new tokens it generates per row (the planner counts them); None otherwise
+    generates: Callable[[RunConfig], int] | None = None
     packing_default: bool = False  # packing when the config leaves it unset
     neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
     prompt_masking: bool = False  # train_on_prompt / mask_history apply
@@ -98,7 +101,7 @@ def _ppo_frozen(cfg: RunConfig) -> tuple[FrozenModel, ...]:
     """The reference, and ppo's reward model (ppo_custom scores with functions)."""
     if cfg.finetuning.stage != "ppo":
         return _reference(cfg)
-    from lf_dist.model.reward_model import build_reward_model
+    from lf_dist.train.reward_model import build_reward_model
 
     reward = FrozenModel("reward", cfg.finetuning.reward_model, SEQUENCE_SCORE, build=build_reward_model)
     return (*_reference(cfg), reward)
@@ -116,7 +119,7 @@ def _ppo_loader(cfg: RunConfig) -> tuple[int, int]:
 def _check_ppo(cfg: RunConfig) -> RunConfig:
     _check_rollouts(cfg)
     if cfg.finetuning.stage == "ppo":
-        from lf_dist.model.reward_model import check_reward_model
+        from lf_dist.train.reward_model import check_reward_model
 
         check_reward_model(cfg)
     else:
@@ -192,6 +195,7 @@ STAGES = {
             prepare=grpo_prepare,
             loader_shape=_prompts_per_batch,
             check=_check_grpo,
+            generates=lambda cfg: sampling_of(cfg, GRPO_SAMPLING).max_new_tokens,
         ),
         *(
             StageSpec(
@@ -203,6 +207,7 @@ STAGES = {
                 prepare=ppo_prepare,
                 loader_shape=_ppo_loader,
                 check=_check_ppo,
+                generates=lambda cfg: cfg.generation.max_new_tokens,
             )
             for name in ("ppo", "ppo_custom")
         ),
