@@ -318,3 +318,17 @@ def test_the_plan_counts_ppos_reward_model_and_reference_as_frozen_copies(tmp_pa
         strategy="fsdp2",
     ).memory_gib  # fmt: skip
     assert full["reference_model"] == pytest.approx(2 * 7_615_616_512 * 2 / 8 / 2**30, rel=0.01)
+
+
+def test_sigterm_checkpoints_a_grpo_run_that_the_same_command_resumes_bitwise(tmp_path):
+    from lf_dist.errors import EXIT_PREEMPTED
+
+    config = EXAMPLES / "grpo_lora.yaml"
+    common = ["max_steps=4", "save_strategy=no", "per_device_train_batch_size=8", "disable_tqdm=true"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    _train(config, f"output_dir={ref}", *common)
+    stopped = _run("train", config, f"output_dir={out}", *common, env={"LF_DIST_SIGNAL_AT_STEP": "2"})
+    assert stopped.returncode == EXIT_PREEMPTED and (out / "checkpoint-2").is_dir(), stopped.stderr[-2000:]
+    _train(config, f"output_dir={out}", *common)  # overwrite_output_dir: true keeps a preemption checkpoint
+    ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
