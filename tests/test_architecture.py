@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lf_dist"
-STAGE_NAMES = {"pt", "sft", "rm", "dpo", "kto", "ppo"}
+STAGE_NAMES = {"pt", "sft", "rm", "dpo", "kto", "grpo", "ppo", "ppo_custom"}
+# keys whose values share a stage's name without naming a stage: GRPO's loss_type "grpo"
+NOT_STAGE_KEYS = {"loss_type"}
 REGISTRY = "lf_dist.train.stages"
 BACKEND_NAMES = {"single", "ddp", "fsdp2", "deepspeed"}
 BACKEND_REGISTRY = "lf_dist.parallel.registry"
@@ -123,6 +125,12 @@ def test_no_import_cycles_even_through_function_level_imports():
             visit(m)
 
 
+def _compares_key(node: ast.Compare, keys: set[str]) -> bool:
+    """Whether the comparison's left side is a variable or attribute named one of `keys` (`loss_type == ...`)."""
+    left = node.left
+    return (isinstance(left, ast.Name) and left.id in keys) or (isinstance(left, ast.Attribute) and left.attr in keys)
+
+
 def _names_compared(names: set[str], registry: str) -> list[str]:
     """Where a module other than `registry` compares one of `names`, keys a table by one, or passes one as a
     keyword argument's value."""
@@ -132,7 +140,7 @@ def _names_compared(names: set[str], registry: str) -> list[str]:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             hits = set()
-            if isinstance(node, ast.Compare):
+            if isinstance(node, ast.Compare) and not _compares_key(node, NOT_STAGE_KEYS):
                 hits = {n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value in names}
             elif isinstance(node, ast.Dict):  # a lookup table keyed by name
                 hits = {k.value for k in node.keys if isinstance(k, ast.Constant) and k.value in names}

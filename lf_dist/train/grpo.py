@@ -122,10 +122,10 @@ def grpo_prepare(ctx, batches: list[dict]) -> list[list[dict]]:
     for r, adv in zip(rollouts, advantages):
         keep = (~r.completions.truncated).float() if loss.mask_truncated else torch.ones(len(adv))
         lengths = r.completions.lengths
-        units = {
-            "grpo": len(adv),
-            "dr_grpo": len(adv) * loss.sampling.max_new_tokens,
-        }.get(loss.loss_type, float((lengths * keep).sum()))
+        token_mask = (torch.arange(int(lengths.max()))[None] < lengths[:, None]).float() * keep[:, None]
+        max_len = loss.sampling.max_new_tokens
+        _, units = rl_losses.grpo_reduce(torch.zeros_like(token_mask), token_mask, loss.loss_type, max_len)
+        units = float(units)
         n_tokens = int((r.completions.prompt_mask.sum(-1) + lengths).sum())
         batch = {**r.batch, "advantages": adv, "keep": keep, "units": units, "n_tokens": n_tokens}
         if loss.beta != 0.0:

@@ -28,7 +28,7 @@ from lf_dist.train.online_rl import (
     sampling_of,
     score_with_functions,
 )
-from lf_dist.train.rewards import PPO_CUSTOM_DEFAULT, load_reward_functions
+from lf_dist.train.rewards import load_reward_functions
 
 GAMMA, LAM, CLIPRANGE, CLIPRANGE_VALUE, VF_COEF, RATIO_THRESHOLD = 1.0, 0.95, 0.2, 0.2, 0.1, 10.0
 INIT_KL_COEF, KL_HORIZON = 0.2, 10000
@@ -43,8 +43,7 @@ class PPOLoss(StageLoss):
         self.kl = rl_losses.AdaptiveKL(INIT_KL_COEF, f.ppo_target, KL_HORIZON)
         self.moments = rl_losses.RunningMoments()
         self.sampling = sampling_of(cfg)
-        entries = f.reward_funcs or ([PPO_CUSTOM_DEFAULT] if f.stage == "ppo_custom" else [])
-        self.funcs = load_reward_functions(entries)
+        self.funcs = load_reward_functions(f.reward_funcs or [])  # ppo_custom's default is filled by its check
         self.weights = torch.tensor(f.reward_weights or [1.0] * len(self.funcs), dtype=torch.float32)
         self.reward_model, self.reference = frozen.get("reward"), frozen["reference"]
 

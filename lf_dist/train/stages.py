@@ -125,7 +125,9 @@ def _check_ppo(cfg: RunConfig) -> RunConfig:
     else:
         from lf_dist.train.rewards import PPO_CUSTOM_DEFAULT, load_reward_functions
 
-        load_reward_functions(cfg.finetuning.reward_funcs or [PPO_CUSTOM_DEFAULT])
+        if not cfg.finetuning.reward_funcs:  # the fork's default file, relative to the working directory
+            cfg = cfg.replace(finetuning={"reward_funcs": [PPO_CUSTOM_DEFAULT]})
+        load_reward_functions(cfg.finetuning.reward_funcs)
     return cfg
 
 
