@@ -167,7 +167,7 @@ class FinetuningArgs(Freezable):
     scale_rewards: str | bool = "group"
     num_iterations: int = 1
     mask_truncated_completions: bool = False
-    use_bias_correction_kl: bool = False
+    use_bias_correction_kl: bool = True
     log_completions: bool = False  # TRL's: every rollout's prompts, completions and rewards in completions.jsonl
 
 

@@ -63,6 +63,7 @@ class Setup:
     chunked_logits: bool = False  # the chunked linear cross-entropy: logits exist one chunk at a time
     trainable_padding: float = 0.0  # trainable values per rank beyond trainable / dp: FSDP2's padded rows
     new_tokens: int = 0  # a rollout stage's max_new_tokens: rows are generated, then scored at those positions
+    generated_rows: int = 0  # rows a rollout generates in one call (every micro-batch of the step)
 
 
 def _quantized_bytes(n: int, bits: int, double_quant: bool) -> float:
@@ -190,9 +191,10 @@ def _generation_bytes(size: ModelSize, s: Setup, sharded: bool) -> float:
     """A rollout's generation: the KV cache of every row (prompt + new tokens), the last position's logits, and a
     sharded model gathered whole for the call."""
     c = s.compute_bytes
-    kv = s.rows * s.seq_len * size.num_layers * 2 * size.kv_size * c
+    rows = s.generated_rows or s.rows
+    kv = rows * s.seq_len * size.num_layers * 2 * size.kv_size * c
     gathered = size.num_params * c * (1 - 1 / s.dp) if sharded else 0.0
-    return kv + gathered + s.rows * s.logit_width * 4
+    return kv + gathered + rows * s.logit_width * 4
 
 
 def estimate(size: ModelSize, s: Setup, runtime_gib: float) -> dict[str, float]:

@@ -90,6 +90,7 @@ class Sizing:
             logit_width=self.size.vocab_size if self.stage.head.scores_vocabulary else 1,
             trainable_padding=self.padding(method, rank, shards, registry.SCALE_OUT if sharded_more else None),
             new_tokens=new_tokens,
+            generated_rows=rows * self.stage.loader_shape(self.cfg)[1] if new_tokens else 0,
         )
 
     def padding(self, method: str, rank: int | None, shards: int, strategy: str | None = None) -> float:

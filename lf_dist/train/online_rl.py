@@ -7,12 +7,14 @@ statistics that span the batch are reduced over every rank, so 2 ranks compute w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lf_dist.errors import UserError
 from lf_dist.parallel.base import add_metrics
@@ -45,15 +47,29 @@ def sampling_of(cfg, rl_defaults: dict | None = None) -> Sampling:
     return Sampling(**values)
 
 
+def _left_padded(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([F.pad(t, (width - t.shape[1], 0), value=value) for t in tensors])
+
+
 def generate(ctx, batches: list[dict], n: int, sampling: Sampling, engine=None) -> list[Rollout]:
-    """Every prompt of `batches` answered `n` times (keyed by seed, step, dataset index and sample)."""
+    """Every prompt of `batches` answered `n` times (keyed by seed, step, dataset index and sample), all of the
+    step's prompts in one call (decoding is latency-bound: one pass of new tokens for the whole step), then split
+    back into the micro-batches."""
     engine = engine or HFRollout()
     tokenizer, out = ctx.tokenizer, []
+    prompts = {
+        "input_ids": _left_padded([b["input_ids"].repeat_interleave(n, 0) for b in batches], tokenizer.pad_token_id),
+        "attention_mask": _left_padded([b["attention_mask"].repeat_interleave(n, 0) for b in batches], 0),
+    }
+    keys = torch.cat([sample_keys(ctx.seed, ctx.step, b["index"], n) for b in batches])
+    everything = engine.generate(ctx, prompts, keys, sampling)
+    ctx.totals["generated_tokens"] = ctx.totals.get("generated_tokens", 0) + int(everything.lengths.sum())
+    start = 0
     for b in batches:
-        prompts = {k: b[k].repeat_interleave(n, 0) for k in ("input_ids", "attention_mask")}
-        keys = sample_keys(ctx.seed, ctx.step, b["index"], n)
-        completions = engine.generate(ctx, prompts, keys, sampling)
-        ctx.totals["generated_tokens"] = ctx.totals.get("generated_tokens", 0) + int(completions.lengths.sum())
+        rows = slice(start, start + len(b["index"]) * n)
+        start = rows.stop
+        completions = Completions(*(getattr(everything, f.name)[rows] for f in dataclasses.fields(Completions)))
         out.append(
             Rollout(
                 completions,
@@ -154,6 +170,8 @@ class Clock:
         self.ctx, self.start = ctx, time.perf_counter()
 
     def lap(self, phase: str) -> None:
+        if self.ctx.strategy.device.type == "cuda":  # the phase's kernels, not the next phase's wait, count here
+            torch.cuda.synchronize(self.ctx.strategy.device)
         now = time.perf_counter()
         add_metrics(self.ctx.metrics, {f"time/{phase}": metric(torch.tensor(now - self.start), 1)})
         self.ctx.totals[f"{phase}_s"] = self.ctx.totals.get(f"{phase}_s", 0.0) + now - self.start
