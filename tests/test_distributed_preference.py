@@ -1,6 +1,7 @@
 """DPO on two ranks trains to the 1-process losses and weights, with the reference model placed by each backend:
 a full frozen copy per rank (ddp), sharded like the policy (fsdp2), partitioned by an optimizer-less ZeRO-3
-engine (deepspeed), or the LoRA policy with its adapters disabled."""
+engine (deepspeed), or the LoRA policy with its adapters disabled. So does the reward model (stage rm), whose
+score head sits in FSDP2's root unit."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ pytestmark = pytest.mark.slow
 Z3 = Path(__file__).parents[1] / "examples/deepspeed/ds_z3_config.json"
 
 
-def _config(tmp_path: Path, method: str) -> Path:
-    path = tmp_path / f"dpo_{method}.yaml"
+def _config(tmp_path: Path, method: str, stage: str = "dpo") -> Path:
+    path = tmp_path / f"{stage}_{method}.yaml"
     path.write_text(
         f"""model_name_or_path: {TINY_MODEL}
-stage: dpo
+stage: {stage}
 pref_beta: 0.1
 dataset: ranking_demo
 dataset_dir: {DATA_DIR}
@@ -48,6 +49,10 @@ def one_process(tmp_path_factory):
         lf_dist_train(
             _config(root, method), f"output_dir={root / method}", "per_device_train_batch_size=4", nproc=None
         )
+        lf_dist_train(
+            _config(root, method, "rm"), f"output_dir={root / 'rm' / method}", "per_device_train_batch_size=4",
+            nproc=None,
+        )  # fmt: skip
     return root
 
 
@@ -64,3 +69,10 @@ def test_dpo_on_two_ranks_matches_one_process(one_process, tmp_path, name, metho
     out = tmp_path / "out"
     lf_dist_train(_config(tmp_path, method), f"output_dir={out}", *overrides)
     assert_same_training(out, one_process / method)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_rm_on_two_fsdp2_ranks_matches_one_process(one_process, tmp_path, method):
+    out = tmp_path / "out"
+    lf_dist_train(_config(tmp_path, method, "rm"), f"output_dir={out}", "strategy=fsdp2")
+    assert_same_training(out, one_process / "rm" / method)

@@ -277,3 +277,26 @@ def test_reward_model_mistakes_are_one_line_errors_naming_the_key(make_cfg, rm_l
     assert fragment in message, message
     if case == "other_vocabulary":
         assert "1168" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_a_sharded_rm_checkpoint_scores_as_load_weights_reads_it(make_cfg, ranking, tmp_path, backend):
+    """A checkpoint-N of a 2-rank rm run (DCP shards, or a DeepSpeed engine checkpoint) as ppo's reward model."""
+    from lf_dist.serve.weights import load_weights
+
+    from .test_distributed import lf_dist_train
+
+    sharding = "strategy=fsdp2" if backend == "fsdp2" else f"deepspeed={ROOT / 'examples/deepspeed/ds_z3_config.json'}"
+    out = tmp_path / "rm"
+    lf_dist_train(ROOT / "examples/tiny/rm_lora.yaml", f"output_dir={out}", "max_steps=3", "save_steps=2",
+                  "max_samples=32", "val_size=0", "eval_strategy=no", sharding)  # fmt: skip
+    folder = out / "checkpoint-2"
+    cfg, tokenizer = _policy(make_cfg, reward_model=str(folder), reward_model_type="lora")
+    batch, last = ranking
+    scores = reward_scores(build_reward_model(cfg, tokenizer, torch.float32), batch["input_ids"], last)
+    reference, _ = load_weights(
+        cfg.replace(model={"adapter_name_or_path": str(folder)}), tokenizer, torch.float32, torch.device("cpu"), True
+    )
+    torch.testing.assert_close(scores, _seq_cls_reference(reference, batch), atol=1e-5, rtol=1e-5)
+    assert scores.std() > 0

@@ -25,7 +25,7 @@ from lf_dist.train.pref_losses import (
     reference_loss,
     simpo_loss,
 )
-from lf_dist.train.token_logps import sequence_logps
+from lf_dist.train.token_logps import _forward_as, causal_lm, sequence_logps
 
 
 def pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
@@ -199,13 +199,19 @@ class RewardLoss(PairwiseLoss):
         return self.scores(model, batch)
 
     def scores(self, model, batch: dict) -> torch.Tensor:
-        captured = []
-        handle = self._score_head(model).register_forward_hook(lambda mod, args, out: captured.append(out))
-        try:
-            model(**model_inputs(batch), use_cache=False)
-        finally:
-            handle.remove()
-        return captured[-1].squeeze(-1).reshape(-1)[batch["ends"]]
+        """The score of each sequence at its last token (`ends`). For this call the classifier's forward returns
+        the `score` layer's output at every token, so that it is the model's own output: wrappers that act on
+        the outputs of the call (FSDP2 unshards the root's weights for backward from them) see it."""
+        inner, head = causal_lm(model), self._score_head(model)
+        decoder = getattr(inner, inner.base_model_prefix)
+
+        def per_token(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if v is not None and k != "labels"}
+            return head(decoder(*args, **kwargs).last_hidden_state)
+
+        with _forward_as(inner, per_token):
+            out = model(**model_inputs(batch), use_cache=False)
+        return out.squeeze(-1).reshape(-1)[batch["ends"]]
 
     def loss(self, outputs: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         chosen, rejected = outputs.float().chunk(2)
