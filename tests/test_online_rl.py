@@ -223,8 +223,8 @@ def _rl_yaml(tmp_path: Path, stage: str, **extra) -> Path:
 
 CONFIG_MISTAKES = [
     ("ppo", {"reward_funcs": None}, "reward_model: stage ppo scores completions with a reward model"),
-    ("ppo", {"reward_model": TINY_MODEL, "finetuning_type": "full"}, "reward_model_type:"),
-    ("ppo", {"reward_model": TINY_MODEL, "reward_model_type": "full"}, "reward_model:"),  # no score / value head
+    ("ppo", {"reward_funcs": None, "reward_model": TINY_MODEL, "finetuning_type": "full"}, "reward_model_type:"),
+    ("ppo", {"reward_funcs": None, "reward_model": TINY_MODEL, "reward_model_type": "full"}, "reward_model:"),
     ("ppo", {"reward_model_type": "api"}, "reward_model_type: 'api' is not implemented"),
     ("grpo", {"reward_funcs": "nowhere/rewards.py:share"}, "reward_funcs: nowhere/rewards.py not found"),
     ("grpo", {"reward_funcs": "{rewards}:missing"}, "has no function 'missing'"),
@@ -234,6 +234,8 @@ CONFIG_MISTAKES = [
     ("grpo", {"val_size": 0.2}, "eval_dataset / val_size: stage grpo has no evaluation yet"),
     ("grpo", {"reward_weights": "[1.0, 2.0]"}, "reward_weights: 2 weights for 1 reward_funcs"),
     ("ppo_custom", {"reward_funcs": None}, "reward_funcs: custom_rewards/reward_functions.py not found"),
+    ("ppo", {"reward_model": TINY_MODEL}, "reward_funcs: stage ppo scores with its reward_model"),
+    ("grpo", {"reward_model": TINY_MODEL}, "reward_model: stage grpo scores with reward_funcs"),
 ]
 
 

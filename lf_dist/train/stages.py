@@ -121,6 +121,10 @@ def _check_ppo(cfg: RunConfig) -> RunConfig:
     if cfg.finetuning.stage == "ppo":
         from lf_dist.train.reward_model import check_reward_model
 
+        if cfg.finetuning.reward_funcs:
+            raise UserError(
+                "reward_funcs: stage ppo scores with its reward_model; for reward functions use ppo_custom"
+            )
         check_reward_model(cfg)
     else:
         from lf_dist.train.rewards import PPO_CUSTOM_DEFAULT, load_reward_functions
@@ -144,6 +148,10 @@ def _check_grpo(cfg: RunConfig) -> RunConfig:
         )
     if not f.reward_funcs:
         raise UserError("reward_funcs: stage grpo needs at least one reward function (path.py:function)")
+    if f.reward_model:
+        raise UserError(
+            "reward_model: stage grpo scores with reward_funcs (a reward model for grpo is not implemented)"
+        )
     load_reward_functions(f.reward_funcs)  # a missing file or function, or a wrong signature: one line now
     return cfg
 
