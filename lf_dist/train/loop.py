@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lf_dist.errors import RunStopped
-from lf_dist.parallel.base import add_metrics, weight_bytes
+from lf_dist.parallel.base import add_metrics
 from lf_dist.signals import STOP_FILE
 from lf_dist.train import checkpoint as ckpt
-from lf_dist.train import faults
+from lf_dist.train import faults, run_metrics
 from lf_dist.train.guard import RunGuard
 from lf_dist.train.losses import StepContext
 from lf_dist.train.optim import build_scheduler
@@ -193,7 +193,7 @@ class Trainer:
         epoch_end = self.step % self.schedule.steps_per_epoch == 0
         log_now = self._log_now(epoch_end)
         lr = self.scheduler.get_last_lr()[0]
-        extra = self._memory_log() if log_now else None
+        extra = run_metrics.memory_log(self.strategy, self.planned_peak_gb) if log_now else None
         tracker.on_step(self.step, loss, n_tokens, lr, grad_norm, epoch, log_now, extra, metrics)
         if self.eval_ds is not None and (
             (self.eval_every and self.step % self.eval_every == 0)
@@ -239,17 +239,6 @@ class Trainer:
         if self.step == self.total_steps or (self.args.logging_first_step and self.step == 1):
             return True
         return epoch_end if how == "epoch" else self.step % self.log_every == 0
-
-    def _memory_log(self) -> dict:
-        """The plan's peak estimate next to the measured peak (CUDA allocated, or CPU process RSS), in GiB."""
-        peak = self.strategy.max_memory_allocated() / 2**30
-        out = {"peak_memory_gb": round(peak, 3)}
-        if self.planned_peak_gb is not None:
-            out["planned_peak_memory_gb"] = self.planned_peak_gb
-        if self.strategy.dp_size > 1:
-            peaks = self.strategy.gather(peak)
-            out.update(peak_memory_gb_per_rank=[round(x, 3) for x in peaks], world_size=len(peaks))
-        return out
 
     def _follow_learning_rate(self) -> None:
         """A resumed run with another learning_rate follows it from here (the scheduler's saved state carries
@@ -336,30 +325,6 @@ class Trainer:
             results["memory_after_setup_gb"] = self.memory_after_setup_gb
         if self.planned_peak_gb is not None:
             results["planned_peak_memory_gb"] = self.planned_peak_gb
-        results.update(self._per_rank_memory())
-        results.update(self._rollout_throughput())
+        results.update(run_metrics.per_rank_memory(self.strategy, self.model))
+        results.update(run_metrics.rollout_throughput(self.strategy, self.context.totals))
         return results
-
-    def _rollout_throughput(self) -> dict:
-        """Rollout stages: tokens generated per second of generating, and tokens updated on per second of updating
-        (every rank's tokens over the ranks' mean seconds)."""
-        totals = self.context.totals
-        if not totals:
-            return {}
-        keys = ("generated_tokens", "generating_s", "updating_s")  # this rank's; update_tokens is global already
-        summed = self.strategy.all_reduce_sum(torch.tensor([float(totals.get(k, 0)) for k in keys]).double())
-        tokens, gen_s, update_s = (float(x) for x in summed.cpu())
-        update_tokens, world = totals.get("update_tokens", 0), self.strategy.dp_size
-        return {
-            "generated_tokens_per_second": round(tokens / max(gen_s / world, 1e-9), 2),
-            "update_tokens_per_second": round(update_tokens / max(update_s / world, 1e-9), 2),
-        }
-
-    def _per_rank_memory(self) -> dict:
-        """Each rank's weights (its local storage: shards where sharded) and peak memory, measured, in rank order."""
-        weights = self.strategy.gather(float(weight_bytes(self.model)))
-        peaks = self.strategy.gather(self.strategy.max_memory_allocated() / 2**30)
-        return {
-            "weight_bytes_per_rank": [int(w) for w in weights],
-            "peak_memory_gb_per_rank": [round(x, 3) for x in peaks],
-        }
