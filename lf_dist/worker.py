@@ -179,7 +179,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
     from transformers import set_seed
 
     from lf_dist.data import build_datasets
-    from lf_dist.data.templates import fix_tokenizer, get_template
+    from lf_dist.data.templates import fix_tokenizer, get_template, stop_token_ids
     from lf_dist.model import load_tokenizer
     from lf_dist.model.loader import check_weights, model_folder
     from lf_dist.model.recipe import ModelRecipe
@@ -201,6 +201,7 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
             logger.info(f"notice: resuming {resume_from.name} with changes: " + "; ".join(changes))
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
     trainer = build_trainer(cfg, stage, strategy, tokenizer, datasets, checkpoints, plan.expected_peak_gib, report)
+    trainer.context.stop_ids = stop_token_ids(template, tokenizer)  # where a rollout's answers end
     out = Path(cfg.train.output_dir)
     if strategy.is_main:
         _write_run_files(cfg, plan, out, checkpoints, clear)

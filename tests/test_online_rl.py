@@ -236,6 +236,10 @@ CONFIG_MISTAKES = [
     ("ppo_custom", {"reward_funcs": None}, "reward_funcs: custom_rewards/reward_functions.py not found"),
     ("ppo", {"reward_model": TINY_MODEL}, "reward_funcs: stage ppo scores with its reward_model"),
     ("grpo", {"reward_model": TINY_MODEL}, "reward_model: stage grpo scores with reward_funcs"),
+    ("ppo_custom", {"reward_funcs": None, "reward_model": TINY_MODEL}, "reward_model: stage ppo_custom scores with"),
+    ("grpo", {"num_beams": 2}, "num_beams: stage grpo samples its completions (num_beams 1), got 2"),
+    ("grpo", {"do_sample": False}, "do_sample / temperature: grpo samples each group"),
+    ("grpo", {"temperature": 0}, "do_sample / temperature: grpo samples each group"),
 ]
 
 
@@ -334,3 +338,22 @@ def test_sigterm_checkpoints_a_grpo_run_that_the_same_command_resumes_bitwise(tm
     _train(config, f"output_dir={out}", *common)  # overwrite_output_dir: true keeps a preemption checkpoint
     ours, theirs = load_file(out / "adapter_model.safetensors"), load_file(ref / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_rollout_ends_at_the_templates_stop_words_as_chat_does():
+    """llama3 ends a turn with <|eot_id|> (its eos after `fix_tokenizer`) or <|eom_id|>: both stop a completion."""
+    from lf_dist.data.templates import fix_tokenizer, get_template, stop_token_ids
+    from lf_dist.model import load_tokenizer
+    from lf_dist.run_checks import load_config
+
+    cfg = load_config(_rl_yaml_path(), ["template=llama3"])
+    tokenizer = load_tokenizer(cfg)
+    template = get_template("llama3", tokenizer, cfg.data)
+    fix_tokenizer(template, tokenizer)
+    ids = stop_token_ids(template, tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in ids and tokenizer.eos_token_id in ids
+    assert set(ids) == {tokenizer.convert_tokens_to_ids(w) for w in template.stop_words} | {tokenizer.eos_token_id}
+
+
+def _rl_yaml_path() -> Path:
+    return EXAMPLES / "grpo_lora.yaml"

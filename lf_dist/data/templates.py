@@ -189,6 +189,12 @@ def get_template(name: str | None, tokenizer, data_args=None) -> Template:
     return template.with_options(**changes)
 
 
+def stop_token_ids(template: Template, tokenizer) -> list[int]:
+    """The ids that end an answer: eos and the template's stop words (after `fix_tokenizer`)."""
+    ids = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(w) for w in template.stop_words]
+    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+
 def fix_tokenizer(template: Template, tokenizer) -> list[str]:
     """Stop words, eos/pad and the Jinja chat template as LLaMA-Factory sets them; returns tokens added to the
     vocabulary."""

@@ -16,6 +16,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from lf_dist.config import RunConfig
+from lf_dist.data.templates import stop_token_ids
 from lf_dist.data.tokenize import encode_prompt
 from lf_dist.errors import UserError
 from lf_dist.serve.export import DTYPES, load_tokenizer_and_template
@@ -175,9 +176,7 @@ class ChatEngine:
         self.model.config.use_cache = True
         self.model.generation_config.use_cache = True
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 1 << 20
-        tok = self.tokenizer
-        stop_ids = [tok.eos_token_id] + [tok.convert_tokens_to_ids(w) for w in self.template.stop_words]
-        self.eos_ids = list(dict.fromkeys(i for i in stop_ids if i is not None and i != tok.unk_token_id))
+        self.eos_ids = stop_token_ids(self.template, self.tokenizer)
         self.hidden_ids = set(self.eos_ids) | (self._special_ids() if cfg.generation.skip_special_tokens else set())
         self.lock = threading.Lock()  # one generation at a time on the one model
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from lf_dist.parallel.base import add_metrics
 from lf_dist.train import rl_losses
 from lf_dist.train.losses import StageLoss, metric
 from lf_dist.train.online_rl import (
@@ -28,7 +29,7 @@ from lf_dist.train.online_rl import (
 from lf_dist.train.rewards import load_reward_functions
 
 # TRL's sampling defaults where the config leaves the generation keys unset
-GRPO_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 256}
+GRPO_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 512}
 
 
 class GRPOLoss(StageLoss):
@@ -148,6 +149,4 @@ def _log_rewards(ctx, loss: GRPOLoss, per_func: list[torch.Tensor], rewards: lis
         log_value(ctx, f"rewards/{func.name}/mean", func_mean)
         log_value(ctx, f"rewards/{func.name}/std", func_std)
     zero = torch.isclose(std, torch.zeros_like(std)).double()
-    from lf_dist.parallel.base import add_metrics
-
     add_metrics(ctx.metrics, {"frac_reward_zero_std": metric(zero.sum(), len(zero))})

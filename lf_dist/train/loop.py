@@ -20,6 +20,7 @@ from lf_dist.train import checkpoint as ckpt
 from lf_dist.train import faults, run_metrics
 from lf_dist.train.guard import RunGuard
 from lf_dist.train.losses import StepContext
+from lf_dist.train.online_rl import drop_records_after
 from lf_dist.train.optim import build_scheduler
 from lf_dist.train.reporters import open_reporters
 from lf_dist.train.schedule import StepSchedule, resolve_steps
@@ -116,7 +117,8 @@ class Trainer:
         if not metrics:
             return {}
         keys = sorted(metrics)
-        total = self.strategy.all_reduce_sum(torch.stack([metrics[k] for k in keys]))
+        # the stage's metrics are on the device, `prepare`'s (rewards, lengths, seconds) on the CPU
+        total = self.strategy.all_reduce_sum(torch.stack([metrics[k].to(self.strategy.device) for k in keys]))
         return {k: total[i].cpu() for i, k in enumerate(keys)}
 
     # -- data -----------------------------------------------------------------------------------------
@@ -230,7 +232,8 @@ class Trainer:
         return path
 
     def _samples_per_step(self) -> int:
-        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.strategy.dp_size
+        """Examples the loader draws per step (a rollout stage's prompts), over every rank."""
+        return self.schedule.batch_size * self.schedule.accum * self.strategy.dp_size
 
     def _log_now(self, epoch_end: bool) -> bool:
         how = self.args.logging_strategy
@@ -260,6 +263,8 @@ class Trainer:
         self.step = state["global_step"]
         if "stage_state" in state:
             self.loss.load_state_dict(state["stage_state"])
+        if self.context.completions_file is not None and self.strategy.is_main:
+            drop_records_after(self.context.completions_file, self.step)
         self.last_checkpoint = Path(resume_from)
         self._follow_learning_rate()
         return state

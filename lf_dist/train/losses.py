@@ -114,7 +114,6 @@ class StepContext:
     step: int = 0
     seed: int = 0
     metrics: dict = field(default_factory=dict)
-    training: bool = True  # False while evaluating
     completions_file: object = None  # a Path: rollouts are recorded there by the main rank (`log_completions`)
     # this rank's running totals for all_results.json: generated tokens and seconds spent generating, updating
     totals: dict = field(default_factory=dict)

@@ -33,7 +33,6 @@ class Rollout:
     queries: list[str]
     texts: list[str]
     batch: dict  # the update's rows (input_ids, labels) on the CPU
-    scores: torch.Tensor | None = None  # [n] reward per completion (NaN: unscored), or the reward model's score
 
 
 def sampling_of(cfg, rl_defaults: dict | None = None) -> Sampling:
@@ -42,7 +41,7 @@ def sampling_of(cfg, rl_defaults: dict | None = None) -> Sampling:
     values = {k: getattr(gen, k) for k in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")}
     values["do_sample"] = gen.do_sample and gen.temperature > 0
     for key, value in (rl_defaults or {}).items():
-        if key not in cfg.given and not (key == "max_new_tokens" and "max_completion_length" in cfg.given):
+        if key not in cfg.given:  # max_completion_length is given as max_new_tokens (an alias)
             values[key] = value
     return Sampling(**values)
 
@@ -131,6 +130,13 @@ def record(ctx, rollouts: list[Rollout], batches: list[dict], rewards: list[torc
         everything.sort(key=lambda x: (x["index"], x["sample"]))
         with open(ctx.completions_file, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(x) + "\n" for x in everything)
+
+
+def drop_records_after(path, step: int) -> None:
+    """On resume: the rollouts recorded after the checkpoint's step go (they are generated again)."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(x for x in lines if json.loads(x)["step"] <= step), encoding="utf-8")
 
 
 def global_moments(ctx, values: torch.Tensor) -> tuple[float, float, int]:

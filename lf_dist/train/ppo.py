@@ -155,7 +155,7 @@ def ppo_prepare(ctx, batches: list[dict]) -> list[list[dict]]:
     for mb in mbs:
         mb.update({k: v.cpu() for k, v in strategy.forward_only(ctx.model, mb, loss.rollout_columns).items()})
     masks = [mb["labels"][:, 1:] != -100 for mb in mbs]
-    logps, ref = _stack([as_rows(mb["old_logps"], m) for mb, m in zip(mbs, masks)]), None
+    logps = _stack([as_rows(mb["old_logps"], m) for mb, m in zip(mbs, masks)])
     ref = _stack([as_rows(mb["ref_logps"], m) for mb, m in zip(mbs, masks)])
     values = _stack([as_rows(mb["old_values"], m) for mb, m in zip(mbs, masks)])
     mask = _stack([m.float() for m in masks]).bool()

@@ -156,6 +156,8 @@ def call_reward_function(
         values = list(values)
     except TypeError:
         raise RewardFailure(f"{func.where} returned {type(values).__name__}, not a list of {n} rewards") from None
+    except Exception as err:  # noqa: BLE001 - a generator that raises: one line, every rank stopped
+        raise RewardFailure(f"{func.where} raised {type(err).__name__}: {str(err)[:200]} on a batch of {n}") from None
     if len(values) != n:
         raise RewardFailure(f"{func.where} returned {len(values)} rewards for {n} completions")
     return [_number(v, func, i, queries[i], none_ok=True) for i, v in enumerate(values)]

@@ -175,7 +175,7 @@ def _mean_var(values: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None) -
     """Masked mean and unbiased variance, over the global batch when `reduce` sums the moments across ranks."""
     moments = masked_moments(values, mask)
     if reduce is not None:
-        moments = reduce(moments)
+        moments = reduce(moments).to(values.device)  # an all-reduce returns them on the process group's device
     total, squares, n = moments.unbind()
     if n.item() == 0:
         raise ValueError("masked_whiten: the mask is empty")
@@ -301,7 +301,8 @@ class AdaptiveKL:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), float(state["horizon"])
+        """The coefficient reached; target and horizon stay the config's (a resumed run may change ppo_target)."""
+        self.value = float(state["value"])
 
 
 class RunningMoments:

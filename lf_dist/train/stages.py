@@ -87,13 +87,28 @@ def _prompts_per_batch(cfg: RunConfig) -> tuple[int, int]:
     )
 
 
+# generation keys a rollout does not read (it samples one sequence per draw, up to max_new_tokens)
+_UNREAD_GENERATION_KEYS = ("length_penalty", "max_length", "skip_special_tokens", "infer_backend", "infer_dtype")
+
+
 def _check_rollouts(cfg: RunConfig) -> None:
-    """What every rollout stage refuses: an eval set (no eval defined yet for them) and packing."""
-    stage, data_args = cfg.finetuning.stage, cfg.data
+    """What every rollout stage refuses (an eval set: no eval is defined for them yet; beam search) or reports as
+    changing nothing (the chat-only generation keys); the reward_weights left to count against the functions."""
+    f, data_args, gen = cfg.finetuning, cfg.data, cfg.generation
     if data_args.eval_dataset or data_args.val_size > 1e-6:
         raise UserError(
-            f"eval_dataset / val_size: stage {stage} has no evaluation yet (it would be the mean reward on eval "
+            f"eval_dataset / val_size: stage {f.stage} has no evaluation yet (it would be the mean reward on eval "
             "prompts); remove them to continue"
+        )
+    if gen.num_beams != 1:
+        raise UserError(f"num_beams: stage {f.stage} samples its completions (num_beams 1), got {gen.num_beams}")
+    for key in _UNREAD_GENERATION_KEYS:
+        if key in cfg.given:
+            cfg.ignored[key] = getattr(gen, key)
+    if f.reward_weights is not None and len(f.reward_weights) != len(f.reward_funcs or ()):
+        raise UserError(
+            f"reward_weights: {len(f.reward_weights)} weights for {len(f.reward_funcs or ())} reward_funcs; give one "
+            "per function"
         )
 
 
@@ -117,7 +132,6 @@ def _ppo_loader(cfg: RunConfig) -> tuple[int, int]:
 
 
 def _check_ppo(cfg: RunConfig) -> RunConfig:
-    _check_rollouts(cfg)
     if cfg.finetuning.stage == "ppo":
         from lf_dist.train.reward_model import check_reward_model
 
@@ -129,9 +143,12 @@ def _check_ppo(cfg: RunConfig) -> RunConfig:
     else:
         from lf_dist.train.rewards import PPO_CUSTOM_DEFAULT, load_reward_functions
 
+        if cfg.finetuning.reward_model:
+            raise UserError("reward_model: stage ppo_custom scores with reward_funcs; for a reward model use ppo")
         if not cfg.finetuning.reward_funcs:  # the fork's default file, relative to the working directory
             cfg = cfg.replace(finetuning={"reward_funcs": [PPO_CUSTOM_DEFAULT]})
         load_reward_functions(cfg.finetuning.reward_funcs)
+    _check_rollouts(cfg)
     return cfg
 
 
@@ -139,7 +156,12 @@ def _check_grpo(cfg: RunConfig) -> RunConfig:
     from lf_dist.train.rewards import load_reward_functions
 
     _check_rollouts(cfg)
-    f, batch = cfg.finetuning, cfg.train.per_device_train_batch_size
+    f, batch, gen = cfg.finetuning, cfg.train.per_device_train_batch_size, cfg.generation
+    if not gen.do_sample or ("temperature" in cfg.given and gen.temperature <= 0):
+        raise UserError(
+            "do_sample / temperature: grpo samples each group (a greedy group's completions are identical and teach "
+            "nothing); use do_sample: true and temperature > 0"
+        )
     if batch % f.num_generations:
         raise UserError(
             f"per_device_train_batch_size: {batch} completions per device do not divide into groups of "
