@@ -283,10 +283,18 @@ class Strategy(ABC):
     def max_memory_allocated(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
+        # Peak RSS on a CPU: this process image's high-water mark (VmHWM starts afresh at exec), not ru_maxrss,
+        # which Linux carries over from the parent that forked it (a run started by a large process reported the
+        # parent's size)
+        try:
+            with open("/proc/self/status", encoding="utf-8") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        except (OSError, StopIteration, ValueError):  # not Linux
+            pass
         try:
             import resource
 
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak RSS on CPU
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         except ImportError:  # Windows
             return 0
 
