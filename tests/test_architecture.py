@@ -25,7 +25,7 @@ STAGE_NAMES = {"pt", "sft", "rm", "dpo", "kto", "grpo", "ppo", "ppo_custom"}
 # keys whose values share a stage's name without naming a stage: GRPO's loss_type "grpo"
 NOT_STAGE_KEYS = {"loss_type"}
 REGISTRY = "lf_dist.train.stages"
-BACKEND_NAMES = {"single", "ddp", "fsdp2", "deepspeed"}
+BACKEND_NAMES = {"single", "ddp", "fsdp2", "deepspeed", "megatron"}
 BACKEND_REGISTRY = "lf_dist.parallel.registry"
 
 

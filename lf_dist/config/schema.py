@@ -42,6 +42,9 @@ SCALE_REWARDS = ("group", "batch", "none")
 ROLLOUT_STAGES = ("ppo", "ppo_custom", "grpo")
 # `report_to` trackers lf-dist implements (each an optional extra); "all" means every one that is installed
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+# megatron-core's activation recompute settings
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 INFER_BACKENDS = ("huggingface",)
 INFER_DTYPES = ("auto", "float16", "bfloat16", "float32")
 EXPORT_DEVICES = ("cpu", "auto")
@@ -224,6 +227,20 @@ class TrainArgs(Freezable):
     # trackers (report_to): where TensorBoard writes (default output_dir/runs/<time>_<host>), and the run's name
     logging_dir: str | None = None
     run_name: str | None = None
+    # strategy megatron (also `use_mca: true`, USE_MCA=1, USE_MEGATRON_BRIDGE=1): megatron-core's names
+    use_mca: bool = False
+    use_megatron_bridge: bool = False
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    use_distributed_optimizer: bool | None = None  # None: on with CUDA and more than one data-parallel rank
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    recompute_granularity: str | None = None  # full or selective
+    recompute_method: str | None = None  # uniform or block (full recompute)
+    recompute_num_layers: int | None = None
 
 
 @dataclass

@@ -23,6 +23,8 @@ from lf_dist.config.schema import (
     PREF_LOSSES,
     QUANTIZATION_BITS,
     QUANTIZATION_TYPES,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
     REWARD_MODEL_TYPES,
     SCALE_REWARDS,
     SCHEDULERS,
@@ -64,6 +66,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_data(cfg)
     _validate_preference(cfg)
     _validate_online_rl(cfg)
+    _validate_model_parallel(cfg)
     _validate_checkpointing_and_resume(cfg)
     return cfg
 
@@ -317,3 +320,32 @@ def _validate_online_rl(cfg: RunConfig) -> None:
     weights = finetuning_args.reward_weights
     if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
         raise UserError(f"reward_weights: expected a list of numbers, got {weights!r}")  # counted by the stage
+
+
+def _validate_model_parallel(cfg: RunConfig) -> None:
+    """megatron's parallel sizes and recompute settings, as values (the world size and the model are checked
+    against them when the run is planned)."""
+    training_args = cfg.train
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        _positive(key, getattr(training_args, key))
+    _positive("virtual_pipeline_model_parallel_size", training_args.virtual_pipeline_model_parallel_size)
+    _positive("recompute_num_layers", training_args.recompute_num_layers)
+    vpp = training_args.virtual_pipeline_model_parallel_size
+    if vpp and vpp > 1 and training_args.pipeline_model_parallel_size < 2:
+        raise UserError(
+            "virtual_pipeline_model_parallel_size: interleaves pipeline stages; set pipeline_model_parallel_size >= 2"
+        )
+    if training_args.recompute_granularity is not None:
+        _choice("recompute_granularity", training_args.recompute_granularity, RECOMPUTE_GRANULARITIES)
+    if training_args.recompute_method is not None:
+        _choice("recompute_method", training_args.recompute_method, RECOMPUTE_METHODS)
+    full = training_args.recompute_granularity == "full"
+    if (training_args.recompute_method or training_args.recompute_num_layers) and not full:
+        raise UserError(
+            "recompute_method / recompute_num_layers: apply to recompute_granularity: full; set it, or drop them"
+        )
+    if full and not (training_args.recompute_method and training_args.recompute_num_layers):
+        raise UserError(
+            "recompute_granularity: full needs recompute_method (uniform or block) and recompute_num_layers, as "
+            "in megatron-core"
+        )

@@ -37,7 +37,11 @@ DCP = CheckpointFormat("dcp", "dcp", "a distributed run (DCP shards of ddp / fsd
 DEEPSPEED = CheckpointFormat(
     "deepspeed", "ds", "DeepSpeed", reshards=False, offline=True, world_file="ds_world_size.txt"
 )
-FORMATS = (DCP, DEEPSPEED, HF)
+# megatron-core's torch_dist checkpoint (dist_checkpointing): any tensor / pipeline / data-parallel layout.
+MEGATRON = CheckpointFormat(
+    "megatron", "torch_dist", "a megatron run (megatron-core's torch_dist)", reshards=True, offline=False
+)
+FORMATS = (DCP, DEEPSPEED, MEGATRON, HF)
 
 
 def detect(path: Path) -> CheckpointFormat | None:

@@ -61,6 +61,12 @@ class BackendSpec:
         "deepspeed: examples/deepspeed/ds_z3_offload_config.json",
         {"strategy": "deepspeed", "zero_stage": 3},
     )
+    # the backend's own refusals: "module:function" (cfg, world, stage, model_config) → one line or None
+    check: str | None = None
+    # train keys that only this backend reads ("module:NAME", a dict of key → default)
+    own_keys: str | None = None
+    # (cfg) → how the config asks for this backend besides `strategy:` (LLaMA-Factory's switches), or None
+    switch: str | None = None
 
     @property
     def shown(self) -> str:
@@ -77,8 +83,14 @@ class BackendSpec:
         """The checkpoint format its strategy writes (`formats.py`)."""
         return self.load().checkpoint_format
 
-    def refusal(self, cfg, world: int) -> str | None:
-        """Why this backend cannot run `cfg` on `world` ranks (one line), or None."""
+    def hook(self, name: str):
+        """One of the backend's own functions ("module:function" fields), imported on first use."""
+        module, attr = getattr(self, name).split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def refusal(self, cfg, world: int, stage=None, model_config=None) -> str | None:
+        """Why this backend cannot run `cfg` on `world` ranks (one line), or None; `stage` and the model's
+        `model_config` where the planner has them."""
         if self.one_process and world > 1:
             return f"strategy {self.name}: runs one process, but {world} were launched; use ddp or fsdp2"
         group = self.shard_group(cfg, world)
@@ -96,7 +108,7 @@ class BackendSpec:
         if "8bit" in cfg.train.optim and not self.eight_bit_optim:
             runs = ", ".join(n for n, s in BACKENDS.items() if s.eight_bit_optim)
             return f"optim: {cfg.train.optim} runs with strategy {runs.replace(', ', ' or ')}, not {self.name}"
-        return None
+        return self.hook("check")(cfg, world, stage, model_config) if self.check else None
 
 
 def _deepspeed_sharding(cfg) -> tuple[int, bool]:
@@ -138,6 +150,19 @@ BACKENDS: dict[str, BackendSpec] = {
             config_key="deepspeed",
             sharding=_deepspeed_sharding,
         ),
+        BackendSpec(
+            "megatron",
+            "lf_dist.parallel.megatron.strategy:MegatronStrategy",
+            "Megatron-core",
+            # the planner's megatron memory model (planner/megatron_memory.py) replaces these terms
+            memory=MemoryTerms(optimizer_from=1),
+            quantizer=None,
+            eight_bit_optim=False,
+            fused_optimizer=False,
+            check="lf_dist.parallel.megatron.settings:refusal",
+            own_keys="lf_dist.parallel.megatron.settings:KEYS",
+            switch="lf_dist.parallel.megatron.settings:switched_on",
+        ),
     )
 }
 SCALE_OUT = "fsdp2"  # what runs on more than one rank unless the config says otherwise
@@ -154,27 +179,40 @@ def get_backend(name: str) -> BackendSpec:
 
 
 def check_config(cfg) -> None:
-    """The backend keys' values, checked with the rest of the config."""
+    """The backend keys' values, checked with the rest of the config: a backend's own keys, or its switch, next to
+    `strategy` naming another backend are refused rather than ignored."""
     name = cfg.train.strategy
     if name != "auto":
         get_backend(name)
+    switched = [(s, s.hook("switch")(cfg)) for s in BACKENDS.values() if s.switch]
+    for spec, how in switched:
+        if how and name not in ("auto", spec.name):
+            raise UserError(f"{how} selects strategy {spec.name}, but strategy is '{name}'; drop one of them")
     for spec in BACKENDS.values():
         if spec.config_key and getattr(cfg.train, spec.config_key) and name not in ("auto", spec.name):
             raise UserError(
                 f"{spec.config_key}: a {spec.shown} config is set but strategy is '{name}'; drop one of them"
             )
+        own = spec.hook("own_keys") if spec.own_keys else {}
+        given = [k for k, default in own.items() if getattr(cfg.train, k) != default]
+        chosen = name == spec.name or (name == "auto" and any(s is spec and how for s, how in switched))
+        if given and not chosen:
+            raise UserError(f"{given[0]}: read by strategy {spec.name} only; set strategy: {spec.name}, or drop it")
 
 
 def default_backend(world: int) -> str:
     return next(n for n, s in BACKENDS.items() if s.one_process) if world == 1 else SCALE_OUT
 
 
-def choose(cfg, world: int) -> tuple[BackendSpec, str]:
+def choose(cfg, world: int, stage=None, model_config=None) -> tuple[BackendSpec, str]:
     """The backend of a run on `world` ranks, with the reason; refused in one line where it cannot run it."""
     name = cfg.train.strategy
     keyed = [s for s in BACKENDS.values() if s.config_key and getattr(cfg.train, s.config_key)]
+    switched = [(s, how) for s in BACKENDS.values() if s.switch for how in [s.hook("switch")(cfg)] if how]
     if name != "auto":
         spec, why = get_backend(name), f"strategy {name}: as the config says"
+    elif switched:
+        spec, why = switched[0][0], f"strategy {switched[0][0].name}: {switched[0][1]}"
     elif keyed:
         spec, why = keyed[0], f"strategy {keyed[0].name}: a {keyed[0].shown} config is given"
     elif world == 1:
@@ -182,7 +220,7 @@ def choose(cfg, world: int) -> tuple[BackendSpec, str]:
     else:
         spec = get_backend(SCALE_OUT)
         why = f"strategy {SCALE_OUT}: {world} ranks shard weights, gradients and optimizer states"
-    problem = spec.refusal(cfg, world)
+    problem = spec.refusal(cfg, world, stage, model_config)
     if problem:
         raise UserError(problem)
     return spec, why

@@ -58,6 +58,9 @@ class StageSpec:
     # a rollout stage: (config) → the new tokens it generates per row (the planner counts them); None otherwise
     generates: Callable[[RunConfig], int] | None = None
     packing_default: bool = False  # packing when the config leaves it unset
+    # the loss is the label tokens' cross-entropy (CausalLMLoss): a backend may compute their log-probs its own
+    # way (megatron: vocab-parallel) and hand them to the loss
+    token_loss: bool = False
     neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
     prompt_masking: bool = False  # train_on_prompt / mask_history apply
 
@@ -204,7 +207,7 @@ def _kto(cfg: RunConfig, frozen: dict) -> KTOLoss:
 STAGES = {
     spec.name: spec
     for spec in (
-        StageSpec("pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(), packing_default=True),
+        StageSpec("pt", TEXT, CAUSAL_LM, lambda cfg, frozen: CausalLMLoss(), packing_default=True, token_loss=True),
         StageSpec(
             "sft",
             SUPERVISED,
@@ -212,6 +215,7 @@ STAGES = {
             lambda cfg, frozen: CausalLMLoss(),
             neat_packing=True,
             prompt_masking=True,
+            token_loss=True,
         ),
         StageSpec("rm", PAIRWISE, SEQUENCE_SCORE, lambda cfg, frozen: RewardLoss(), neat_packing=True),
         StageSpec(
