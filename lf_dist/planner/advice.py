@@ -7,6 +7,7 @@ import math
 from lf_dist.config import RunConfig
 from lf_dist.parallel import registry
 from lf_dist.parallel.registry import get_backend
+from lf_dist.planner import megatron_memory
 from lf_dist.planner.plan import method_name
 from lf_dist.planner.sizing import Sizing
 
@@ -16,7 +17,8 @@ MIN_SUGGESTED_CUTOFF = 256  # a shorter cutoff_len is no advice for fine-tuning
 def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
     """The first change that fits, in the order a person would try them: checkpointing, a lower LoRA rank,
     LoRA, QLoRA (at a lower rank too), a smaller per-device batch with more accumulation, offload, more GPUs of
-    the profile's card, a shorter cutoff_len (256 tokens at least). Each is checked with checkpointing on."""
+    the profile's card, a shorter cutoff_len (256 tokens at least); under megatron a larger TP × PP comes first
+    after checkpointing. Each is checked with checkpointing on."""
     finetuning_args, training_args = cfg.finetuning, cfg.train
     rank, batch, accum = (
         finetuning_args.lora_rank,
@@ -34,6 +36,8 @@ def suggest(p: Sizing, cfg: RunConfig, method, bits, max_cutoff) -> str:
     } & cfg.given and finetuning_args.disable_gradient_checkpointing:
         if (total := fits(method, bits)) is not None:
             return f"disable_gradient_checkpointing: false would fit ({total:.2f} GiB)"
+    if layout := _megatron_layout(p, method, bits):  # megatron: more model parallelism keeps the method
+        return layout
     methods = [(method, bits, "", {})]
     if method in ("full", "freeze"):
         methods.append(("lora", None, "finetuning_type: lora", {}))
@@ -71,10 +75,27 @@ def _without_deepspeed(p: Sizing) -> str:
     return f" and no {spec.config_key or 'strategy'} config ({spec.shown} takes no quantized base)"
 
 
+def _megatron_layout(p: Sizing, method, bits) -> str | None:
+    """strategy megatron: the smallest TP × PP beyond the config's on which the method fits (full recompute)."""
+    if p.parallel is None:
+        return None
+    now = p.parallel.layout
+    for layout in megatron_memory.layouts(p.config, p.world, p.per_node):
+        if layout.tp * layout.pp <= now.tp * now.pp:
+            continue
+        mem = p.with_megatron(layout).memory(method, bits, True)
+        if p.fits(mem):
+            return (
+                f"tensor_model_parallel_size: {layout.tp} and pipeline_model_parallel_size: {layout.pp} would fit "
+                f"({mem['total']:.2f} GiB per GPU; DP {layout.dp})"
+            )
+    return None
+
+
 def _offload_option(p: Sizing, method, bits) -> str | None:
     """Weights and optimizer states in CPU memory (FSDP2's cpu offload, or DeepSpeed ZeRO-3 offload), checked
     against the node's RAM."""
-    if p.offload or not p.hw.on_gpu:
+    if p.offload or not p.hw.on_gpu or p.parallel is not None:  # megatron offloads nothing here
         return None
     if bits and not get_backend(p.strategy).memory.quantized_shards:  # bitsandbytes' weights stay on the device
         return None

@@ -12,8 +12,9 @@ from lf_dist.env_contract import force_torchrun, int_env, use_ray
 from lf_dist.errors import UserError
 from lf_dist.parallel import registry
 from lf_dist.parallel.registry import get_backend
-from lf_dist.planner import kernel_choice
+from lf_dist.planner import kernel_choice, megatron_memory
 from lf_dist.planner.advice import suggest
+from lf_dist.planner.model_size import read_model_config
 from lf_dist.planner.plan import Plan, method_name
 from lf_dist.planner.profiles import HardwareProfile
 from lf_dist.planner.sizing import HOST_MARGIN, Sizing, with_method
@@ -70,13 +71,12 @@ class Choice:
     reasons: list = field(default_factory=list)
 
 
-def search(cfg: RunConfig, p: Sizing, backend) -> Choice:
-    """The first method of the fallback chain that fits, with checkpointing off while it fits within the margin;
-    the reasons for every method passed over."""
-    gc_given = bool({"disable_gradient_checkpointing", "gradient_checkpointing"} & cfg.given)
-    gc_options = [not cfg.finetuning.disable_gradient_checkpointing] if gc_given else [False, True]
+def search(cfg: RunConfig, p: Sizing, backend, candidates: list | None = None) -> Choice:
+    """The first method of the fallback chain (or of `candidates`) that fits, with checkpointing off while it fits
+    within the margin; the reasons for every method passed over."""
+    gc_options, gc_given = p.checkpointing_options()
     tried, chosen = [], None
-    for method, bits in _candidates(cfg):
+    for method, bits in candidates or _candidates(cfg):
         if bits and not backend.quantizer:
             continue
         for gc in gc_options:
@@ -104,6 +104,8 @@ def search(cfg: RunConfig, p: Sizing, backend) -> Choice:
 
 
 def _checkpointing_reason(p: Sizing, c: Choice) -> str:
+    if p.parallel is not None:
+        return _recompute_reason(p, c)
     if c.given_checkpointing:
         return f"gradient checkpointing {'on' if c.checkpointing else 'off'}: as the config says"
     if not c.checkpointing:
@@ -113,6 +115,19 @@ def _checkpointing_reason(p: Sizing, c: Choice) -> str:
         )
     off = p.memory(c.method, c.bits, False)["total"]
     return f"gradient checkpointing on: without it {off:.2f} GiB > {CHECKPOINTING_MARGIN:.0%} of {p.capacity:.2f} GiB"
+
+
+def _recompute_reason(p: Sizing, c: Choice) -> str:
+    what = p.parallel.with_recompute(c.checkpointing, p.cfg).describe_recompute()
+    if c.given_checkpointing:
+        return f"{what}: as the config says"
+    if not c.checkpointing:
+        return f"{what}: the run fits within {CHECKPOINTING_MARGIN:.0%} of memory without it"
+    off = p.memory(c.method, c.bits, False)["total"]
+    why = f"without recompute {off:.2f} GiB > {CHECKPOINTING_MARGIN:.0%} of {p.capacity:.2f} GiB"
+    if c.checkpointing == "full":
+        why += f", with selective {p.memory(c.method, c.bits, 'selective')['total']:.2f} GiB"
+    return f"{what}: {why}"
 
 
 def launch_layout(cfg: RunConfig, hw: HardwareProfile, world: int) -> tuple[str, dict, str | None, str]:
@@ -138,12 +153,16 @@ def launch_layout(cfg: RunConfig, hw: HardwareProfile, world: int) -> tuple[str,
 def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True) -> Plan:
     """Decide the run for `hw`; `launching` reads torchrun's launch variables (this machine, not a profile)."""
     world, per_node = _env_world(hw, launching, cfg)
-    backend, strategy_reason = registry.choose(cfg, world)
+    model_config = read_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model)
+    backend, strategy_reason = _backend(cfg, hw, world, stage, model_config, launching)
     zero_stage, offload = backend.sharding(cfg)
     p = Sizing(cfg, hw, stage, world, per_node, backend.name, zero_stage, offload)
     choice = search(cfg, p, backend)
+    strategy_reasons = [strategy_reason]
+    if cfg.train.strategy == "auto" and backend.name == registry.SCALE_OUT and hw.on_gpu and not p.offload:
+        p, choice, strategy_reasons = _megatron_where_fsdp2_falls_short(cfg, p, choice, strategy_reason)
     launcher, layout, checkpoint_dir, launch_reason = launch_layout(cfg, hw, p.world)
-    plan = record(cfg, p, choice, launcher, layout, checkpoint_dir, [launch_reason, strategy_reason])
+    plan = record(cfg, p, choice, launcher, layout, checkpoint_dir, [launch_reason, *strategy_reasons])
     if not choice.fits:
         plan.suggestion = suggest(p, cfg, choice.method, choice.bits, plan.max_cutoff_len)
         copies = [fm for fm in stage.frozen(with_method(cfg, choice.method)) if fm.path is not None]
@@ -155,6 +174,88 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
                 "more GPUs"
             )
     return plan
+
+
+def _backend(cfg: RunConfig, hw: HardwareProfile, world: int, stage, model_config, launching: bool):
+    """The registry's backend and why; megatron planned for a GPU profile on another machine is checked without
+    its CUDA refusal (the profile's machine has CUDA)."""
+    spec = megatron_memory.megatron_backend()
+    asked = cfg.train.strategy == spec.name or (cfg.train.strategy == "auto" and spec.hook("switch")(cfg))
+    if launching or not hw.on_gpu or not asked:
+        return registry.choose(cfg, world, stage, model_config)
+    problem = megatron_memory.refusal(cfg, world, stage, model_config)
+    if problem:
+        raise UserError(problem)
+    how = "as the config says" if cfg.train.strategy == spec.name else spec.hook("switch")(cfg)
+    return spec, f"strategy {spec.name}: {how}"
+
+
+def _megatron_where_fsdp2_falls_short(cfg: RunConfig, p: Sizing, fsdp2: Choice, strategy_reason: str):
+    """strategy auto on GPUs: where FSDP2 fits no method, or only one later in the fallback chain, megatron is
+    priced over its layouts (smallest TP·PP first) and chosen where one fits a method FSDP2 could not; (the sizing,
+    the choice, the strategy's reason lines), each backend's figures on a line of its own."""
+    chain = _candidates(cfg)
+    if p.world < 2 or (fsdp2.fits and (fsdp2.method, fsdp2.bits) == chain[0]):
+        return p, fsdp2, [strategy_reason]
+    name = megatron_memory.megatron_backend().name
+    lost = p.memory(*chain[0], fsdp2.checkpointing if fsdp2.given_checkpointing else True)
+    lines = [
+        f"{registry.SCALE_OUT}: {method_name(*chain[0])} needs {lost['total']:.2f} GiB per GPU > {p.capacity:.2f} "
+        f"GiB ({megatron_memory.figures(lost)})"
+    ]
+    methods, refused = _megatron_methods(cfg, p, chain)
+    if not methods:
+        return p, fsdp2, [strategy_reason, *lines, f"{name}: not priced: {refused}"]
+    best, least = _megatron_layouts(cfg, p, methods)
+    if least is None:
+        return p, fsdp2, [strategy_reason, *lines, f"{name}: no TP × PP splits this model over {p.world} GPUs"]
+    rank = {c: i for i, c in enumerate(chain)}
+    if best is None or (fsdp2.fits and rank[(best[1].method, best[1].bits)] >= rank[(fsdp2.method, fsdp2.bits)]):
+        also = f" (it fits {method_name(fsdp2.method, fsdp2.bits)} too)" if fsdp2.fits else ""
+        return p, fsdp2, [strategy_reason, *lines, _priced(*(best or least), f"; {registry.SCALE_OUT} stays{also}")]
+    q, c = best
+    why = f"strategy {name}: {registry.SCALE_OUT} does not fit {method_name(c.method, c.bits)} on {p.world} GPUs"
+    why += "; tensor and pipeline parallelism split the layers and their activations"
+    return q, c, [why, *lines, _priced(q, c, ", the smallest TP × PP that does")]
+
+
+def _priced(q: Sizing, c: Choice, tail: str) -> str:
+    """One reason line: megatron's layout and its figures."""
+    lay, mem = q.parallel.layout, c.memory
+    verdict = "fits in" if c.fits else "needs"
+    return (
+        f"{q.strategy} TP {lay.tp} × PP {lay.pp} × DP {lay.dp}: {method_name(c.method, c.bits)} {verdict} "
+        f"{mem['total']:.2f} of {q.capacity:.2f} GiB per GPU ({megatron_memory.figures(mem)}){tail}"
+    )
+
+
+def _megatron_methods(cfg: RunConfig, p: Sizing, chain: list) -> tuple[list, str | None]:
+    """The methods of the fallback chain megatron can train (no quantized base), and the first refusal."""
+    methods, refused = [], None
+    for method, bits in chain:
+        problem = "quantization_bit: megatron trains bf16/fp32 weights" if bits else None
+        problem = problem or megatron_memory.refusal(with_method(cfg, method), p.world, p.stage, p.config)
+        if problem is None:
+            methods.append((method, bits))
+        refused = refused or problem
+    return methods, refused
+
+
+def _megatron_layouts(cfg: RunConfig, p: Sizing, methods: list):
+    """((sizing, choice) of the first layout that fits the earliest method, or None; (sizing, choice) of the layout
+    that needs the least memory, or None where no layout splits the model)."""
+    spec, best, least = megatron_memory.megatron_backend(), None, None
+    for layout in megatron_memory.layouts(p.config, p.world, p.per_node):
+        q = p.with_megatron(layout)
+        c = search(cfg, q, spec, methods)
+        earlier = best is None or methods.index((c.method, c.bits)) < methods.index((best[1].method, best[1].bits))
+        if c.fits and earlier:
+            best = (q, c)
+        if least is None or c.memory["total"] < least[1].memory["total"]:
+            least = (q, c)
+        if best and (best[1].method, best[1].bits) == methods[0]:
+            break  # a later layout is larger and fits no earlier method
+    return best, least
 
 
 def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_dir, launch_reasons) -> Plan:
@@ -177,11 +278,9 @@ def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_di
         reasons.append("freeze is kept as the config says: the fallback walks full → lora → qlora only")
     most_gc = c.checkpointing if c.given_checkpointing else True  # checkpointing on where it must be
     max_cutoff = p.max_cutoff(c.method, c.bits, most_gc)
-    reasons.append(f"packing {'on' if cfg.data.packing else 'off'}; longest cutoff_len that fits: {max_cutoff}")
-    if p.offload:
-        reasons.append(f"offloaded to CPU memory: {mem['host']:.2f} GiB per node of {p.hw.ram_gib:.0f} GiB RAM")
-    lean, why = kernel_choice.lean_lora(cfg, c.method, c.bits)
-    reasons += p.kernels.reasons + ([why] if why else [])
+    parallel = p.parallel.with_recompute(c.checkpointing, cfg) if p.parallel else None
+    packing, lean, more = _rows_and_kernels(cfg, p, c, max_cutoff, parallel)
+    reasons += more
     k = p.kernels
     return Plan(
         profile=p.hw.name,
@@ -192,8 +291,8 @@ def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_di
         strategy=p.strategy,
         finetuning_type=c.method,
         quantization_bit=c.bits,
-        gradient_checkpointing=c.checkpointing,
-        packing=bool(cfg.data.packing),
+        gradient_checkpointing=bool(c.checkpointing),
+        packing=packing,
         cutoff_len=cfg.data.cutoff_len,
         num_params=size.num_params,
         trainable_params=p.trainable(c.method),
@@ -216,7 +315,21 @@ def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_di
         torch_compile=k.torch_compile,
         optim=k.optim,
         unquantized_layers=unquantized,
+        model_parallel=parallel.record(cfg) if parallel else {},
     )
+
+
+def _rows_and_kernels(cfg: RunConfig, p: Sizing, c: Choice, max_cutoff: int, parallel) -> tuple[bool, bool, list]:
+    """(packing, lean LoRA, the reasons for them, for what is offloaded, megatron's layout and the kernels)."""
+    packing = p.packing()
+    why = " (megatron packs rows when asked, on Transformer Engine)" if parallel and not packing else ""
+    reasons = [f"packing {'on' if packing else 'off'}{why}; longest cutoff_len that fits: {max_cutoff}"]
+    if p.offload:
+        reasons.append(f"offloaded to CPU memory: {c.memory['host']:.2f} GiB per node of {p.hw.ram_gib:.0f} GiB RAM")
+    if parallel:
+        reasons.append(parallel.layout.describe(cfg))
+    lean, why = kernel_choice.lean_lora(cfg, c.method, c.bits) if not parallel else (False, None)
+    return packing, lean, reasons + p.kernels.reasons + ([why] if why else [])
 
 
 def _quantization(p: Sizing, c: Choice) -> tuple[dict, str]:

@@ -55,6 +55,9 @@ class Plan:
     # a 4-bit base under FSDP2 (torchao NF4): the decoder linear layers whose blocks do not split over the shards,
     # by name within their layer, with how many layers hold one; they stay in the compute dtype
     unquantized_layers: dict = field(default_factory=dict)
+    # strategy megatron: the train keys of its layout and recompute as priced (`megatron_memory.Parallel.record`),
+    # the data-parallel size and global batch, and whether the plan chose the layout; empty for other backends
+    model_parallel: dict = field(default_factory=dict)
 
     @property
     def expected_peak_gib(self) -> float:
@@ -84,32 +87,48 @@ class Plan:
 
     def summary(self) -> str:
         fit = f"fits; max cutoff_len {self.max_cutoff_len}" if self.fits else "does NOT fit"
+        mp = self.model_parallel
+        batches = "padding-free" if self.padding_free else "packed" if self.packing else "padded"
+        attention = f"attention {self.attention}"
+        strategy, recompute = self.strategy, f"checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        if mp:
+            vpp = mp.get("virtual_pipeline_model_parallel_size")
+            strategy += (
+                f" TP {mp['tensor_model_parallel_size']} × PP {mp['pipeline_model_parallel_size']}"
+                f"{f' (×{vpp} virtual)' if vpp else ''} × CP {mp['context_parallel_size']} × DP "
+                f"{mp['data_parallel_size']}, global batch {mp['global_batch_size']}"
+            )
+            recompute = f"recompute {mp['recompute_granularity'] or 'off'}"
+            attention = f"{'Transformer Engine' if mp['transformer_engine'] else 'megatron'} attention"
         return (
-            f"plan: {self.method()} · {self.strategy} · {self.launcher} ×{self.world_size} · checkpointing "
-            f"{'on' if self.gradient_checkpointing else 'off'} · {self.per_gpu_memory_gib:.2f} of "
-            f"{self.gpu_memory_gib:.2f} GiB per {'GPU' if self.device == 'cuda' else 'process'} ({fit}) · "
-            f"attention {self.attention} · "
-            f"{'padding-free' if self.padding_free else 'packed' if self.packing else 'padded'} batches · "
-            f"{self.cross_entropy} cross-entropy{' · liger' if self.liger else ''}"
-            f"{' · compiled' if self.torch_compile else ''}"
+            f"plan: {self.method()} · {strategy} · {self.launcher} ×{self.world_size} · {recompute} · "
+            f"{self.per_gpu_memory_gib:.2f} of {self.gpu_memory_gib:.2f} GiB per "
+            f"{'GPU' if self.device == 'cuda' else 'process'} ({fit}) · {attention} · "
+            f"{batches} batches · {self.cross_entropy} cross-entropy"
+            f"{' · liger' if self.liger else ''}{' · compiled' if self.torch_compile else ''}"
         )
 
     def resolve(self, cfg: RunConfig) -> RunConfig:
         """The config the worker and strategies read: `cfg` with the plan's decisions, frozen (after launch nothing
-        writes it)."""
+        writes it). megatron: the layout and recompute as planned, and packing as decided (off unless asked)."""
+        train = {"strategy": self.strategy, "optim": self.optim}
+        data = {"padding_free": self.padding_free}
+        if self.model_parallel:
+            train.update({k: v for k, v in self.model_parallel.items() if hasattr(cfg.train, k)})
+            data["packing"] = self.packing
         return cfg.replace(
             model={
                 "quantization_bit": self.quantization_bit,
                 "flash_attn": self.attention,
                 "enable_liger_kernel": self.liger,
             },
-            data={"padding_free": self.padding_free},
+            data=data,
             finetuning={
                 "finetuning_type": self.finetuning_type,
                 "disable_gradient_checkpointing": not self.gradient_checkpointing,
                 "lean_lora": self.lean_lora,
             },
-            train={"strategy": self.strategy, "optim": self.optim},
+            train=train,
         ).freeze()
 
 

@@ -3,6 +3,7 @@ length, batch or GPU count, and the most of each that fits. The planner and its 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import replace
@@ -10,7 +11,7 @@ from dataclasses import replace
 from lf_dist.config import RunConfig
 from lf_dist.parallel import registry
 from lf_dist.parallel.registry import get_backend
-from lf_dist.planner import kernel_choice
+from lf_dist.planner import kernel_choice, megatron_memory
 from lf_dist.planner.memory import GIB, Setup, estimate, host_bytes
 from lf_dist.planner.model_size import ModelSize, measure, read_model_config, trainable_params
 from lf_dist.planner.profiles import HardwareProfile
@@ -30,8 +31,38 @@ class Sizing:
         self.zero_stage, self.offload = zero_stage, offload
         # a CPU machine's RAM is shared by the processes on it
         self.capacity = hw.gpu_memory_gib if hw.on_gpu else hw.gpu_memory_gib / max(self.per_node, 1)
-        self.kernels = kernel_choice.choose(cfg, hw, self.config, stage, self.strategy)
+        self.parallel = None  # strategy megatron: its layout and settings (megatron_memory.Parallel)
+        if megatron_memory.is_megatron(strategy):
+            self.parallel = megatron_memory.Parallel.of(cfg, world, hw.on_gpu)
+            self.kernels = megatron_memory.kernels(cfg, self.parallel)
+        else:
+            self.kernels = kernel_choice.choose(cfg, hw, self.config, stage, self.strategy)
         self._trainable: dict[tuple, int] = {}
+
+    def with_megatron(self, layout) -> Sizing:
+        """The same run priced as strategy megatron over `layout` (the model is not measured again)."""
+        other = copy.copy(self)
+        other.strategy, other.zero_stage, other.offload = megatron_memory.megatron_backend().name, 0, False
+        other.parallel = megatron_memory.Parallel.of(self.cfg, self.world, self.hw.on_gpu, layout)
+        other.kernels = megatron_memory.kernels(self.cfg, other.parallel)
+        return other
+
+    def checkpointing_options(self) -> tuple[list, bool]:
+        """(the settings the search tries in order, whether the config gave them): gradient checkpointing off,
+        then on; megatron's recompute off, selective (the attention core), then full."""
+        finetuning_args, given = self.cfg.finetuning, self.cfg.given
+        gc_given = bool({"disable_gradient_checkpointing", "gradient_checkpointing"} & given)
+        if self.parallel is not None and self.cfg.train.recompute_granularity:
+            return [self.cfg.train.recompute_granularity], True
+        if gc_given:
+            return [not finetuning_args.disable_gradient_checkpointing], True
+        return ([False, "selective", "full"] if self.parallel is not None else [False, True]), False
+
+    def packing(self) -> bool:
+        """Whether rows are packed: megatron packs them only when asked (Transformer Engine's layers run them)."""
+        if self.parallel is not None and "packing" not in self.cfg.given:
+            return False
+        return bool(self.cfg.data.packing)
 
     def trainable(self, method: str, rank: int | None = None) -> int:
         """Trainable parameters of `method` (LoRA at `rank`, else lora_rank). LoRA's count is affine in the rank
@@ -121,8 +152,12 @@ class Sizing:
         (another strategy, offload) to ask what if."""
         cutoff = cutoff or self.cfg.data.cutoff_len
         batch = batch or self.cfg.train.per_device_train_batch_size
-        setup = replace(self.setup(method, bits, checkpointing, cutoff, batch, rank, world), **changes)
-        mem = estimate(self.size, setup, self.hw.runtime_overhead_gib)
+        setup = replace(self.setup(method, bits, bool(checkpointing), cutoff, batch, rank, world), **changes)
+        if self.parallel is not None and megatron_memory.is_megatron(setup.strategy):
+            par = self.parallel.with_recompute(checkpointing, self.cfg)
+            mem = megatron_memory.estimate(self.size, setup, par, self.hw.runtime_overhead_gib)
+        else:
+            mem = estimate(self.size, setup, self.hw.runtime_overhead_gib)
         per_node = self.per_node if world is None else min(world, self.hw.devices_per_node)
         mem["host"] = round(host_bytes(self.size, setup, per_node) / GIB, 3)
         return mem

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from lf_dist.errors import UserError
 from lf_dist.parallel.megatron import runtime
 
 # the train keys only strategy megatron reads, with their defaults (schema.TrainArgs)
@@ -87,17 +88,23 @@ def distributed_optimizer(cfg, layout: Layout) -> bool:
     return bool(chosen) if chosen is not None else runtime.has_cuda() and layout.dp > 1
 
 
-def refusal(cfg, world: int, stage=None, model_config=None) -> str | None:
+def refusal(cfg, world: int, stage=None, model_config=None, layout: Layout | None = None, cuda=None) -> str | None:
     """Why strategy megatron cannot run `cfg` on `world` ranks, in one line; None where it can. `stage` (its
-    StageSpec) and `model_config` (the Hugging Face config) are checked where the planner passes them."""
-    for check in (_layout_refusal, _machine_refusal, _method_refusal):
-        problem = check(cfg, world, stage)
+    StageSpec) and `model_config` (the Hugging Face config, split over `layout`, the config's by default) are checked
+    where the planner passes them; `cuda` True prices a GPU machine from another one (its device checks are
+    skipped), None checks this machine."""
+    checks = (_layout_refusal, _method_refusal, _transformer_engine_refusal)
+    for check in checks if cuda else (_layout_refusal, _device_refusal, *checks[1:]):
+        try:
+            problem = check(cfg, world, stage)
+        except UserError as err:  # lora_target's own refusal
+            problem = str(err)
         if problem:
             return problem
     if model_config is not None:
         from lf_dist.parallel.megatron.model_map import check_model
 
-        layout = Layout.of(cfg, world)
+        layout = layout or Layout.of(cfg, world)
         return check_model(model_config, layout.tp, layout.pp, layout.vpp)
     return None
 
@@ -113,16 +120,21 @@ def _layout_refusal(cfg, world: int, stage) -> str | None:
     return None
 
 
-def _machine_refusal(cfg, world: int, stage) -> str | None:
+def _device_refusal(cfg, world: int, stage) -> str | None:
     """What this machine cannot run, refused rather than dropped."""
-    t, data = cfg.train, cfg.data
     if runtime.device() is None:
         return (
             "strategy megatron: megatron-core's layers need CUDA GPUs and this machine has none; use strategy "
             "fsdp2 (or deepspeed) here"
         )
-    if t.use_distributed_optimizer and not runtime.has_cuda():
+    if cfg.train.use_distributed_optimizer and not runtime.has_cuda():
         return "use_distributed_optimizer: megatron-core's distributed optimizer needs CUDA; set it to false here"
+    return None
+
+
+def _transformer_engine_refusal(cfg, world: int, stage) -> str | None:
+    """What megatron-core runs on Transformer Engine's layers only (checked on the machine that plans)."""
+    t, data = cfg.train, cfg.data
     if runtime.has_transformer_engine():
         return None
     needs_te = {
@@ -155,7 +167,7 @@ def _method_refusal(cfg, world: int, stage) -> str | None:
     if finetuning.finetuning_type == "lora":
         from lf_dist.parallel.megatron.lora import megatron_lora_targets
 
-        megatron_lora_targets(finetuning.lora_target)  # a UserError naming the fused groups
+        megatron_lora_targets(finetuning.lora_target)  # raises, naming the fused groups
         unsupported = [k for k in ("use_dora", "pissa_init", "loraplus_lr_ratio") if getattr(finetuning, k, None)]
         if model.adapter_name_or_path:
             unsupported.append("adapter_name_or_path")
