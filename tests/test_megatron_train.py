@@ -90,9 +90,9 @@ def _losses(out: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1(tmp_path, llama):
-    """Four sft steps at TP=2 equal the single-process run's losses; the checkpoint of step 2, resumed at TP=1
-    (megatron-core reshards it), continues from its weights; the exported model is the single run's."""
+def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1_and_pp2(tmp_path, llama):
+    """Four sft steps at TP=2 equal the single-process run's losses; the checkpoint of step 2, resumed at TP=1 and
+    at PP=2 (megatron-core reshards it), continues from its weights; the exported model is the single run's."""
     from lf_dist.run_checks import load_config
     from lf_dist.worker import run
     from tests.conftest import base_overrides
@@ -107,11 +107,12 @@ def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1(tmp_path, llama):
     assert _losses(tp2) == pytest.approx(want, rel=1e-4)
     # resumed with half the learning rate: step 3's loss is that of the checkpoint's weights (a run started over
     # at this rate would have other weights by then)
-    resumed = tmp_path / "resumed"
     resume = {**common, "learning_rate": 5e-5, "resume_from_checkpoint": str(tp2 / "checkpoint-2")}
-    spawn(train_scenario, 1, resume, str(resumed), str(llama))
-    step3 = [json.loads(line) for line in (resumed / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["loss"] for r in step3 if r.get("current_steps") == 3] == pytest.approx([want[2]], rel=1e-4)
+    for name, world, layout in (("tp1", 1, {}), ("pp2", 2, {"pipeline_model_parallel_size": 2})):
+        spawn(train_scenario, world, {**resume, **layout}, str(tmp_path / name), str(llama))
+        rows = (tmp_path / name / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+        step3 = [json.loads(line)["loss"] for line in rows if json.loads(line).get("current_steps") == 3]
+        assert step3 == pytest.approx([want[2]], rel=1e-4), name
     # the exported model is the single-process run's (Adam's steps of at most ~lr where gradients are ~0 aside)
     from transformers import AutoModelForCausalLM
 
@@ -120,3 +121,46 @@ def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1(tmp_path, llama):
     assert set(exported) == set(reference)
     for name, want in reference.items():
         assert float((exported[name] - want).abs().max()) <= 4 * common["learning_rate"], name
+
+
+@pytest.mark.slow
+def test_pt_at_pp2_matches_one_process(tmp_path, llama):
+    """Stage pt (rows unpacked: megatron packs on Transformer Engine only) over two pipeline stages."""
+    from lf_dist.run_checks import load_config
+    from lf_dist.worker import run
+    from tests.conftest import base_overrides
+
+    common = {"stage": "pt", "dataset": "pretrain_demo", "packing": False, "finetuning_type": "full", "max_steps": 3}
+    single = tmp_path / "single"
+    run(load_config(None, base_overrides(single, model_name_or_path=str(llama), strategy="single", **common)))
+    spawn(train_scenario, 2, {**common, "pipeline_model_parallel_size": 2}, str(tmp_path / "pp2"), str(llama))
+    assert _losses(tmp_path / "pp2") == pytest.approx(_losses(single), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_lora_run_at_tp2_learns_exports_a_peft_adapter_and_resumes_at_tp1(tmp_path, llama):
+    """LoRA on megatron's parallel linears: step 1 (B = 0) is the base model's loss, as peft's; the loss falls; the
+    adapter loads into peft on the Hugging Face model; its checkpoint (adapters only) resumes at TP=1."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lf_dist.run_checks import load_config
+    from lf_dist.worker import run
+    from tests.conftest import base_overrides
+
+    common = {"finetuning_type": "lora", "lora_target": "all", "max_steps": 8, "save_steps": 4}
+    single = tmp_path / "single"
+    run(load_config(None, base_overrides(single, model_name_or_path=str(llama), strategy="single", **common)))
+    tp2 = tmp_path / "tp2"
+    spawn(train_scenario, 2, {**common, "tensor_model_parallel_size": 2}, str(tp2), str(llama))
+    losses = _losses(tp2)
+    assert losses[0] == pytest.approx(_losses(single)[0], rel=1e-5)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32), tp2)
+    b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert len(b) == 7 * 4 and all(float(p.abs().max()) > 0 for p in b)
+    resumed = tmp_path / "resumed"
+    resume = {**common, "learning_rate": 5e-4, "resume_from_checkpoint": str(tp2 / "checkpoint-4")}
+    spawn(train_scenario, 1, resume, str(resumed), str(llama))
+    rows = [json.loads(line) for line in (resumed / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["loss"] for r in rows if r.get("current_steps") == 5] == pytest.approx([losses[4]], rel=1e-4)
