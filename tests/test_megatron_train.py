@@ -138,9 +138,10 @@ def test_pt_at_pp2_matches_one_process(tmp_path, llama):
 
 
 @pytest.mark.slow
-def test_a_lora_run_at_tp2_learns_exports_a_peft_adapter_and_resumes_at_tp1(tmp_path, llama):
+def test_a_lora_run_at_tp2_learns_exports_a_peft_adapter_and_goes_on_from_it(tmp_path, llama):
     """LoRA on megatron's parallel linears: step 1 (B = 0) is the base model's loss, as peft's; the loss falls; the
-    adapter loads into peft on the Hugging Face model; its checkpoint (adapters only) resumes at TP=1."""
+    adapter loads into peft on the Hugging Face model; its checkpoint (adapters only) resumes at TP=1, and a run
+    started from it (adapter_name_or_path) starts from peft's loss."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -164,3 +165,9 @@ def test_a_lora_run_at_tp2_learns_exports_a_peft_adapter_and_resumes_at_tp1(tmp_
     spawn(train_scenario, 1, resume, str(resumed), str(llama))
     rows = [json.loads(line) for line in (resumed / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["loss"] for r in rows if r.get("current_steps") == 5] == pytest.approx([losses[4]], rel=1e-4)
+    # training goes on from the exported adapter (adapter_name_or_path): megatron and peft start from one loss
+    more = {**common, "max_steps": 1, "adapter_name_or_path": str(tp2)}
+    run(load_config(None, base_overrides(tmp_path / "peft", model_name_or_path=str(llama), strategy="single", **more)))
+    spawn(train_scenario, 2, {**more, "tensor_model_parallel_size": 2}, str(tmp_path / "more"), str(llama))
+    assert _losses(tmp_path / "more") == pytest.approx(_losses(tmp_path / "peft"), rel=1e-5)
+    assert _losses(tmp_path / "more")[0] < losses[0] - 0.5

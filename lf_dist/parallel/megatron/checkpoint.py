@@ -109,10 +109,7 @@ def _write_adapter(strategy, state: dict, path: Path) -> None:
 
     from lf_dist.parallel.megatron.lora import adapter_config
 
-    f = strategy.cfg.finetuning
-    config = adapter_config(
-        strategy.hf_config, strategy.lora_targets, f.lora_rank, f.lora_alpha, f.lora_dropout, f.use_rslora
-    )
+    config = adapter_config(strategy.hf_config, *strategy.lora)
     config.base_model_name_or_path = strategy.cfg.model.model_name_or_path
     config.save_pretrained(path)
     save_file({k: v.detach().clone() for k, v in state.items()}, str(path / "adapter_model.safetensors"))

@@ -169,8 +169,6 @@ def _method_refusal(cfg, world: int, stage) -> str | None:
 
         megatron_lora_targets(finetuning.lora_target)  # raises, naming the fused groups
         unsupported = [k for k in ("use_dora", "pissa_init", "loraplus_lr_ratio") if getattr(finetuning, k, None)]
-        if model.adapter_name_or_path:
-            unsupported.append("adapter_name_or_path")
         if unsupported:
             return f"{unsupported[0]}: not supported with strategy megatron; drop it or use fsdp2"
     return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -141,12 +142,31 @@ class MegatronStrategy(DistributedStrategy):
         return chunks
 
     def _apply_lora(self, chunks) -> None:
-        from lf_dist.parallel.megatron.lora import apply_lora, megatron_lora_targets
+        """LoRA on the parallel linears: new adapters, or those of `adapter_name_or_path` (a peft adapter whose
+        fused groups share lora_A, as this backend exports them), with that adapter's own rank and targets."""
+        from lf_dist.parallel.megatron.lora import (
+            apply_lora,
+            load_peft_adapter,
+            megatron_lora_targets,
+            resolve_targets,
+        )
 
-        f = self.cfg.finetuning
-        targets = megatron_lora_targets(f.lora_target)
-        apply_lora(chunks, targets, f.lora_rank, f.lora_alpha, f.lora_dropout, f.use_rslora, self.cfg.train.seed)
-        self.lora_targets = targets
+        f, seed = self.cfg.finetuning, self.cfg.train.seed
+        if not self.cfg.model.adapter_name_or_path:
+            self.lora = (megatron_lora_targets(f.lora_target), f.lora_rank, f.lora_alpha, f.lora_dropout, f.use_rslora)
+            apply_lora(chunks, *self.lora, seed)
+            return
+        from peft import PeftConfig
+        from safetensors.torch import load_file
+
+        from lf_dist.model.hub import local_model
+
+        folder = Path(local_model(self.cfg.model.adapter_name_or_path, self.cfg.model, "adapter_name_or_path"))
+        saved = PeftConfig.from_pretrained(folder)
+        targets = resolve_targets(sorted(saved.target_modules))
+        self.lora = (targets, saved.r, saved.lora_alpha, saved.lora_dropout, bool(saved.use_rslora))
+        apply_lora(chunks, *self.lora, seed)
+        load_peft_adapter(chunks, self.hf_config, load_file(str(folder / "adapter_model.safetensors")))
 
     def setup(self, chunks, build_optimizer):
         """megatron-core's DDP around each chunk, then its optimizer (`build_optimizer`, torch's AdamW for the

@@ -151,7 +151,9 @@ class _SafetensorsSource(_DictSource):
         else:
             with safe_open(str(folder / "model.safetensors"), framework="torch") as handle:
                 weight_map = dict.fromkeys(handle.keys(), "model.safetensors")
-        files = {f: stack.enter_context(safe_open(str(folder / f), framework="torch")) for f in set(weight_map.values())}
+        files = {
+            f: stack.enter_context(safe_open(str(folder / f), framework="torch")) for f in set(weight_map.values())
+        }
         self.slices = {name: files[f].get_slice(name) for name, f in weight_map.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:
