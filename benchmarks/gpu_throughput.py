@@ -10,7 +10,9 @@ Variants, each adding one thing to the one before:
             layers (same sdpa);
   +liger    Liger's RMSNorm / RoPE / SwiGLU and fused linear cross-entropy (CUDA only);
   +varlen   varlen attention over the packed documents (torch's kernel, no mask);
-  +compile  torch.compile of each decoder block.
+  +compile  torch.compile of each decoder block;
+  megatron  strategy megatron at TP = PP = 1 instead (benchmarks/megatron_variant.py: megatron-core's layers, its
+            DDP and optimizer, lf-dist's schedule-driven step; CUDA only).
 Batches are packed rows of documents with long-tailed lengths (8,192 tokens; 4,096 for the 8B LoRA case), bf16.
 
 MFU = tokens/s × FLOPs per token / peak, with torchtitan's FLOPs per token: 6·(N − N_embedding) + 12·L·H·Q·T
@@ -33,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("hf_loop", "lf-dist", "+liger", "+varlen", "+compile")
+VARIANTS = ("hf_loop", "lf-dist", "+liger", "+varlen", "+compile", "megatron")
 MODELS = {  # Llama-3 style shapes
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, lora=False, seq=256),
@@ -145,8 +147,19 @@ def flops_per_token(spec: dict) -> float:
     return (4 if spec["lora"] else 6) * dense + 12 * layers * heads * head_dim * spec["seq"]
 
 
-def run_variant(name: str, spec: dict, variant: str, device, args, peaks) -> dict:
+def _builder(spec: dict, variant: str, device):
+    """(model, optimizer, step function) of a variant."""
+    if variant == "megatron":
+        import megatron_variant
+
+        strategy, model, opt = megatron_variant.build(spec, device)
+        return model, opt, lambda m, o, b, v: megatron_variant.step(strategy, m, o, b)
     model, opt = build(spec, variant, device)
+    return model, opt, step
+
+
+def run_variant(name: str, spec: dict, variant: str, device, args, peaks) -> dict:
+    model, opt, step = _builder(spec, variant, device)
     batches = [
         {k: v.to(device) for k, v in packed_batch(spec["seq"], spec["vocab_size"], s).items()}
         for s in range(args.warmup + args.steps)
@@ -197,9 +210,10 @@ def main() -> None:
     print(json.dumps({**head, "measured_bf16_flops": round(peaks[0]), "datasheet_bf16_flops": peaks[1]}), flush=True)
     for model in args.models.split(","):
         for variant in args.variants.split(","):
-            if variant == "+liger" and device.type != "cuda":
+            if variant in ("+liger", "megatron") and device.type != "cuda":
+                why = "Liger's Triton kernels" if variant == "+liger" else "megatron-core's layers"
                 print(json.dumps({"bench": "gpu_throughput", "model": model, "variant": variant,
-                                  "skipped": "Liger's Triton kernels need CUDA"}), flush=True)  # fmt: skip
+                                  "skipped": f"{why} need CUDA"}), flush=True)  # fmt: skip
                 continue
             print(json.dumps(run_variant(model, MODELS[model], variant, device, args, peaks)), flush=True)
 

@@ -138,7 +138,7 @@ def test_the_global_batch_is_stated_with_the_layout(make_cfg):
     layout = settings.Layout.of(cfg, 16)
     assert (layout.tp, layout.pp, layout.dp) == (2, 2, 4)
     text = layout.describe(cfg)
-    assert "16 ranks = TP 2 × PP 2 × CP 1 × DP 4" in text
+    assert "16 rank(s) = TP 2 × PP 2 × CP 1 × DP 4" in text
     assert "= 128 sequences per step" in text and "16 × 4 × 8" in text
 
 

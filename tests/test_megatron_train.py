@@ -84,9 +84,9 @@ def test_one_step_loss_and_gradients_equal_the_hf_model(tmp_path, llama, tp, pp,
     assert result["norm"] == pytest.approx(norm, rel=1e-5)
 
 
-def _losses(out: Path) -> list[float]:
+def _losses(out: Path, key: str = "loss") -> list[float]:
     lines = (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    return [json.loads(line)[key] for line in lines if key in json.loads(line)]
 
 
 @pytest.mark.slow
@@ -98,6 +98,7 @@ def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1_and_pp2(tmp_path, l
     from tests.conftest import base_overrides
 
     common = {"finetuning_type": "full", "max_steps": 4, "save_steps": 2, "learning_rate": 1e-4}
+    common.update(val_size=0.1, eval_strategy="steps", eval_steps=2)  # evaluation through the schedule too
     single = tmp_path / "single"
     run(load_config(None, base_overrides(single, model_name_or_path=str(llama), strategy="single", **common)))
     tp2 = tmp_path / "tp2"
@@ -105,6 +106,8 @@ def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1_and_pp2(tmp_path, l
     want = _losses(single)
     assert len(want) == 4
     assert _losses(tp2) == pytest.approx(want, rel=1e-4)
+    assert _losses(tp2, "eval_loss") == pytest.approx(_losses(single, "eval_loss"), rel=1e-4)
+    assert len(_losses(single, "eval_loss")) >= 2
     # resumed with half the learning rate: step 3's loss is that of the checkpoint's weights (a run started over
     # at this rate would have other weights by then)
     resume = {**common, "learning_rate": 5e-5, "resume_from_checkpoint": str(tp2 / "checkpoint-2")}

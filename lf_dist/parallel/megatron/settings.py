@@ -74,7 +74,7 @@ class Layout:
         batch = self.dp * t.per_device_train_batch_size * t.gradient_accumulation_steps
         vpp = f" × {self.vpp} virtual stages" if self.vpp else ""
         return (
-            f"megatron: {self.dp * self.model_parallel} ranks = TP {self.tp} × PP {self.pp}{vpp} × CP {self.cp} × "
+            f"megatron: {self.dp * self.model_parallel} rank(s) = TP {self.tp} × PP {self.pp}{vpp} × CP {self.cp} × "
             f"DP {self.dp}; global batch = DP {self.dp} × per_device_train_batch_size "
             f"{t.per_device_train_batch_size} × gradient_accumulation_steps {t.gradient_accumulation_steps} = "
             f"{batch} sequences per step (the data-parallel backends would take {self.dp * self.model_parallel} × "
