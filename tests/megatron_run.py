@@ -83,7 +83,7 @@ def grads_scenario(out: str, model: str, micro_batches_by_dp: list, keys: dict) 
     modules = [c.module for c in model_]
     restore = _main_grads_as_weights(modules)
     if cfg.finetuning.finetuning_type == "lora":
-        from lf_dist.parallel.megatron.lora import gather_peft_adapter
+        from lf_dist.parallel.megatron.lora_peft import gather_peft_adapter
 
         grads = gather_peft_adapter(modules, strategy.hf_config)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -31,7 +32,13 @@ def test_every_package_of_the_dev_extra_is_pinned_and_installed_at_its_pin():
     assert len(pins) > 100 and pins["torch"] == "2.13.0"
     for name in ("transformers", "peft", "datasets", "deepspeed", "ray", "trl", "bitsandbytes", "kernels", "pytest"):
         assert name in pins, name  # the dev extra's packages and what they pull in (kernels: transformers')
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # setuptools puts its own vendored copies (packaging, zipp, ...) on sys.path once it is imported (megatron-core
+    # imports it): those are not what the environment installed
+    installed = {
+        canonicalize_name(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions()
+        if "_vendor" not in Path(str(getattr(d, "_path", ""))).parts
+    }
     wrong = {n: (v, installed.get(n)) for n, v in pins.items() if installed.get(n, "").split("+")[0] != v}
     assert not wrong, f"installed versions differ from {LOCK.name} (run `make install`): {wrong}"
 

@@ -100,6 +100,7 @@ def test_without_cuda_strategy_megatron_is_refused_in_one_line(tmp_path):
         (2, {"use_distributed_optimizer": True}, "use_distributed_optimizer: megatron-core's distributed optimizer"),
         (1, {"stage": "dpo", "dataset": "dpo_en_demo"}, "stage dpo: strategy megatron trains stages pt and sft"),
         (1, {"finetuning_type": "freeze"}, "finetuning_type freeze: strategy megatron trains full or lora"),
+        (1, {"fp16": True}, "fp16: strategy megatron trains in bf16 or fp32"),
         (1, {"finetuning_type": "lora", "lora_target": "q_proj,v_proj"}, "linear_qkv"),
     ],
 )

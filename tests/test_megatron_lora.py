@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lf_dist.errors import UserError
-from lf_dist.parallel.megatron.lora import HF_NAMES, adapter_config, megatron_lora_targets
+from lf_dist.parallel.megatron.lora import HF_NAMES, megatron_lora_targets
+from lf_dist.parallel.megatron.lora_peft import adapter_config
 
 IN, OUT, R, ALPHA = 16, 24, 4, 8.0
 SEQ, BATCH = 6, 2
@@ -403,7 +404,7 @@ def _random_peft_adapter(model_dir: Path, out: Path) -> Path:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lf_dist.parallel.megatron.lora import adapter_config
+    from lf_dist.parallel.megatron.lora_peft import adapter_config
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     peft_model = get_peft_model(model, adapter_config(model.config, ["all"], R, ALPHA, 0.0))
@@ -431,7 +432,7 @@ def _lora_llama(model_dir: str, adapter_dir: str, tp: int, pp: int):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from lf_dist.parallel.megatron import lora
+    from lf_dist.parallel.megatron import lora, lora_peft
     from lf_dist.parallel.megatron.model_map import build_model_chunks, transformer_config
     from lf_dist.parallel.megatron.weights import load_hf_weights
     from tests import megatron_shim
@@ -441,14 +442,14 @@ def _lora_llama(model_dir: str, adapter_dir: str, tp: int, pp: int):
     chunks = build_model_chunks(hf_config, transformer_config(hf_config, tp=tp, pp=pp))
     load_hf_weights(chunks, hf_config, Path(model_dir))
     lora.apply_lora(chunks, lora.megatron_lora_targets("all"), R, ALPHA, 0.0)
-    lora.load_peft_adapter(chunks, hf_config, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
+    lora_peft.load_peft_adapter(chunks, hf_config, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")))
     return hf_config, chunks
 
 
 def _tp2_llama_worker(out: str, model_dir: str, adapter_dir: str) -> None:
     from megatron.core import parallel_state
 
-    from lf_dist.parallel.megatron import lora
+    from lf_dist.parallel.megatron import lora, lora_peft
     from tests import megatron_shim
 
     hf_config, chunks = _lora_llama(model_dir, adapter_dir, tp=2, pp=1)
@@ -460,17 +461,17 @@ def _tp2_llama_worker(out: str, model_dir: str, adapter_dir: str) -> None:
         logits = chunks[0](ids[:, :-1], positions, None)
     parts = [torch.empty_like(logits) for _ in range(2)]
     torch.distributed.all_gather(parts, logits.contiguous())
-    adapter = lora.gather_peft_adapter(chunks, hf_config)
+    adapter = lora_peft.gather_peft_adapter(chunks, hf_config)
     with torch.no_grad():
         for _, _, module in lora.lora_modules(chunks):
             for p in (module.lora_A, module.lora_B):
                 p.copy_(p.grad)  # the gradients in the adapter's place, to export them under HF names
-    grads = lora.gather_peft_adapter(chunks, hf_config)
+    grads = lora_peft.gather_peft_adapter(chunks, hf_config)
     trainable = [n for n, p in chunks[0].named_parameters() if p.requires_grad]
     # the same adapter on two pipeline stages (a layer each), gathered to rank 0 again
     parallel_state.destroy_model_parallel()
     hf_config, chunks = _lora_llama(model_dir, adapter_dir, tp=1, pp=2)
-    adapter_pp2 = lora.gather_peft_adapter(chunks, hf_config)
+    adapter_pp2 = lora_peft.gather_peft_adapter(chunks, hf_config)
     if torch.distributed.get_rank() == 0:
         result = {"loss": float(loss), "logits": torch.cat(parts, dim=-1)[..., : hf_config.vocab_size]}
         result.update(adapter=adapter, grads=grads, trainable=trainable, adapter_pp2=adapter_pp2)
@@ -527,7 +528,7 @@ def test_tp2_llama_exported_adapter_is_the_loaded_one_and_gives_megatron_logits_
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    from lf_dist.parallel.megatron.lora import adapter_config
+    from lf_dist.parallel.megatron.lora_peft import adapter_config
 
     model_dir, adapter_dir, result = tp2_llama
     original = load_file(str(adapter_dir / "adapter_model.safetensors"))
@@ -547,7 +548,7 @@ def test_tp2_llama_exported_adapter_is_the_loaded_one_and_gives_megatron_logits_
 def test_peft_adapter_with_different_A_for_a_fused_group_is_refused_and_state_dict_round_trips(megatron_tp1, tmp_path):
     from transformers import AutoConfig
 
-    from lf_dist.parallel.megatron import lora
+    from lf_dist.parallel.megatron import lora, lora_peft
     from lf_dist.parallel.megatron.model_map import build_model_chunks, transformer_config
     from tests.conftest import make_llama
 
@@ -561,12 +562,12 @@ def test_peft_adapter_with_different_A_for_a_fused_group_is_refused_and_state_di
         "decoder.layers.0.self_attention.linear_qkv.lora_A",
         "decoder.layers.0.self_attention.linear_qkv.lora_B",
     ]
-    adapter = lora.gather_peft_adapter(chunks, hf_config)
+    adapter = lora_peft.gather_peft_adapter(chunks, hf_config)
     assert len(adapter) == 2 * 4
     state = {k: v.clone() for k, v in lora.lora_state_dict(chunks).items()}
     adapter["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"] += 1.0
     with pytest.raises(UserError, match="q_proj,k_proj,v_proj of layer 0 have different lora_A"):
-        lora.load_peft_adapter(chunks, hf_config, adapter)
+        lora_peft.load_peft_adapter(chunks, hf_config, adapter)
     with torch.no_grad():
         for _, _, module in lora.lora_modules(chunks):
             module.lora_A.zero_()

@@ -70,7 +70,7 @@ def export(strategy, model, tokenizer, path: Path) -> None:
     """The final model (or adapter) in Hugging Face format, written by global rank 0; every rank gathers."""
     path = Path(path)
     if strategy.cfg.finetuning.finetuning_type == "lora":
-        from lf_dist.parallel.megatron.lora import gather_peft_adapter
+        from lf_dist.parallel.megatron.lora_peft import gather_peft_adapter
 
         state = gather_peft_adapter(_modules(model), strategy.hf_config)
         write = _write_adapter
@@ -107,7 +107,7 @@ def _write_model(strategy, state: dict, path: Path) -> None:
 def _write_adapter(strategy, state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    from lf_dist.parallel.megatron.lora import adapter_config
+    from lf_dist.parallel.megatron.lora_peft import adapter_config
 
     config = adapter_config(strategy.hf_config, *strategy.lora)
     config.base_model_name_or_path = strategy.cfg.model.model_name_or_path

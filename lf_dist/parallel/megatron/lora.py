@@ -1,4 +1,4 @@
-"""Tensor-parallel LoRA on megatron-core's linear layers, and its peft adapter on the Hugging Face names.
+"""Tensor-parallel LoRA on megatron-core's linear layers (its peft adapter: `lora_peft.py`).
 
 A column-parallel layer (linear_qkv, linear_fc1) splits its weight by output rows: its LoRA keeps A whole
 (replicated, r × in) and splits B like the weight (out/tp × r). A row-parallel layer (linear_proj, linear_fc2)
@@ -44,8 +44,8 @@ MEGATRON_TARGETS = (QKV, PROJ, FC1, FC2)
 HF_NAMES = {QKV: ("q_proj", "k_proj", "v_proj"), PROJ: ("o_proj",), FC1: ("gate_proj", "up_proj"), FC2: ("down_proj",)}
 _FROM_HF = {hf: target for target, names in HF_NAMES.items() for hf in names}
 _PARENT = {QKV: "self_attention", PROJ: "self_attention", FC1: "mlp", FC2: "mlp"}
-_HF_PARENT = {QKV: "self_attn", PROJ: "self_attn", FC1: "mlp", FC2: "mlp"}
-_PEFT_PREFIX = "base_model.model.model.layers"
+HF_PARENT = {QKV: "self_attn", PROJ: "self_attn", FC1: "mlp", FC2: "mlp"}
+PEFT_PREFIX = "base_model.model.model.layers"
 
 
 def megatron_lora_targets(lora_target: str) -> list[str]:
@@ -289,7 +289,7 @@ def _all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     return parts
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+def unwrap_chunk(chunk: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
         chunk = chunk.module
@@ -303,7 +303,7 @@ def lora_modules(
     `layer_number - 1` (which counts the pipeline stages before this one) unless `layer_offsets` gives each
     chunk's first global layer."""
     for c, chunk in enumerate(chunks):
-        decoder = getattr(_unwrap(chunk), "decoder", None)
+        decoder = getattr(unwrap_chunk(chunk), "decoder", None)
         for i, layer in enumerate(getattr(decoder, "layers", ())):
             index = layer_offsets[c] + i if layer_offsets is not None else layer.layer_number - 1
             for target in MEGATRON_TARGETS:
@@ -337,7 +337,7 @@ def apply_lora(
         for param in chunk.parameters():
             param.requires_grad_(False)
     for c, chunk in enumerate(chunks):
-        decoder = getattr(_unwrap(chunk), "decoder", None)
+        decoder = getattr(unwrap_chunk(chunk), "decoder", None)
         for i, layer in enumerate(getattr(decoder, "layers", ())):
             index = layer_offsets[c] + i if layer_offsets is not None else layer.layer_number - 1
             for target in targets:
@@ -373,102 +373,3 @@ def load_lora_state_dict(chunks: Sequence[torch.nn.Module], state: dict[str, tor
         raise UserError(f"the LoRA checkpoint lacks {len(missing)} adapter tensors, first {missing[0]}")
     for key, param in expected.items():
         param.copy_(state[key])
-
-
-def _split_b(target: str, b: torch.Tensor, hf_config, gated: bool) -> list[tuple[str, torch.Tensor]]:
-    """A TP=1 megatron B → (HF module, its B rows)."""
-    from lf_dist.parallel.megatron.weights import split_qkv
-
-    if target == QKV:
-        return list(zip(HF_NAMES[QKV], split_qkv(b, hf_config)))
-    if target == FC1:
-        return list(zip(HF_NAMES[FC1], b.chunk(2))) if gated else [("up_proj", b)]
-    return [(HF_NAMES[target][0], b)]
-
-
-def _fuse_b(target: str, parts: list[torch.Tensor], hf_config) -> torch.Tensor:
-    """`_split_b`'s inverse."""
-    from lf_dist.parallel.megatron.weights import fuse_qkv
-
-    return fuse_qkv(*parts, hf_config) if target == QKV else torch.cat(parts)
-
-
-def _gated(chunks) -> bool:
-    config = getattr(_unwrap(chunks[0]), "config", None) if chunks else None
-    return bool(getattr(config, "gated_linear_unit", True))
-
-
-def _gather_to_rank0(local: dict) -> dict | None:
-    """Merge each pipeline stage's dict on global rank 0 (the TP-0, DP-0 ranks send; the others hold copies)."""
-    dist = torch.distributed
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    from megatron.core import parallel_state as ps
-
-    if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank(with_context_parallel=True) != 0:
-        return None
-    group = ps.get_pipeline_model_parallel_group()
-    if group.size() == 1:
-        return local if dist.get_rank() == 0 else None
-    parts = [None] * group.size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0, group=group)
-    if parts is None:
-        return None
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
-def gather_peft_adapter(chunks: Sequence[torch.nn.Module], hf_config, layer_offsets=None) -> dict | None:
-    """The whole adapter as a peft state dict (HF module names) on global rank 0, None on the other ranks.
-    A collective: every rank of the world calls it."""
-    full = {(index, target): module.full_adapter() for index, target, module in lora_modules(chunks, layer_offsets)}
-    full = _gather_to_rank0(full)
-    if full is None:
-        return None
-    gated = _gated(chunks)
-    out = {}
-    for (index, target), (a, b) in sorted(full.items()):
-        prefix = f"{_PEFT_PREFIX}.{index}.{_HF_PARENT[target]}"
-        for name, part in _split_b(target, b, hf_config, gated):
-            out[f"{prefix}.{name}.lora_A.weight"] = a.clone()
-            out[f"{prefix}.{name}.lora_B.weight"] = part.contiguous()
-    return out
-
-
-def load_peft_adapter(chunks: Sequence[torch.nn.Module], hf_config, state: dict, layer_offsets=None) -> None:
-    """Load a peft adapter state dict (HF names, as `gather_peft_adapter` writes) into the LoRA layers; every
-    rank calls it with the whole dict and keeps its shards. The HF modules megatron fuses must share A."""
-    state = {k.replace(".default.weight", ".weight"): v for k, v in state.items()}
-    gated = _gated(chunks)
-    for index, target, module in lora_modules(chunks, layer_offsets):
-        prefix = f"{_PEFT_PREFIX}.{index}.{_HF_PARENT[target]}"
-        names = HF_NAMES[target] if target != FC1 or gated else ("up_proj",)
-        try:
-            a_parts = [state[f"{prefix}.{n}.lora_A.weight"] for n in names]
-            b_parts = [state[f"{prefix}.{n}.lora_B.weight"] for n in names]
-        except KeyError as err:
-            raise UserError(f"the adapter has no {err.args[0]}; its lora_target must cover {target}") from None
-        if any(not torch.equal(a, a_parts[0]) for a in a_parts[1:]):
-            raise UserError(
-                f"the adapter's {','.join(names)} of layer {index} have different lora_A; megatron fuses them into "
-                f"{target}, which has one"
-            )
-        module.set_full_adapter(a_parts[0], _fuse_b(target, b_parts, hf_config))
-
-
-def adapter_config(hf_config, targets: Sequence[str], r: int, alpha: float, dropout: float, rslora: bool = False):
-    """The peft.LoraConfig of the adapter `gather_peft_adapter` writes (target_modules in HF names)."""
-    from peft import LoraConfig
-
-    modules = [name for target in resolve_targets(targets) for name in HF_NAMES[target]]
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        use_rslora=rslora,
-        target_modules=modules,
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=getattr(hf_config, "_name_or_path", None) or None,
-    )

@@ -160,6 +160,8 @@ def _method_refusal(cfg, world: int, stage) -> str | None:
             f"stage {stage.name}: strategy megatron trains stages pt and sft (a token cross-entropy); use fsdp2 "
             "(or deepspeed) for this stage"
         )
+    if cfg.train.fp16:
+        return "fp16: strategy megatron trains in bf16 or fp32; use bf16: true"
     if finetuning.finetuning_type not in ("full", "lora", "auto"):
         return f"finetuning_type {finetuning.finetuning_type}: strategy megatron trains full or lora"
     if model.quantization_bit:

@@ -144,12 +144,8 @@ class MegatronStrategy(DistributedStrategy):
     def _apply_lora(self, chunks) -> None:
         """LoRA on the parallel linears: new adapters, or those of `adapter_name_or_path` (a peft adapter whose
         fused groups share lora_A, as this backend exports them), with that adapter's own rank and targets."""
-        from lf_dist.parallel.megatron.lora import (
-            apply_lora,
-            load_peft_adapter,
-            megatron_lora_targets,
-            resolve_targets,
-        )
+        from lf_dist.parallel.megatron.lora import apply_lora, megatron_lora_targets, resolve_targets
+        from lf_dist.parallel.megatron.lora_peft import load_peft_adapter
 
         f, seed = self.cfg.finetuning, self.cfg.train.seed
         if not self.cfg.model.adapter_name_or_path:
