@@ -89,6 +89,11 @@ def test_without_cuda_strategy_megatron_is_refused_in_one_line(tmp_path):
     [
         (3, {"tensor_model_parallel_size": 2}, "= 2 must divide the world size 3"),
         (
+            2,
+            {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+            "gradient_accumulation_steps 1: megatron-core's interleaved pipeline",
+        ),
+        (
             8,
             {"tensor_model_parallel_size": 8},
             "num_attention_heads=4 is not divisible by tensor_model_parallel_size=8",

@@ -67,13 +67,15 @@ def llama(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "tp,pp,dp,per_rank",
-    [(1, 2, 1, 4), (2, 2, 1, 2), (1, 1, 2, 2), (2, 1, 1, 2)],
-    ids=["pp2-4-microbatches", "tp2xpp2", "dp2-unequal-tokens", "tp2"],
+    "tp,pp,dp,per_rank,vpp",
+    [(1, 2, 1, 4, None), (2, 2, 1, 2, None), (1, 1, 2, 2, None), (2, 1, 1, 2, None), (1, 2, 1, 4, 2)],
+    ids=["pp2-4-microbatches", "tp2xpp2", "dp2-unequal-tokens", "tp2", "pp2-interleaved-vpp2"],
 )
-def test_one_step_loss_and_gradients_equal_the_hf_model(tmp_path, llama, tp, pp, dp, per_rank):
+def test_one_step_loss_and_gradients_equal_the_hf_model(tmp_path, llama, tp, pp, dp, per_rank, vpp):
     batches = _batches(dp, per_rank)
     keys = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
+    if vpp:
+        keys.update(virtual_pipeline_model_parallel_size=vpp, gradient_accumulation_steps=per_rank)
     spawn(grads_scenario, tp * pp * dp, str(tmp_path), str(llama), batches, keys)
     result = torch.load(tmp_path / "result.pt", weights_only=False)
     loss, grads, norm = _reference(llama, batches)

@@ -117,6 +117,13 @@ def _layout_refusal(cfg, world: int, stage) -> str | None:
             f"context_parallel_size {layout.cp} = {layout.model_parallel} must divide the world size {world} (the "
             "rest is data parallel)"
         )
+    accumulation = cfg.train.gradient_accumulation_steps
+    if layout.vpp and accumulation % layout.pp:
+        return (
+            f"gradient_accumulation_steps {accumulation}: megatron-core's interleaved pipeline "
+            f"(virtual_pipeline_model_parallel_size) runs micro-batches in groups of pipeline_model_parallel_size "
+            f"{layout.pp}; make it a multiple of {layout.pp}"
+        )
     return None
 
 

@@ -122,30 +122,38 @@ def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def label_logps(chunks: list, batch: dict, device, vocab: int) -> LabelLogps:
-    """The label tokens' log-probs of one batch without gradients (evaluation), on every pipeline stage."""
+    """The label tokens' log-probs of one batch without gradients (evaluation), on every pipeline stage. The
+    interleaved schedule takes at least one micro-batch per pipeline stage: there the rows are split into that
+    many (padded with rows that score nothing)."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     prepared = model_batch(batch, device)
-    n = int(prepared["mask"].sum())
-    values = torch.zeros(n, dtype=torch.float32, device=device)
+    splits = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
+    rows = -(-batch["input_ids"].shape[0] // splits)
+    parts, _, length = pad_micro_batches(
+        [{k: batch[k][i * rows : (i + 1) * rows] for k in ("input_ids", "labels")} for i in range(splits)]
+    )
+    pieces = []
 
-    def keep(logits):
-        per_token_ce = label_ce(logits, prepared["targets"], vocab)
-        values.copy_(-per_token_ce[:, :-1][prepared["mask"]])
+    def keep(part, logits):
+        per_token_ce = label_ce(logits, part["targets"], vocab)
+        pieces.append(-per_token_ce[:, :-1][part["mask"]])
         return per_token_ce.sum(), {}
 
     def forward_step(data_iterator, model):
-        next(data_iterator)
-        return model(prepared["input_ids"], prepared["position_ids"], None), keep
+        part = model_batch(next(data_iterator), device)
+        return model(part["input_ids"], part["position_ids"], None), partial(keep, part)
 
-    iterators = [iter([batch]) for _ in chunks]
+    iterators = [iter(parts) for _ in chunks]
     get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=1,
-        seq_length=prepared["input_ids"].shape[1],
-        micro_batch_size=prepared["input_ids"].shape[0],
+        num_microbatches=splits,
+        seq_length=length,
+        micro_batch_size=rows,
         forward_only=True,
     )
-    return LabelLogps(broadcast_from_last_stage(values), prepared["mask"])
+    values = torch.cat(pieces) if pieces else torch.zeros(int(prepared["mask"].sum()), device=device)
+    return LabelLogps(broadcast_from_last_stage(values.float().contiguous()), prepared["mask"])

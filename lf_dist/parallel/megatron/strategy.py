@@ -116,6 +116,11 @@ class MegatronStrategy(DistributedStrategy):
             bf16=dtype == torch.bfloat16,
             pipeline_dtype=dtype,
             calculate_per_token_loss=True,
+            # interleaved stages of two ranks send to the same peer both ways at once: batched sends would pair a
+            # gradient with an activation of the same shape, so each direction gets its own group (Megatron-LM's
+            # choice for interleaving)
+            overlap_p2p_comm=bool(layout.vpp),
+            batch_p2p_comm=not layout.vpp,
             recompute_granularity=t.recompute_granularity,
             recompute_method=t.recompute_method,
             recompute_num_layers=t.recompute_num_layers,
