@@ -130,16 +130,20 @@ def test_a_run_at_tp2_matches_one_process_and_resumes_at_tp1_and_pp2(tmp_path, l
 
 @pytest.mark.slow
 def test_pt_at_pp2_matches_one_process(tmp_path, llama):
-    """Stage pt (rows unpacked: megatron packs on Transformer Engine only) over two pipeline stages."""
+    """Stage pt (rows unpacked: megatron packs on Transformer Engine only) over two pipeline stages, evaluation
+    included."""
     from lf_dist.run_checks import load_config
     from lf_dist.worker import run
     from tests.conftest import base_overrides
 
     common = {"stage": "pt", "dataset": "pretrain_demo", "packing": False, "finetuning_type": "full", "max_steps": 3}
+    common.update(val_size=0.1, eval_strategy="steps", eval_steps=2)  # evaluation over the pipeline
     single = tmp_path / "single"
     run(load_config(None, base_overrides(single, model_name_or_path=str(llama), strategy="single", **common)))
     spawn(train_scenario, 2, {**common, "pipeline_model_parallel_size": 2}, str(tmp_path / "pp2"), str(llama))
     assert _losses(tmp_path / "pp2") == pytest.approx(_losses(single), rel=1e-4)
+    assert _losses(tmp_path / "pp2", "eval_loss") == pytest.approx(_losses(single, "eval_loss"), rel=1e-4)
+    assert _losses(single, "eval_loss")
 
 
 @pytest.mark.slow
