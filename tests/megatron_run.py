@@ -103,3 +103,25 @@ def train_scenario(keys: dict, out: str, model: str) -> None:
     from lf_dist.worker import run
 
     run(megatron_config(Path(out), Path(model), **keys))
+
+
+def nonfinite_scenario(out: str, model: str, batch: dict) -> None:
+    """A step whose gradient norm is not finite leaves the weights as they were; a finite one clips and moves them.
+    Rank 0 saves (the two norms, whether the weights moved after each)."""
+    from lf_dist.parallel.megatron.strategy import MegatronStrategy
+    from lf_dist.train.losses import CausalLMLoss
+
+    strategy = MegatronStrategy(megatron_config(Path(out) / "run", Path(model)))
+    model_, optimizer = strategy.setup(strategy.create_model(None), None)
+    loss, params = CausalLMLoss(), [p for p in model_.parameters() if p.requires_grad]
+    moved = []
+    for poison in (True, False):
+        before = [p.detach().clone() for p in params]
+        strategy.forward_backward(model_, [batch], loss, loss.num_units(batch))
+        if poison:
+            params[0].main_grad.view(-1)[0] = float("nan")
+        norm = strategy.step(model_, optimizer, 1.0)
+        moved.append((norm, any(not torch.equal(b, p) for b, p in zip(before, params))))
+    if strategy.is_main:
+        torch.save(moved, Path(out) / "result.pt")
+    strategy.teardown()

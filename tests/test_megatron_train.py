@@ -180,3 +180,17 @@ def test_a_lora_run_at_tp2_learns_exports_a_peft_adapter_and_goes_on_from_it(tmp
     spawn(train_scenario, 2, {**more, "tensor_model_parallel_size": 2}, str(tmp_path / "more"), str(llama))
     assert _losses(tmp_path / "more") == pytest.approx(_losses(tmp_path / "peft"), rel=1e-5)
     assert _losses(tmp_path / "more")[0] < losses[0] - 0.5
+
+
+@pytest.mark.slow
+def test_a_step_with_a_nonfinite_gradient_norm_is_skipped(tmp_path, llama):
+    """lf-dist's non-finite guard on megatron-core's optimizer: the NaN step reports a NaN norm (the loop counts it
+    towards max_nonfinite_steps) and changes no weight; the next step does."""
+    import math
+
+    from tests.megatron_run import nonfinite_scenario
+
+    spawn(nonfinite_scenario, 1, str(tmp_path), str(llama), _batches(1, 1)[0][0])
+    (nan_norm, nan_moved), (norm, moved) = torch.load(tmp_path / "result.pt", weights_only=False)
+    assert math.isnan(nan_norm) and not nan_moved
+    assert math.isfinite(norm) and norm > 0 and moved
