@@ -20,8 +20,8 @@ def test_gpu_throughput_benchmark_runs_every_variant_on_a_tiny_config():
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     assert lines[0]["measured_bf16_flops"] > 0
     runs = {x["variant"]: x for x in lines[1:]}
-    assert set(runs) == {"hf_loop", "lf-dist", "+liger", "+varlen", "+compile"}
-    assert "need CUDA" in runs["+liger"]["skipped"]
+    assert set(runs) == {"hf_loop", "lf-dist", "+liger", "+varlen", "+compile", "megatron"}
+    assert "need CUDA" in runs["+liger"]["skipped"] and "need CUDA" in runs["megatron"]["skipped"]
     for name in ("hf_loop", "lf-dist", "+varlen", "+compile"):
         assert runs[name]["tokens_per_s"] > 0 and 0 < runs[name]["mfu_measured_peak"] < 1
 
