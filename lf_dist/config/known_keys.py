@@ -309,10 +309,7 @@ _LF_NO_EFFECT_PREFIXES = (
     "infer_",
 )
 # Keys whose work lf-dist does not do: set, they stop the run in one line instead of being noted as no effect.
-REFUSED_WHEN_SET = {
-    "do_predict": "do_predict: prediction (generating answers for a dataset, with predict_with_generate) is not "
-    "implemented in lf-dist; remove it, or generate with `lf-dist chat` / `lf-dist api`",
-}
+REFUSED_WHEN_SET: dict[str, str] = {}
 LF_NO_EFFECT = frozenset(
     {k for k in LF_KEYS if k.startswith(_LF_NO_EFFECT_PREFIXES)}
     | LF_GENERATING_KEYS

@@ -21,7 +21,9 @@ def is_hub_name(name: str) -> bool:
 
 
 # `auto`: the planner picks full, lora or 4-bit qlora, whichever fits first (lf-dist's own value)
-FINETUNING_TYPES = ("full", "freeze", "lora", "auto")
+FINETUNING_TYPES = ("full", "freeze", "lora", "oft", "auto")
+# the peft adapter methods: what trains (and is saved) is an adapter on a frozen base
+ADAPTER_TYPES = ("lora", "oft")
 # `varlen` (lf-dist's own value): torch's varlen kernel on CUDA, one sdpa call per example elsewhere; `auto`: the
 # planner picks fa2 (flash-attn installed, CUDA), else varlen
 FLASH_ATTN = ("auto", "disabled", "sdpa", "fa2", "varlen")
@@ -89,6 +91,11 @@ class ModelArgs(Freezable):
     double_quantization: bool = True
     upcast_layernorm: bool = False
     enable_liger_kernel: bool | None = None  # None: the planner's choice (on with CUDA and liger-kernel)
+    # mixture-of-depths (the `mixture-of-depth` package): convert a model, or load a converted one
+    mixture_of_depths: str | None = None
+    # torch's reentrant activation checkpointing (LLaMA-Factory's default); None: lf-dist's non-reentrant one,
+    # which computes the same gradients and needs no inputs that require grad
+    use_reentrant_gc: bool | None = None
 
 
 @dataclass
@@ -133,6 +140,54 @@ class FinetuningArgs(Freezable):
     use_rslora: bool = False
     # lf-dist's own: plain LoRA layers scale their update at rank r and add it in place (None: the plan decides)
     lean_lora: bool | None = None
+    use_llama_pro: bool = False  # freeze: train only the blocks LLaMA-Pro's expansion added (every stride-th)
+    # OFT through peft (finetuning_type: oft)
+    oft_rank: int = 0
+    oft_block_size: int = 32
+    oft_target: str = "all"
+    module_dropout: float = 0.0
+    # PiSSA initialisation of LoRA (peft), and converting the trained adapter back to a plain LoRA one
+    pissa_init: bool = False
+    pissa_iter: int = 16
+    pissa_convert: bool = False
+    # LoRA+: B matrices at loraplus_lr_ratio × the learning rate
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
+    # optimizers from their own libraries (LLaMA-Factory's names and defaults)
+    use_galore: bool = False
+    galore_target: str = "all"
+    galore_rank: int = 16
+    galore_update_interval: int = 200
+    galore_scale: float = 2.0
+    galore_proj_type: str = "std"
+    galore_layerwise: bool = False
+    use_apollo: bool = False
+    apollo_target: str = "all"
+    apollo_rank: int = 16
+    apollo_update_interval: int = 200
+    apollo_scale: float = 32.0
+    apollo_proj: str = "random"
+    apollo_proj_type: str = "std"
+    apollo_scale_type: str = "channel"
+    apollo_layerwise: bool = False
+    apollo_scale_front: bool = False
+    use_badam: bool = False
+    badam_mode: str = "layer"
+    badam_start_block: int | None = None
+    badam_switch_mode: str | None = "ascending"
+    badam_switch_interval: int | None = 50
+    badam_update_ratio: float = 0.05
+    badam_mask_mode: str = "adjacent"
+    badam_verbose: int = 0
+    use_adam_mini: bool = False
+    use_muon: bool = False
+    pure_bf16: bool = False  # train in bf16 without fp32 master weights or autocast
+    # sft's token losses other than cross-entropy (the stage registry's loss functions)
+    use_dft_loss: bool = False
+    use_asft_loss: bool = False
+    asft_alpha: float = 0.1
+    use_eaft_loss: bool = False
+    eaft_alpha: float = 1.0
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: str = "all"
     freeze_extra_modules: str | None = None
@@ -221,6 +276,13 @@ class TrainArgs(Freezable):
     gradient_checkpointing: bool | None = None
     gradient_checkpointing_kwargs: dict | None = None
     optim: str = "adamw_torch"
+    # prediction: generate for the eval dataset and score it (BLEU-4, ROUGE), as LLaMA-Factory's sft does
+    do_predict: bool = False
+    predict_with_generate: bool = False
+    # float8 training through torchao (CUDA only)
+    fp8: bool = False
+    fp8_backend: str = "auto"
+    fp8_enable_fsdp_float8_all_gather: bool = False
     torch_compile: bool = False
     # lf-dist's own: stop after this many non-finite (NaN / inf) steps in a row, without saving
     max_nonfinite_steps: int = 3

@@ -32,6 +32,7 @@ from lf_dist.config.schema import (
     RunConfig,
     is_hub_name,
 )
+from lf_dist.config.methods import check_methods
 from lf_dist.errors import UserError
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")
@@ -68,6 +69,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_online_rl(cfg)
     _validate_model_parallel(cfg)
     _validate_checkpointing_and_resume(cfg)
+    check_methods(cfg)
     return cfg
 
 
@@ -85,6 +87,8 @@ def _validate_choices(cfg: RunConfig) -> None:
 
 def _validate_required(cfg: RunConfig) -> None:
     data_args, training_args = cfg.data, cfg.train
+    if training_args.do_predict and "do_train" not in cfg.given:
+        training_args.do_train = False  # Hugging Face's default: a prediction config trains only when it says so
     if not cfg.model.model_name_or_path:
         raise UserError("model_name_or_path: required (a Hugging Face checkpoint folder, or a hub name: org/model)")
     if cfg.command != "train":

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from lf_dist.config.methods import active_methods, distributed_refusal
 from lf_dist.errors import UserError
 from lf_dist.ports import free_port
 
@@ -67,6 +68,8 @@ class BackendSpec:
     own_keys: str | None = None
     # (cfg) → how the config asks for this backend besides `strategy:` (LLaMA-Factory's switches), or None
     switch: str | None = None
+    # (cfg, method id of config/methods.py) → why this backend does not run that method (one line), or None
+    method_refusal: Callable = lambda cfg, method: None
 
     @property
     def shown(self) -> str:
@@ -108,7 +111,20 @@ class BackendSpec:
         if "8bit" in cfg.train.optim and not self.eight_bit_optim:
             runs = ", ".join(n for n, s in BACKENDS.items() if s.eight_bit_optim)
             return f"optim: {cfg.train.optim} runs with strategy {runs.replace(', ', ' or ')}, not {self.name}"
+        problem = self._methods_refusal(cfg, world)
+        if problem:
+            return problem
         return self.hook("check")(cfg, world, stage, model_config) if self.check else None
+
+    def _methods_refusal(self, cfg, world: int) -> str | None:
+        problem = distributed_refusal(cfg, world)
+        if problem:
+            return problem
+        for method, key in active_methods(cfg).items():
+            why = self.method_refusal(cfg, method)
+            if why:
+                return f"{key}: not with strategy {self.name} ({why})"
+        return None
 
 
 def _deepspeed_sharding(cfg) -> tuple[int, bool]:
@@ -123,11 +139,51 @@ def _deepspeed_sharding(cfg) -> tuple[int, bool]:
     return int(zero.get("stage", 0)), offload
 
 
+# the methods that transform whole weight matrices (projections, orthogonalisation) or mask blocks of them
+_WHOLE_MATRIX = ("galore", "apollo", "muon")
+
+
+def _ddp_methods(cfg, method: str) -> str | None:
+    if method == "badam_layer":
+        return "LLaMA-Factory runs layer-wise BAdam distributed under DeepSpeed ZeRO-3 only"
+    return None
+
+
+def _fsdp2_methods(cfg, method: str) -> str | None:
+    if method in _WHOLE_MATRIX:
+        return "it transforms whole gradient matrices and FSDP2 holds shards of them; use ddp"
+    if method == "badam_layer":
+        return "LLaMA-Factory runs layer-wise BAdam distributed under DeepSpeed ZeRO-3 only"
+    if method == "adam_mini":
+        return "Adam-mini partitions whole parameters into its blocks and FSDP2 holds shards of them; use ddp"
+    return None
+
+
+def _deepspeed_methods(cfg, method: str) -> str | None:
+    zero = _deepspeed_sharding(cfg)[0]
+    if method in _WHOLE_MATRIX:
+        return "it transforms whole gradient matrices, which DeepSpeed flattens and partitions; use ddp"
+    if method == "badam_layer" and zero != 3:
+        return f"BAdam's layer mode runs under ZeRO-3 only, this config is ZeRO-{zero}"
+    if zero == 3 and method in ("pissa", "pure_bf16", "predict"):
+        return "LLaMA-Factory refuses it under ZeRO-3"
+    return None
+
+
+def _megatron_methods(cfg, method: str) -> str | None:
+    return "megatron-core trains with its own optimizer and loss; use fsdp2 or ddp"
+
+
 BACKENDS: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("single", "lf_dist.parallel.single:SingleStrategy", one_process=True),
-        BackendSpec("ddp", "lf_dist.parallel.distributed:DDPStrategy", memory=MemoryTerms(gradient_copies=2)),
+        BackendSpec(
+            "ddp",
+            "lf_dist.parallel.distributed:DDPStrategy",
+            memory=MemoryTerms(gradient_copies=2),
+            method_refusal=_ddp_methods,
+        ),
         BackendSpec(
             "fsdp2",
             "lf_dist.parallel.fsdp2:FSDP2Strategy",
@@ -138,6 +194,7 @@ BACKENDS: dict[str, BackendSpec] = {
             sharding=lambda cfg: (0, bool(cfg.train.fsdp_cpu_offload)),
             shard_group=lambda cfg, world: min(cfg.train.fsdp_shard_size or world, world),
             offload=("fsdp_cpu_offload: true", {}),
+            method_refusal=_fsdp2_methods,
         ),
         BackendSpec(
             "deepspeed",
@@ -149,6 +206,7 @@ BACKENDS: dict[str, BackendSpec] = {
             fused_optimizer=False,
             config_key="deepspeed",
             sharding=_deepspeed_sharding,
+            method_refusal=_deepspeed_methods,
         ),
         BackendSpec(
             "megatron",
@@ -162,6 +220,7 @@ BACKENDS: dict[str, BackendSpec] = {
             check="lf_dist.parallel.megatron.settings:refusal",
             own_keys="lf_dist.parallel.megatron.settings:KEYS",
             switch="lf_dist.parallel.megatron.settings:switched_on",
+            method_refusal=_megatron_methods,
         ),
     )
 }

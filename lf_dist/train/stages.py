@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lf_dist.config import RunConfig
+from lf_dist.config.schema import ADAPTER_TYPES
 from lf_dist.data.kinds import FEEDBACK, PAIRWISE, PROMPT, SUPERVISED, TEXT, DataKind
 from lf_dist.errors import UserError
 from lf_dist.model.heads import CAUSAL_LM, CAUSAL_LM_VALUE, SEQUENCE_SCORE, Head
@@ -69,7 +70,7 @@ def _reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
     """dpo's reference losses and kto: LoRA's own base with adapters disabled unless `ref_model` is set, else a
     frozen copy of `ref_model` or of the starting checkpoint."""
     finetuning_args = cfg.finetuning
-    if finetuning_args.finetuning_type == "lora" and finetuning_args.ref_model is None:
+    if finetuning_args.finetuning_type in ADAPTER_TYPES and finetuning_args.ref_model is None:
         return (FrozenModel("reference", None),)
     return (FrozenModel("reference", finetuning_args.ref_model or cfg.model.model_name_or_path),)
 
