@@ -10,6 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from lf_dist.config.methods import check_methods
 from lf_dist.config.schema import (
     EXPORT_DEVICES,
     FINETUNING_TYPES,
@@ -32,7 +33,6 @@ from lf_dist.config.schema import (
     RunConfig,
     is_hub_name,
 )
-from lf_dist.config.methods import check_methods
 from lf_dist.errors import UserError
 
 EVAL_STRATEGIES = ("no", "steps", "epoch")

@@ -22,6 +22,7 @@ from lf_dist.train.online_rl import sampling_of
 from lf_dist.train.ppo import PPOLoss, ppo_prepare
 from lf_dist.train.pref_losses import REFERENCE_LOSSES
 from lf_dist.train.preference import DPOLoss, KTOLoss, RewardLoss, reference_columns
+from lf_dist.train.sft_losses import sft_loss
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class StageSpec:
     token_loss: bool = False
     neat_packing: bool = False  # examples in a packed row can be kept from seeing each other
     prompt_masking: bool = False  # train_on_prompt / mask_history apply
+    token_losses: bool = False  # LLaMA-Factory's token losses (use_dft_loss, use_asft_loss, use_eaft_loss) apply
+    predicts: bool = False  # do_predict: generate answers for the eval set and score them (BLEU, ROUGE)
 
 
 def _reference(cfg: RunConfig) -> tuple[FrozenModel, ...]:
@@ -213,7 +216,10 @@ STAGES = {
             "sft",
             SUPERVISED,
             CAUSAL_LM,
-            lambda cfg, frozen: CausalLMLoss(),
+            sft_loss,
+            frozen=lambda cfg: _reference(cfg) if cfg.finetuning.use_asft_loss else (),
+            token_losses=True,
+            predicts=True,
             neat_packing=True,
             prompt_masking=True,
             token_loss=True,
@@ -276,10 +282,26 @@ def check_stage_config(cfg: RunConfig) -> RunConfig:
     if data_args.packing is None:
         cfg = cfg.replace(data={"packing": spec.packing_default})
         data_args = cfg.data
+    _check_methods_of_stage(cfg, spec)
     if data_args.packing and not spec.data.packs:
         where = _stages_where(lambda s: s.data.packs and not s.packing_default)
         raise UserError(f"packing: not supported for stage {spec.name} (rows pack for {where})")
     return spec.check(cfg)
+
+
+def _check_methods_of_stage(cfg: RunConfig, spec: StageSpec) -> None:
+    """LLaMA-Factory's method keys that only some stages read."""
+    f = cfg.finetuning
+    chosen = next((k for k in ("use_dft_loss", "use_asft_loss", "use_eaft_loss") if getattr(f, k)), None)
+    if chosen and not spec.token_losses:
+        raise UserError(f"{chosen}: only for stage {_stages_where(lambda s: s.token_losses)}")
+    if cfg.train.do_predict and not spec.predicts:
+        raise UserError(f"do_predict: generating predictions is for stage {_stages_where(lambda s: s.predicts)}")
+    if f.pissa_init and any(m.path is None for m in spec.frozen(cfg)):
+        # the adapters-off base of a PiSSA model is the residual, not the model the run started from
+        raise UserError(
+            f"pissa_init: stage {spec.name} uses the base with adapters off as its reference; set ref_model"
+        )
 
 
 def build_loss(cfg: RunConfig, frozen: dict | None = None) -> StageLoss:
