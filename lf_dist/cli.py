@@ -199,7 +199,9 @@ def _train(args) -> int:
     from lf_dist.train.stages import get_stage
 
     cfg = load_config(args.config, args.overrides)
-    if _CONSOLE and not cfg.model.quantization_bit and "8bit" not in cfg.train.optim:
+    # galore-torch and apollo-torch import bitsandbytes' optimizers at import time
+    uses_bnb = cfg.model.quantization_bit or "8bit" in cfg.train.optim or cfg.finetuning.use_galore
+    if _CONSOLE and not (uses_bnb or cfg.finetuning.use_apollo):
         # Nothing of bitsandbytes runs: keep peft and transformers from importing it (and torch's compiler
         # with it), ~1.5 s of start-up. Only in the console process, which runs this one config.
         sys.modules.setdefault("bitsandbytes", None)

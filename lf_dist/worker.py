@@ -166,12 +166,26 @@ def _write_run_files(cfg: RunConfig, plan, out: Path, checkpoints: Path, clear: 
     plan.save(out / PLAN_FILE)
 
 
-def _report_results(cfg: RunConfig, out: Path, results: dict) -> None:
-    save_metrics(out, results)
-    print_metrics(results)
+def _predictor(cfg: RunConfig, strategy, tokenizer, template):
+    """do_predict's generator, its prompts encoded and scoring libraries checked now, before any training."""
+    if not cfg.train.do_predict:
+        return None
+    from lf_dist.train.predict import Predictor
+
+    return Predictor(cfg, strategy, tokenizer, template)
+
+
+def _report_results(cfg: RunConfig, out: Path, results: dict, predicted: dict) -> None:
+    if results:
+        save_metrics(out, results)
+        print_metrics(results)
+    if predicted:
+        from lf_dist.train.predict import save_results
+
+        save_results(out, predicted)
     if cfg.train.do_train:
         logger.info(f"model saved to {out.resolve()}")
-    else:
+    elif results:
         logger.info(f"evaluated (do_train: false, nothing trained or saved); metrics in {out / RESULTS_FILE}")
 
 
@@ -200,14 +214,17 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
         if changes and strategy.is_main:
             logger.info(f"notice: resuming {resume_from.name} with changes: " + "; ".join(changes))
     datasets = build_datasets(cfg, tokenizer, template, stage.data, world_size=strategy.world_size)
+    if datasets.train is None:  # eval_dataset alone (nothing trains): the loop sizes its schedule by a train set
+        datasets.train = datasets.eval
+    predictor = _predictor(cfg, strategy, tokenizer, template)
     trainer = build_trainer(cfg, stage, strategy, tokenizer, datasets, checkpoints, plan.expected_peak_gib, report)
     trainer.context.stop_ids = stop_token_ids(template, tokenizer)  # where a rollout's answers end
     out = Path(cfg.train.output_dir)
     if strategy.is_main:
         _write_run_files(cfg, plan, out, checkpoints, clear)
     strategy.barrier()
-    if not cfg.train.do_train:
-        results = trainer.eval_results()
+    if not cfg.train.do_train:  # a prediction config predicts (LLaMA-Factory scores no eval loss without do_eval)
+        results = trainer.eval_results() if predictor is None else {}
     else:
         if resume_from is not None:
             logger.info(f"resuming from {resume_from}")
@@ -221,8 +238,10 @@ def _train(cfg: RunConfig, plan, stage, strategy, report) -> dict:
             ckpt.drop_superseded(checkpoints)
         if cfg.finetuning.plot_loss:
             trainer.tracker.plot()
+    predicted = predictor.run(trainer.model) if predictor is not None else {}
     if strategy.is_main:
-        _report_results(cfg, out, results)
+        _report_results(cfg, out, results, predicted)
+    results = {**results, **predicted}
     if report is not None:
         report(results, None)
     return results

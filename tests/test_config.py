@@ -66,7 +66,7 @@ def test_training_arguments_without_effect_are_reported_not_rejected():
     [
         ("lora_rnak=4", "unknown key 'lora_rnak'; did you mean 'lora_rank'?"),
         ("learning_rat=1e-4", "did you mean 'learning_rate'?"),
-        ("use_galore=true", "'use_galore' is a LLaMA-Factory option that lf-dist does not implement"),
+        ("use_unsloth=true", "'use_unsloth' is a LLaMA-Factory option that lf-dist does not implement"),
         ("cutoff_len=0", "cutoff_len: must be > 0"),
         ("stage=foo", "stage: 'foo' is not one of"),
         ("finetuning_type=qlora", "finetuning_type: 'qlora' is not one of"),

@@ -108,13 +108,14 @@ def build_config(raw: dict, source: str | None = None, command: str = "train") -
     cfg = RunConfig(source=source, command=command)
     hints = {name: typing.get_type_hints(cls) for name, cls in SECTIONS.items()}
     stage = raw.get("stage", cfg.finetuning.stage)
+    predict = raw.get("do_predict") in (True, "true", "True")  # generates: reads the generation keys
     for key, value in raw.items():
         key = ALIASES.get(key, key)
         section = owners.get(key)
         if section is not None:
             setattr(getattr(cfg, section), key, _coerce(key, value, hints[section][key]))
             cfg.given.add(key)
-            if section not in sections_read(command, stage):
+            if section not in sections_read(command, stage, predict):
                 cfg.ignored[key] = value
         elif key in ALWAYS_ON and value in (True, "true", "True", "all", "non_padding"):
             continue

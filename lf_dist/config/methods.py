@@ -57,6 +57,8 @@ def active_methods(cfg: RunConfig) -> dict[str, str]:
         found["pure_bf16"] = "pure_bf16"
     if t.do_predict:
         found["predict"] = "do_predict"
+    if cfg.model.use_reentrant_gc:
+        found["reentrant_gc"] = "use_reentrant_gc"
     return found
 
 
@@ -124,7 +126,11 @@ def _check_adapters(cfg: RunConfig) -> None:
 def _mod_unavailable() -> str:
     """Why mixture-of-depths cannot run here: the `mixture-of-depth` package is missing, or fails to import."""
     if importlib.util.find_spec("MoD") is None:
-        return "needs the mixture-of-depth package, which is not installed"
+        # measured: mixture-of-depth 1.2.0 (its latest) imports transformers 4's TRANSFORMERS_CACHE at import time
+        return (
+            "needs the mixture-of-depth package, whose latest release (1.2.0) does not import with transformers 5 "
+            "(it reads transformers 4's TRANSFORMERS_CACHE), so no architecture can be converted; remove the key"
+        )
     try:
         importlib.import_module("MoD")
     except ImportError as err:

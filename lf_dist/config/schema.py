@@ -52,7 +52,7 @@ INFER_DTYPES = ("auto", "float16", "bfloat16", "float32")
 EXPORT_DEVICES = ("cpu", "auto")
 # The commands and the sections each reads; a key of another section is reported as having no effect there.
 COMMANDS = {
-    "train": ("model", "data", "finetuning", "train", "launch"),  # + generation for the ROLLOUT_STAGES
+    "train": ("model", "data", "finetuning", "train", "launch"),  # + generation: ROLLOUT_STAGES, do_predict
     "chat": ("model", "data", "finetuning", "generation"),
     "api": ("model", "data", "finetuning", "generation"),
     "export": ("model", "data", "finetuning", "export"),
@@ -365,10 +365,12 @@ SECTIONS = {
 ALIASES = {"evaluation_strategy": "eval_strategy", "lora_r": "lora_rank", "max_completion_length": "max_new_tokens"}
 
 
-def sections_read(command: str, stage: str) -> tuple[str, ...]:
-    """The config sections `command` reads; training a rollout stage also reads the generation keys."""
+def sections_read(command: str, stage: str, predict: bool = False) -> tuple[str, ...]:
+    """The config sections `command` reads; training a rollout stage, or with do_predict (`predict`), also reads
+    the generation keys."""
     sections = COMMANDS[command]
-    return (*sections, "generation") if command == "train" and stage in ROLLOUT_STAGES else sections
+    generates = command == "train" and (stage in ROLLOUT_STAGES or predict)
+    return (*sections, "generation") if generates else sections
 
 
 def key_owner() -> dict[str, str]:

@@ -96,6 +96,8 @@ def _validate_required(cfg: RunConfig) -> None:
     if training_args.do_train and not data_args.dataset:
         raise UserError("dataset: required for training (one or more names from dataset_info.json, comma-separated)")
     if not training_args.do_train and not data_args.eval_dataset and not (data_args.dataset and data_args.val_size):
+        if training_args.do_predict:
+            raise UserError("do_predict: needs eval_dataset (or dataset with val_size): the examples to answer")
         raise UserError(
             "do_train: false leaves only evaluation, and there is nothing to evaluate; set eval_dataset (or "
             "dataset with val_size)"

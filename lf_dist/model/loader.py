@@ -76,7 +76,7 @@ def load_tokenizer(cfg: RunConfig):
 
 
 def compute_dtype(cfg: RunConfig) -> torch.dtype:
-    if cfg.train.bf16:
+    if cfg.train.bf16 or cfg.finetuning.pure_bf16:  # pure_bf16: the weights themselves are bf16 (LLaMA-Factory)
         return torch.bfloat16
     if cfg.train.fp16:
         return torch.float16
@@ -163,12 +163,7 @@ def load_model(
 
         add_value_head(model, kwargs["dtype"])
     model.config.use_cache = False  # training never uses the cache; packed rows need it off
-    # the plan turns it on only with CUDA and a supported family; a meta model too (instance patching allocates
-    # nothing), since sharded strategies train the model they built on the meta device
-    if model_args.enable_liger_kernel:
-        from lf_dist.kernels import liger
-
-        liger.apply(model)
+    _apply_kernels(model, cfg)
     weight = model.get_input_embeddings().weight
     vocab = getattr(weight, "ds_shape", weight.shape)[0]  # built inside zero.Init: the parameter is a placeholder
     if len(tokenizer) > vocab:
@@ -176,6 +171,20 @@ def load_model(
         # On meta there are no values to average (and the new rows come from rank 0's weights anyway).
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=not meta)
     return model
+
+
+def _apply_kernels(model, cfg: RunConfig) -> None:
+    """Liger's patches and torchao's float8 layers, as the plan chose them. Liger: only with CUDA and a supported
+    family; a meta model too (instance patching allocates nothing), since sharded strategies train the model they
+    built on the meta device. float8: the plan let fp8 through only where there are float8 tensor cores."""
+    if cfg.model.enable_liger_kernel:
+        from lf_dist.kernels import liger
+
+        liger.apply(model)
+    if cfg.train.fp8:
+        from lf_dist.kernels import float8
+
+        logger.info(f"fp8: {float8.apply(model, cfg.train.fp8_enable_fsdp_float8_all_gather)} linear layers in float8")
 
 
 def _from_config(auto, config, head: Head, kwargs: dict):

@@ -270,6 +270,14 @@ class Strategy(ABC):
     def export(self, model, tokenizer, path: Path) -> None:
         """The final model in Hugging Face format (adapter or full weights) plus the tokenizer."""
 
+    def finish_export(self, path: Path) -> None:
+        """Rank 0, once `export` has written the final model in `path`: a PiSSA adapter converted into a LoRA
+        adapter of the original base beside it (`pissa_convert`, as LLaMA-Factory's PissaConvertCallback)."""
+        if self.is_main and self.cfg.finetuning.pissa_init and self.cfg.finetuning.pissa_convert:
+            from lf_dist.model import pissa
+
+            pissa.convert_saved(Path(path))
+
     def memory_allocated(self) -> int:
         """Memory in use now: CUDA's allocated bytes, or the process's RSS on a CPU."""
         if self.device.type == "cuda":

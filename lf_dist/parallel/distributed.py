@@ -163,6 +163,7 @@ class DistributedStrategy(Strategy):
             try:
                 inner.save_pretrained(path, state_dict=state, **shards)
                 tokenizer.save_pretrained(path)
+                self.finish_export(path)
             except OSError as err:
                 error = err
         if self.all_reduce_sum(1 if error else 0):  # every rank hears of it (and waits for the write)

@@ -28,6 +28,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
+from lf_dist.model.adapter import keeps_half_precision
 from lf_dist.model.loader import compute_dtype
 from lf_dist.parallel import nf4, sharded_load
 from lf_dist.parallel.base import decoder_layers, quantized_params, release_freed_memory
@@ -102,7 +103,8 @@ class FSDP2Strategy(DistributedStrategy):
     def load_dtype(self):
         """fp32 masters when every weight trains (bf16 compute comes from the MixedPrecisionPolicy); otherwise the
         compute dtype, which the frozen weights keep (the trainable ones are upcast to fp32 by apply_finetuning)."""
-        if self.cfg.finetuning.finetuning_type == "full" and not self.cfg.model.quantization_bit:
+        full = self.cfg.finetuning.finetuning_type == "full" and not self.cfg.model.quantization_bit
+        if full and not keeps_half_precision(self.cfg):  # pure_bf16 / BAdam train the bf16 weights themselves
             return torch.float32
         return None
 

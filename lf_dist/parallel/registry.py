@@ -156,6 +156,8 @@ def _fsdp2_methods(cfg, method: str) -> str | None:
         return "LLaMA-Factory runs layer-wise BAdam distributed under DeepSpeed ZeRO-3 only"
     if method == "adam_mini":
         return "Adam-mini partitions whole parameters into its blocks and FSDP2 holds shards of them; use ddp"
+    if method == "reentrant_gc":
+        return "FSDP2 checkpoints non-reentrantly, as LLaMA-Factory forces under FSDP; drop the key"
     return None
 
 
@@ -171,7 +173,9 @@ def _deepspeed_methods(cfg, method: str) -> str | None:
 
 
 def _megatron_methods(cfg, method: str) -> str | None:
-    return "megatron-core trains with its own optimizer and loss; use fsdp2 or ddp"
+    if method == "reentrant_gc":
+        return "megatron-core recomputes activations as its recompute_* keys say"
+    return "megatron-core trains with its own optimizer, layers and loss; use fsdp2 or ddp"
 
 
 BACKENDS: dict[str, BackendSpec] = {

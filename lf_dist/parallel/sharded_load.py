@@ -66,7 +66,9 @@ def _lora_layers(skeleton) -> list | None:
     config = getattr(skeleton, "peft_config", {}).get("default")
     if config is None:
         return []
-    if config.init_lora_weights is not True or config.use_dora or getattr(config, "lora_bias", False):
+    # OFT (no init_lora_weights), PiSSA and the other inits are made by rank 0 for real
+    init = getattr(config, "init_lora_weights", None)
+    if init is not True or config.use_dora or getattr(config, "lora_bias", False):
         return None
     from peft.tuners.lora import LoraLayer
 

@@ -48,6 +48,7 @@ class SingleStrategy(Strategy):
     def export(self, model, tokenizer, path):
         try:
             self._write_hf(model, tokenizer, path)
+            self.finish_export(path)
         except OSError as err:  # a full disk, a read-only folder: one line (checkpoints catch their own)
             raise RunStopped(f"could not write the model to {path}: {err}") from None
 

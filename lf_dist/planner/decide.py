@@ -53,6 +53,8 @@ def _candidates(cfg: RunConfig) -> list[tuple[str, int | None]]:
     start = (finetuning_args.finetuning_type, model_args.quantization_bit)
     if finetuning_args.finetuning_type == "freeze" or not finetuning_args.allow_fallback:
         return [start]
+    if finetuning_args.finetuning_type == "oft":  # OFT stays OFT: its one step down is a 4-bit base
+        return [start, ("oft", 4)] if start[1] is None else [start]
     if start in chain:
         return chain[chain.index(start) :]
     return [start, ("lora", 4)] if start != ("lora", 4) else [start]
@@ -152,6 +154,7 @@ def launch_layout(cfg: RunConfig, hw: HardwareProfile, world: int) -> tuple[str,
 
 def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True) -> Plan:
     """Decide the run for `hw`; `launching` reads torchrun's launch variables (this machine, not a profile)."""
+    _check_fp8(cfg, hw, launching)
     world, per_node = _env_world(hw, launching, cfg)
     model_config = read_model_config(cfg.model.model_name_or_path, cfg.model.trust_remote_code, cfg.model)
     backend, strategy_reason = _backend(cfg, hw, world, stage, model_config, launching)
@@ -174,6 +177,17 @@ def make_plan(cfg: RunConfig, hw: HardwareProfile, stage, launching: bool = True
                 "more GPUs"
             )
     return plan
+
+
+def _check_fp8(cfg: RunConfig, hw: HardwareProfile, launching: bool) -> None:
+    """fp8 needs float8 tensor cores: refused on a CPU profile, and on this machine when it lacks them."""
+    if not cfg.train.fp8:
+        return
+    from lf_dist.kernels import float8
+
+    why = float8.supported_here() if launching else (None if hw.on_gpu else "needs CUDA GPUs; this profile has none")
+    if why:
+        raise UserError(f"fp8: float8 training {why}; drop fp8 (bf16 trains the same model)")
 
 
 def _backend(cfg: RunConfig, hw: HardwareProfile, world: int, stage, model_config, launching: bool):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lf_dist.config.schema import ADAPTER_TYPES
 from lf_dist.kernels.cross_entropy import chunk_size
 from lf_dist.parallel.nf4 import bytes_per_value as nf4_bytes_per_value
 from lf_dist.parallel.registry import MemoryTerms, get_backend
@@ -143,8 +144,8 @@ def _weight_bytes(size: ModelSize, s: Setup) -> float:
     """The weights one rank holds (its shards where sharded)."""
     c, terms = s.compute_bytes, _terms(s)
     shards = s.dp if _sharded(s) else 1
-    # LoRA's adapters sit beside the whole base; the other methods train part of the model itself
-    frozen = size.num_params - (0 if s.method == "lora" else s.trainable)
+    # adapters (LoRA, OFT) sit beside the whole base; the other methods train part of the model itself
+    frozen = size.num_params - (0 if s.method in ADAPTER_TYPES else s.trainable)
     trainable = 4 * _trainable(s)
     if s.quant_bits and terms.quantized_shards:  # NF4 shards; layers it cannot split stay in the compute dtype
         quantized, _ = size.nf4_split(shards)

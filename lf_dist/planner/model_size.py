@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lf_dist.config.schema import ADAPTER_TYPES
 from lf_dist.errors import UserError
 from lf_dist.model.heads import Head
 from lf_dist.model.loader import check_local
@@ -136,7 +137,7 @@ def trainable_params(
     )
     if finetuning_type == "full":
         return _count(meta_model(config, head).parameters())
-    if finetuning_type == "lora":
+    if finetuning_type in ADAPTER_TYPES:
         scaled = _lora_on_one_layer(config, head, run_cfg, size)
         if scaled is not None:
             return scaled

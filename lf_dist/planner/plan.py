@@ -13,7 +13,9 @@ PLAN_FILE = "run_plan.json"
 
 
 def method_name(method: str, bits: int | None) -> str:
-    return f"{bits}-bit QLoRA" if bits else method
+    if not bits:
+        return method
+    return f"{bits}-bit QLoRA" if method == "lora" else f"{method} on a {bits}-bit base"
 
 
 @dataclass

@@ -101,7 +101,7 @@ class Sizing:
             trainable=self.trainable(method, rank),
             quant_bits=bits,
             double_quant=self.cfg.model.double_quantization,
-            compute_bytes=2 if (training_args.bf16 or training_args.fp16) else 4,
+            compute_bytes=2 if (training_args.bf16 or training_args.fp16 or self.cfg.finetuning.pure_bf16) else 4,
             strategy=registry.SCALE_OUT if sharded_more else self.strategy,
             zero_stage=self.zero_stage,
             dp=shards,

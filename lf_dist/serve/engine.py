@@ -1,5 +1,7 @@
 """One model answering chats: prompts rendered by the training template, generation with a KV cache, tokens
-streamed as they come, stop strings, token counts. `chat` and `api` both talk to a `ChatEngine`.
+streamed as they come, stop strings, token counts. `chat` and `api` both talk to a `ChatEngine`; do_predict
+(`lf_dist/train/predict.py`) turns the same generation keys into `generate` arguments and ids into text with the
+functions here (`generation_kwargs`, `hidden_ids`, `answer_text`), so its answers read as chat's.
 
 Each answer is a `Generation` run by a thread of its own, which holds the engine's lock (one generation at a time
 on the one model) only while it generates. Whoever reads the text never holds the lock, so a reader that goes
@@ -43,6 +45,55 @@ class Sampling:
     repetition_penalty: float
     stop: list[str] = field(default_factory=list)
     seed: int | None = None  # set under the lock, right before this generation: reproducible sampling
+    num_beams: int = 1  # beam search: do_predict only (a stream is one sequence; chat and api refuse it)
+    length_penalty: float = 1.0
+
+    @classmethod
+    def of(cls, generating_args) -> Sampling:
+        """The config's generation keys."""
+        g = generating_args
+        return cls(
+            g.do_sample,
+            g.temperature,
+            g.top_p,
+            g.top_k,
+            g.max_new_tokens,
+            g.repetition_penalty,
+            num_beams=g.num_beams,
+            length_penalty=g.length_penalty,
+        )
+
+
+def generation_kwargs(s: Sampling, eos_ids: list[int], tokenizer) -> dict:
+    """transformers' `generate` arguments for `s`, the prompt and streamer aside (chat, api and do_predict)."""
+    sample = s.do_sample and s.temperature > 0  # temperature 0 means greedy, as LLaMA-Factory reads it
+    kwargs = {
+        "max_new_tokens": s.max_new_tokens,
+        "do_sample": sample,
+        "repetition_penalty": s.repetition_penalty,
+        "eos_token_id": eos_ids,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if sample:
+        kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+    else:  # greedy: no sampling knobs (transformers warns about unused ones)
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if s.num_beams != 1:
+        kwargs.update(num_beams=s.num_beams, length_penalty=s.length_penalty)
+    if s.stop:
+        kwargs.update(stop_strings=s.stop, tokenizer=tokenizer)
+    return kwargs
+
+
+def hidden_ids(tokenizer, template, eos_ids: list[int], skip_special_tokens: bool) -> set[int]:
+    """The ids an answer's text never shows: the end-of-turn ids, and with skip_special_tokens the special
+    tokens except the template's tool-call words (some tokenizers mark them special, and the API reads calls by
+    them)."""
+    if not skip_special_tokens:
+        return set(eos_ids)
+    special = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    keep = {tokenizer.convert_tokens_to_ids(w) for w in template.tool_call_words}
+    return set(eos_ids) | ((special | set(tokenizer.all_special_ids)) - keep)
 
 
 class ContextTooLong(UserError):
@@ -84,6 +135,18 @@ class _Streamer:
         if not self.ended:
             self.ended = True
             self.inner.end()
+
+
+def answer_text(tokenizer, hidden: set[int], ids: list[int]) -> str:
+    """The text a chat shows for generated `ids` (up to and including the one that ended the answer): replayed
+    through the chat's streamer one token at a time, as `generate` hands them over, so a batch's answers read
+    exactly as streamed ones (the streamer's decoding splits at line ends)."""
+    streamer = _Streamer(tokenizer, hidden)
+    streamer.put(torch.tensor([tokenizer.pad_token_id]))  # the prompt, which the streamer skips
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    return "".join(streamer.inner)
 
 
 class Generation:
@@ -177,16 +240,8 @@ class ChatEngine:
         self.model.generation_config.use_cache = True
         self.context_length = getattr(self.model.config, "max_position_embeddings", None) or 1 << 20
         self.eos_ids = stop_token_ids(self.template, self.tokenizer)
-        self.hidden_ids = set(self.eos_ids) | (self._special_ids() if cfg.generation.skip_special_tokens else set())
+        self.hidden_ids = hidden_ids(self.tokenizer, self.template, self.eos_ids, cfg.generation.skip_special_tokens)
         self.lock = threading.Lock()  # one generation at a time on the one model
-
-    def _special_ids(self) -> set[int]:
-        """What skip_special_tokens hides, except the template's tool-call words: some tokenizers mark them
-        special, and the API reads calls by them."""
-        tok = self.tokenizer
-        special = {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
-        keep = {tok.convert_tokens_to_ids(w) for w in self.template.tool_call_words}
-        return (special | set(tok.all_special_ids)) - keep
 
     def _dtype(self) -> torch.dtype:
         name = self.cfg.generation.infer_dtype
@@ -201,38 +256,18 @@ class ChatEngine:
         return self.cfg.model.model_name_or_path
 
     def default_sampling(self) -> Sampling:
-        generating_args = self.cfg.generation
-        return Sampling(
-            generating_args.do_sample,
-            generating_args.temperature,
-            generating_args.top_p,
-            generating_args.top_k,
-            generating_args.max_new_tokens,
-            generating_args.repetition_penalty,
-        )
+        return Sampling.of(self.cfg.generation)
 
     def encode(self, messages: list[dict], system: str | None = None, tools: str | None = None) -> list[int]:
         return encode_prompt(self.template, self.tokenizer, messages, system, tools)
 
     def _generate_kwargs(self, ids: list[int], s: Sampling, streamer) -> dict:
-        sample = s.do_sample and s.temperature > 0  # temperature 0 means greedy, as LLaMA-Factory reads it
-        kwargs = {
+        return {
             "input_ids": torch.tensor([ids], device=self.device),
             "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=self.device),
-            "max_new_tokens": s.max_new_tokens,
-            "do_sample": sample,
-            "repetition_penalty": s.repetition_penalty,
-            "eos_token_id": self.eos_ids,
-            "pad_token_id": self.tokenizer.pad_token_id,
             "streamer": streamer,
+            **generation_kwargs(s, self.eos_ids, self.tokenizer),
         }
-        if sample:
-            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        else:  # greedy: no sampling knobs (transformers warns about unused ones)
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if s.stop:
-            kwargs.update(stop_strings=s.stop, tokenizer=self.tokenizer)
-        return kwargs
 
     def prepare(
         self,

@@ -297,6 +297,10 @@ def _check_methods_of_stage(cfg: RunConfig, spec: StageSpec) -> None:
         raise UserError(f"{chosen}: only for stage {_stages_where(lambda s: s.token_losses)}")
     if cfg.train.do_predict and not spec.predicts:
         raise UserError(f"do_predict: generating predictions is for stage {_stages_where(lambda s: s.predicts)}")
+    if cfg.train.do_predict:  # prediction reads max_new_tokens (as LLaMA-Factory does) and generates in-process
+        cfg.ignored.update(
+            {k: getattr(cfg.generation, k) for k in ("max_length", "infer_backend", "infer_dtype") if k in cfg.given}
+        )
     if f.pissa_init and any(m.path is None for m in spec.frozen(cfg)):
         # the adapters-off base of a PiSSA model is the residual, not the model the run started from
         raise UserError(
