@@ -310,6 +310,10 @@ _LF_NO_EFFECT_PREFIXES = (
 )
 # Keys whose work lf-dist does not do: set, they stop the run in one line instead of being noted as no effect.
 REFUSED_WHEN_SET: dict[str, str] = {}
+# LLaMA-Factory keys of its multimodal (vision-language) training, which lf-dist does not do: refused saying so
+MULTIMODAL_KEYS = frozenset(
+    {"freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model", "train_mm_proj_only"}
+)
 LF_NO_EFFECT = frozenset(
     {k for k in LF_KEYS if k.startswith(_LF_NO_EFFECT_PREFIXES)}
     | LF_GENERATING_KEYS

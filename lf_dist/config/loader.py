@@ -15,6 +15,7 @@ from lf_dist.config.known_keys import (
     HF_TRAINING_ARGS,
     LF_KEYS,
     LF_NO_EFFECT,
+    MULTIMODAL_KEYS,
     REFUSED_WHEN_SET,
     is_hf_training_arg,
 )
@@ -123,6 +124,11 @@ def build_config(raw: dict, source: str | None = None, command: str = "train") -
             raise UserError(REFUSED_WHEN_SET[key])
         elif key in LF_NO_EFFECT:
             cfg.ignored[key] = value
+        elif key in MULTIMODAL_KEYS:
+            raise UserError(
+                f"'{key}': multimodal training (vision towers, images, videos) is not implemented by lf-dist, which "
+                "trains text models"
+            )
         elif key in LF_KEYS:
             raise UserError(
                 f"'{key}' is a LLaMA-Factory option that lf-dist does not implement; remove it to continue"

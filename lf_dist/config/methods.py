@@ -24,8 +24,9 @@ BADAM_MASK_MODES = ("adjacent", "scatter")
 FP8_BACKENDS = ("auto", "torchao")
 # methods that step each parameter in its own backward hook: one process only, no gradient accumulation
 LAYERWISE = ("galore_layerwise", "apollo_layerwise")
-# methods LLaMA-Factory runs on one device only
-ONE_DEVICE = (*LAYERWISE, "badam_ratio")
+# methods run on one device only: LLaMA-Factory's rule for these three; BAdam's layer mode, which it also runs
+# under ZeRO-3, is one process here (badam's ZeRO-3 path fails with this DeepSpeed: FINDINGS)
+ONE_DEVICE = (*LAYERWISE, "badam_ratio", "badam_layer")
 
 
 def active_methods(cfg: RunConfig) -> dict[str, str]:
@@ -173,6 +174,6 @@ def distributed_refusal(cfg: RunConfig, world: int) -> str | None:
     methods = active_methods(cfg)
     for method in ONE_DEVICE:
         if method in methods:
-            how = "each parameter steps in its own backward hook" if method in LAYERWISE else "as in LLaMA-Factory"
+            how = "each parameter steps in its own backward hook" if method in LAYERWISE else "BAdam's block updates"
             return f"{methods[method]}: runs on one process ({how}), but {world} ranks were launched"
     return None

@@ -143,17 +143,9 @@ def _deepspeed_sharding(cfg) -> tuple[int, bool]:
 _WHOLE_MATRIX = ("galore", "apollo", "muon")
 
 
-def _ddp_methods(cfg, method: str) -> str | None:
-    if method == "badam_layer":
-        return "LLaMA-Factory runs layer-wise BAdam distributed under DeepSpeed ZeRO-3 only"
-    return None
-
-
 def _fsdp2_methods(cfg, method: str) -> str | None:
     if method in _WHOLE_MATRIX:
         return "it transforms whole gradient matrices and FSDP2 holds shards of them; use ddp"
-    if method == "badam_layer":
-        return "LLaMA-Factory runs layer-wise BAdam distributed under DeepSpeed ZeRO-3 only"
     if method == "adam_mini":
         return "Adam-mini partitions whole parameters into its blocks and FSDP2 holds shards of them; use ddp"
     if method == "reentrant_gc":
@@ -165,8 +157,10 @@ def _deepspeed_methods(cfg, method: str) -> str | None:
     zero = _deepspeed_sharding(cfg)[0]
     if method in _WHOLE_MATRIX:
         return "it transforms whole gradient matrices, which DeepSpeed flattens and partitions; use ddp"
-    if method == "badam_layer" and zero != 3:
-        return f"BAdam's layer mode runs under ZeRO-3 only, this config is ZeRO-{zero}"
+    if method == "badam_layer":
+        return "lf-dist runs BAdam's layer mode on one process (its ZeRO-3 path fails with this DeepSpeed)"
+    if method == "adam_mini":
+        return "DeepSpeed hands the optimizer flat 1-D partitions and Adam-mini's blocks need whole matrices; use ddp"
     if zero == 3 and method in ("pissa", "pure_bf16", "predict"):
         return "LLaMA-Factory refuses it under ZeRO-3"
     return None
@@ -186,7 +180,6 @@ BACKENDS: dict[str, BackendSpec] = {
             "ddp",
             "lf_dist.parallel.distributed:DDPStrategy",
             memory=MemoryTerms(gradient_copies=2),
-            method_refusal=_ddp_methods,
         ),
         BackendSpec(
             "fsdp2",

@@ -7,6 +7,7 @@ rate schedule still count steps."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -245,13 +246,15 @@ class Trainer:
 
     def _follow_learning_rate(self) -> None:
         """A resumed run with another learning_rate follows it from here (the scheduler's saved state carries
-        the old peak); an unchanged one is left exactly as loaded."""
-        lr = self.args.learning_rate
-        if all(base == lr for base in self.scheduler.base_lrs):
+        the old peak); an unchanged one is left exactly as loaded. A group with an `lr_scale` (LoRA+'s B
+        matrices) keeps its multiple of the learning rate."""
+        groups = self.optimizer.param_groups
+        peaks = [self.args.learning_rate * group.get("lr_scale", 1.0) for group in groups]
+        if all(math.isclose(base, peak, rel_tol=1e-9) for base, peak in zip(self.scheduler.base_lrs, peaks)):
             return
-        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
-        for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = lr, lr * factor(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = peaks
+        for group, factor, peak in zip(groups, self.scheduler.lr_lambdas, peaks):
+            group["initial_lr"], group["lr"] = peak, peak * factor(self.scheduler.last_epoch)
 
     def _resume(self, resume_from: Path | None) -> dict | None:
         """Load the checkpoint to go on from (weights, optimizer, scheduler, RNG); its trainer state."""

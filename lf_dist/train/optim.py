@@ -1,5 +1,5 @@
-"""AdamW over the trainable parameters (torch's, or bitsandbytes' 8-bit / paged 8-bit with `optim`) and the
-learning-rate schedule (transformers' schedulers)."""
+"""AdamW over the trainable parameters (torch's, or bitsandbytes' 8-bit / paged 8-bit with `optim`), or the
+optimizer of a method the config turns on (train/optimizers.py), and the learning-rate schedule (transformers')."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import torch
 
 
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    from lf_dist.train.optimizers import build_method_optimizer
+
+    method = build_method_optimizer(model, cfg)
+    if method is not None:
+        return method
     training_args = cfg.train
     decay, no_decay = [], []
     for param in model.parameters():
@@ -43,9 +48,16 @@ def warmup_steps(cfg, total_steps: int) -> int:
 def build_scheduler(optimizer, cfg, total_steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(
-        cfg.train.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=warmup_steps(cfg, total_steps),
-        num_training_steps=total_steps,
-    )
+    from lf_dist.train.optimizers import LayerwiseOptimizer, attach_layerwise_schedulers
+
+    def make(opt):
+        return get_scheduler(
+            cfg.train.lr_scheduler_type,
+            opt,
+            num_warmup_steps=warmup_steps(cfg, total_steps),
+            num_training_steps=total_steps,
+        )
+
+    if isinstance(optimizer, LayerwiseOptimizer):  # each parameter's optimizer follows its own schedule
+        attach_layerwise_schedulers(optimizer, make)
+    return make(optimizer)
