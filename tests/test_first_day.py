@@ -90,7 +90,9 @@ def test_dpo_on_a_dataset_without_ranking_says_what_to_add_to_dataset_info(tmp_p
 
 
 def test_do_predict_without_predict_with_generate_is_refused_in_one_line_instead_of_training(tmp_path):
-    line = _one_line(_lf_dist("train", str(_yaml(tmp_path, "out", do_predict=True))), "lf-dist: error: do_predict: ")
+    line = _one_line(
+        _lf_dist("train", str(_yaml(tmp_path, "out", do_predict=True, val_size=8))), "lf-dist: error: do_predict: "
+    )
     assert "predict_with_generate: true" in line
     assert not (tmp_path / "out").exists()
 

@@ -80,3 +80,12 @@ def test_the_quick_start_trains_chats_and_serves_as_written(tmp_path):
     answer = out.rsplit("\n", 2)[-2] if out.endswith("\n") else out.rsplit("\n", 1)[-1]
     assert answer.strip() and "Traceback" not in err  # the openai client's answer, printed last
     assert "POST /v1/chat/completions 200" in err  # the server's access log
+
+
+def test_the_readme_lists_every_llamafactory_option_as_the_code_treats_it():
+    from lf_dist.config.options import markdown_table
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- lf-options:start -->\n", "<!-- lf-options:end -->"
+    shown = text[text.index(start) + len(start) : text.index(end)]
+    assert shown.strip() == markdown_table().strip(), "regenerate with python -m lf_dist.config.options"

@@ -63,6 +63,12 @@ class DatasetAttr:
 
 
 def load_registry(dataset_dir: str | Path) -> dict:
+    if str(dataset_dir).startswith("REMOTE:"):  # LLaMA-Factory's hub folder of a dataset_info.json and its files
+        raise UserError(
+            f"dataset_dir: {dataset_dir} (a dataset_info.json in a hub repository) is not implemented by lf-dist; "
+            f"download the repository (huggingface-cli download --repo-type dataset {str(dataset_dir)[7:]}) and "
+            "set dataset_dir to that folder"
+        )
     path = Path(dataset_dir) / "dataset_info.json"
     if not path.is_file():
         raise UserError(f"dataset_dir: no dataset_info.json in {dataset_dir}")

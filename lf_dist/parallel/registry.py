@@ -161,7 +161,9 @@ def _deepspeed_methods(cfg, method: str) -> str | None:
         return "lf-dist runs BAdam's layer mode on one process (its ZeRO-3 path fails with this DeepSpeed)"
     if method == "adam_mini":
         return "DeepSpeed hands the optimizer flat 1-D partitions and Adam-mini's blocks need whole matrices; use ddp"
-    if zero == 3 and method in ("pissa", "pure_bf16", "predict"):
+    if method == "pure_bf16":
+        return "DeepSpeed's bf16 mode keeps fp32 master weights; set bf16: true instead"
+    if zero == 3 and method in ("pissa", "predict"):
         return "LLaMA-Factory refuses it under ZeRO-3"
     return None
 
