@@ -180,3 +180,17 @@ def test_each_token_loss_trains_the_tiny_model_through_the_cli(tmp_path, key):
     else:
         # observed: DFT 0.349 -> 0.396, ASFT (held near the start by its KL term) 0.349 -> 0.372
         assert p_after > p_before + 0.01 and ce_after < ce_before, (p_before, p_after, ce_before, ce_after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("key", "strategy"), [("use_asft_loss", "fsdp2"), ("use_dft_loss", "ddp")])
+def test_two_ranks_train_a_token_loss_as_one_process_does(tmp_path, key, strategy):
+    """The same global batch on 2 ranks: the same losses (ASFT with its frozen reference sharded by FSDP2)."""
+    from tests.test_distributed import _config, lf_dist_train, losses
+
+    config = _config(tmp_path, "full")
+    keys = [f"{key}=true", "max_samples=16", "max_steps=8"]
+    lf_dist_train(config, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4", *keys, nproc=None)
+    lf_dist_train(config, f"output_dir={tmp_path / 'two'}", f"strategy={strategy}", *keys)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == 8 and two == pytest.approx(one, abs=1e-4), (one, two)
