@@ -1,7 +1,7 @@
 """The same YAML through LLaMA-Factory (from PyPI, its own venv) and through lf-dist, alternating; JSON lines.
 
     python benchmarks/bench_vs_llamafactory.py [--configs sft_lora,sft_lora_packing,dpo_lora,sft_full]
-                                               [--repeats 3] [--examples 240]
+                                               [--repeats 3] [--examples 240] [--nproc 1|2]
 
 Each config is one YAML file, written once and given unchanged to `llamafactory-cli train` (in the reference
 venv that `make test` builds, `.venv-lf`) and to `lf-dist train`; the sides alternate, `--repeats` times.
@@ -11,8 +11,15 @@ Every run trains one epoch, so both sides see every example once: real tokens/s 
 token count (counted once with lf-dist's tokenizer, the same tokens LLaMA-Factory makes: see
 tests/test_parity_llamafactory.py) over the side's own train-loop time (`train_runtime`).
 
-Per run: whole-command wall time, train-loop time, real tokens/s, peak RSS of the largest process. Per config:
-medians, and lf-dist / LLaMA-Factory ratios (goal: wall ratio <= 0.5).
+Per run: whole-command wall time, train-loop time, real tokens/s, peak RSS of the largest process (one rank).
+Per config: medians, and lf-dist / LLaMA-Factory ratios (goal: wall ratio <= 0.5).
+
+Sides. One rank: LLaMA-Factory on its defaults, LLaMA-Factory with `disable_gradient_checkpointing=true` (its
+fastest setting at this size), lf-dist. `--nproc 2`: both launched as a user would at two ranks
+(FORCE_TORCHRUN=1 NPROC_PER_NODE=2): LLaMA-Factory's DDP and its DeepSpeed ZeRO-2 (LLaMA-Factory's own
+examples/deepspeed/ds_z2_config.json, as `deepspeed=` on its command line; DeepSpeed is installed into the
+reference venv at the version lf-dist pins, if missing), lf-dist with `strategy=ddp` and `strategy=fsdp2`. The ratios
+are against LLaMA-Factory's DDP (and, at one rank, its defaults); the others are printed beside them.
 """
 
 from __future__ import annotations
@@ -157,20 +164,51 @@ def real_tokens(yaml_path: Path) -> int:
     return sum(len(x) for c in cols for x in ds[c])
 
 
-def run_side(side: str, yaml_path: Path) -> dict:
-    lf_python = Path(os.environ.get("LF_REFERENCE_PYTHON", ROOT / ".venv-lf" / "bin" / "python"))
-    if side == "llamafactory":
-        cmd = [str(lf_python.parent / "llamafactory-cli"), "train", str(yaml_path)]
+LF_PYTHON = Path(os.environ.get("LF_REFERENCE_PYTHON", ROOT / ".venv-lf" / "bin" / "python"))
+ZERO2 = f"deepspeed={ROOT / 'examples' / 'deepspeed' / 'ds_z2_config.json'}"
+# (side, tool, command-line overrides); the first side of each tool is the one the ratios use
+SIDES = {
+    1: [
+        ("llamafactory", "llamafactory", []),
+        ("llamafactory no-gc", "llamafactory", ["disable_gradient_checkpointing=true"]),
+        ("lf-dist", "lf-dist", []),
+    ],
+    2: [
+        ("llamafactory ddp", "llamafactory", []),
+        ("llamafactory zero2", "llamafactory", [ZERO2]),
+        ("lf-dist ddp", "lf-dist", ["strategy=ddp"]),
+        ("lf-dist fsdp2", "lf-dist", ["strategy=fsdp2"]),
+    ],
+}
+
+
+def deepspeed_in_reference() -> None:
+    """LLaMA-Factory's ZeRO-2 side needs DeepSpeed in its venv: the version lf-dist's lock pins."""
+    if subprocess.run([str(LF_PYTHON), "-c", "import deepspeed"], capture_output=True, check=False).returncode == 0:
+        return
+    pin = next(
+        ln.strip()
+        for ln in (ROOT / "locks" / "dev.txt").read_text(encoding="utf-8").splitlines()
+        if ln.startswith("deepspeed==")
+    )
+    subprocess.run([str(LF_PYTHON), "-m", "pip", "install", "-q", pin], check=True)
+
+
+def run_side(tool: str, yaml_path: Path, overrides: list[str], nproc: int = 1) -> dict:
+    if tool == "llamafactory":
+        cmd = [str(LF_PYTHON.parent / "llamafactory-cli"), "train", str(yaml_path), *overrides]
     else:
-        cmd = [str(Path(sys.executable).parent / "lf-dist"), "train", str(yaml_path)]
+        cmd = [str(Path(sys.executable).parent / "lf-dist"), "train", str(yaml_path), *overrides]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "TOKENIZERS_PARALLELISM": "true"}
+    if nproc > 1:
+        env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(nproc))
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, encoding="utf-8", env=env
     )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{side} failed on {yaml_path.name}:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{tool} {' '.join(overrides)} failed on {yaml_path.name}:\n{proc.stderr[-3000:]}")
     rss_kb = int(proc.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
     out = yaml_path.parent / f"out_{yaml_path.stem}"
     results = json.loads((out / "all_results.json").read_text(encoding="utf-8"))
@@ -189,10 +227,15 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=240)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cutoff-len", type=int, default=1024)
+    p.add_argument("--nproc", type=int, choices=sorted(SIDES), default=1, help="ranks on this machine")
     args = p.parse_args()
     import torch
 
     head = {"bench": "vs_llamafactory", "device": cpu_name(), "torch": torch.__version__, "examples": args.examples}
+    head["nproc"] = args.nproc
+    sides = SIDES[args.nproc]
+    if any(ZERO2 in extra for _, _, extra in sides):
+        deepspeed_in_reference()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         with contextlib.redirect_stdout(sys.stderr):  # libraries' import-time log lines: stdout is JSON lines only
@@ -202,28 +245,34 @@ def main() -> None:
             write_yaml(yaml_path, name, model, data, args)
             with contextlib.redirect_stdout(sys.stderr):
                 tokens = real_tokens(yaml_path)
-            runs: dict[str, list[dict]] = {"llamafactory": [], "lf-dist": []}
+            runs: dict[str, list[dict]] = {side: [] for side, _, _ in sides}
             for _ in range(args.repeats):
-                for side in runs:
-                    r = run_side(side, yaml_path)
+                for side, tool, extra in sides:
+                    r = run_side(tool, yaml_path, extra, args.nproc)
                     r["real_tokens_per_s"] = round(tokens / r["train_loop_s"], 1)
                     runs[side].append(r)
                     print(json.dumps({**head, "config": name, "side": side, **r}), flush=True)
-            med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
-            lf, ours = med["llamafactory"], med["lf-dist"]
-            summary = {
-                **head,
-                "config": name,
-                "compare": "lf-dist/llamafactory (medians)",
-                "real_tokens": tokens,
-                "llamafactory": lf,
-                "lf-dist": ours,
-                "wall_ratio": round(ours["wall_s"] / lf["wall_s"], 3),
-                "train_loop_ratio": round(ours["train_loop_s"] / lf["train_loop_s"], 3),
-                "tokens_per_s_ratio": round(ours["real_tokens_per_s"] / lf["real_tokens_per_s"], 3),
-                "peak_rss_ratio": round(ours["peak_rss_gb"] / lf["peak_rss_gb"], 3),
-            }
-            print(json.dumps(summary), flush=True)
+            print(json.dumps(_summary(head, name, tokens, runs, sides)), flush=True)
+
+
+def _summary(head: dict, name: str, tokens: int, runs: dict, sides: list) -> dict:
+    """Medians per side, and each lf-dist side over LLaMA-Factory's first side (its defaults, or its DDP)."""
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+    lf = med[next(side for side, tool, _ in sides if tool == "llamafactory")]
+    summary = {**head, "config": name, "compare": "lf-dist/llamafactory (medians)", "real_tokens": tokens, **med}
+    for side, tool, _ in sides:
+        if tool != "lf-dist":
+            continue
+        ours, tag = med[side], "" if side == "lf-dist" else f"{side.split()[-1]}_"
+        summary[f"{tag}wall_ratio"] = round(ours["wall_s"] / lf["wall_s"], 3)
+        summary[f"{tag}train_loop_ratio"] = round(ours["train_loop_s"] / lf["train_loop_s"], 3)
+        summary[f"{tag}tokens_per_s_ratio"] = round(ours["real_tokens_per_s"] / lf["real_tokens_per_s"], 3)
+        summary[f"{tag}peak_rss_ratio"] = round(ours["peak_rss_gb"] / lf["peak_rss_gb"], 3)
+        for other, other_tool, _ in sides[1:]:  # LLaMA-Factory's other settings: its best one for the case
+            if other_tool == "llamafactory":
+                key = f"{tag}wall_ratio_vs_{other.split(maxsplit=1)[1].replace(' ', '_')}"
+                summary[key] = round(ours["wall_s"] / med[other]["wall_s"], 3)
+    return summary
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from lf_dist import __version__
 from lf_dist.errors import UserError
@@ -31,6 +32,15 @@ def _parser() -> argparse.ArgumentParser:
         help="build the planned model on the meta device, shard it at the planned world size under a fake process "
         "group and print what each rank holds next to the planner's terms (fsdp2 / HSDP)",
     )
+    plan.add_argument(
+        "--scaling",
+        nargs="?",
+        type=int,
+        const=64,
+        metavar="N",
+        help="the estimated step, tokens/s per device and MFU on 1, 2, 4, ... N nodes of the profile (default 64), "
+        "and the node count past which communication dominates",
+    )
     for name, text in (
         ("export", "merge adapters / consolidate a checkpoint into a Hugging Face model (export_dir)"),
         ("chat", "chat with the model in the terminal (streamed; `clear`, `exit`)"),
@@ -44,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--port", type=int, help="TCP port (default: API_PORT, else 8000)")
     env = sub.add_parser("env", help="print this machine's hardware profile and the backends that import")
     env.add_argument("--json", action="store_true")
+    env.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure this machine's matmul rate, elementwise bandwidth, per-operator cost and all-reduce bandwidth "
+        "and write them as a profile (`lf-dist plan` on this machine then uses them)",
+    )
+    env.add_argument("--output", help="where --calibrate writes the profile (default: the user cache, see the README)")
     sub.add_parser("version", help="print the version")
     p.add_argument("--version", action="version", version=f"lf-dist {__version__}")
     return p
@@ -87,6 +104,8 @@ def _plan(args) -> int:
     plan = make_plan(cfg, hw, stage, launching=not args.profile)
     if args.dry_run:
         return _dry_run(cfg, hw, stage, plan, args.json)
+    if args.scaling is not None:
+        return _scaling(cfg, hw, stage, plan, args.scaling, args.json)
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0
@@ -94,12 +113,32 @@ def _plan(args) -> int:
     print(f"  profile: {hw.name} ({hw.gpu or 'CPU'}, {hw.world_size} device(s), {plan.gpu_memory_gib:.2f} GiB each)")
     print(f"  parameters: {plan.num_params:,} ({plan.trainable_params:,} trainable)")
     print("  memory per device (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in plan.memory_gib.items()))
+    print(f"  {plan.timing()}")
     if plan.fits:
         print(f"  {plan.most_that_fits()}")
     for reason in plan.reasons:
         print(f"  - {reason}")
     if plan.suggestion:
         print(f"  - to fit: {plan.suggestion}")
+    return 0
+
+
+def _scaling(cfg, hw, stage, plan, max_nodes: int, as_json: bool) -> int:
+    """The plan's step on 1, 2, 4, ... `max_nodes` nodes (planner/scaling.py)."""
+    from lf_dist.planner.scaling import scaling, table
+
+    if max_nodes < 1:
+        raise UserError(f"--scaling: the largest node count must be >= 1, got {max_nodes}")
+    if not plan.step_time:
+        raise UserError(f"--scaling: no time model for strategy {plan.strategy} yet; drop --scaling")
+    rows, lines = scaling(cfg, hw, stage, plan, max_nodes)
+    if as_json:
+        scaled = [{"nodes": r.nodes, "world_size": r.world, **r.time.to_dict()} for r in rows]
+        print(json.dumps({"plan": plan.to_dict(), "scaling": scaled, "verdict": lines}))
+        return 0
+    print(plan.summary())
+    print(f"  {plan.timing()}")
+    print("\n".join(["", *table(rows, "GPU" if plan.device == "cuda" else "proc"), "", *lines]))
     return 0
 
 
@@ -138,9 +177,26 @@ def _software() -> dict[str, str]:
     return out
 
 
+def _calibrate(args) -> int:
+    from lf_dist.planner.calibrate import calibrate, write_profile
+    from lf_dist.planner.profiles import calibrated_path
+
+    hw = calibrate(report=(lambda line: print(line, file=sys.stderr)) if args.json else print)
+    path = write_profile(hw, Path(args.output) if args.output else calibrated_path())
+    if args.json:
+        print(json.dumps({"profile": hw.to_dict(), "path": str(path)}))
+    else:
+        print(
+            f"profile written: {path} (`lf-dist plan cfg.yaml` on this machine uses it; elsewhere: --profile {path})"
+        )
+    return 0
+
+
 def _env(args) -> int:
     from lf_dist.planner import PROFILES, backends, detect
 
+    if args.calibrate:
+        return _calibrate(args)
     hw = detect()
     info = {
         "software": _software(),

@@ -60,6 +60,8 @@ class Plan:
     # strategy megatron: the train keys of its layout and recompute as priced (`megatron_memory.Parallel.record`),
     # the data-parallel size and global batch, and whether the plan chose the layout; empty for other backends
     model_parallel: dict = field(default_factory=dict)
+    # the time model's step (planner/step_time.py): seconds term by term, tokens/s per device, MFU, the overlap
+    step_time: dict = field(default_factory=dict)
 
     @property
     def expected_peak_gib(self) -> float:
@@ -108,6 +110,19 @@ class Plan:
             f"{'GPU' if self.device == 'cuda' else 'process'} ({fit}) · {attention} · "
             f"{batches} batches · {self.cross_entropy} cross-entropy"
             f"{' · liger' if self.liger else ''}{' · compiled' if self.torch_compile else ''}"
+        )
+
+    def timing(self) -> str:
+        """The time model's step on one line, with what it assumes."""
+        t = self.step_time
+        if not t:
+            return "step time: not estimated for this backend"
+        unit = "GPU" if self.device == "cuda" else "process"
+        return (
+            f"step time ~{t['step_s']:.3g} s: compute {t['compute_s']:.3g}, elementwise {t['memory_s']:.3g}, "
+            f"operators {t['overhead_s']:.3g}, communication {t['communication_s']:.3g} "
+            f"({t['exposed_communication_s']:.3g} exposed; {t['overlap']}) · {t['tokens_per_s']:,.0f} tokens/s per "
+            f"{unit} · MFU {t['mfu']:.0%}"
         )
 
     def resolve(self, cfg: RunConfig) -> RunConfig:

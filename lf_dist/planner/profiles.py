@@ -31,6 +31,13 @@ class HardwareProfile:
     ram_gib: float = 0.0
     nnodes: int = 1
     runtime_overhead_gib: float = 1.0
+    # the time model (planner/step_time.py): fp32 matmul peak (0: half the bf16 one), elementwise (memory)
+    # bandwidth in GB/s, the share of peak a large matmul reaches, and fixed costs per operator and collective hop
+    peak_fp32_tflops: float = 0.0
+    memory_gbps: float = 0.0
+    matmul_efficiency: float = 0.75
+    op_latency_us: float = 10.0
+    collective_latency_us: float = 30.0
 
     @property
     def on_gpu(self) -> bool:
@@ -53,34 +60,49 @@ class HardwareProfile:
         return {**asdict(self), "world_size": self.world_size}
 
 
-def _gpu(name, gpu, count, mem, tflops, intra, inter, cores, ram) -> HardwareProfile:
-    return HardwareProfile(name, gpu, count, mem, True, tflops, intra, inter, cores, ram, 1, 1.0)
+def _gpu(name, gpu, count, mem, intra, inter, cores, ram) -> HardwareProfile:
+    peak_bf16, peak_fp32, bandwidth = _PUBLISHED[next(k for k in _PUBLISHED if k in gpu)]
+    return HardwareProfile(
+        name, gpu, count, mem, True, peak_bf16, intra, inter, cores, ram, 1, 1.0, peak_fp32, bandwidth, 0.75, 8.0, 20.0
+    )
 
+
+# Published figures by GPU model: dense bf16 tensor-core TFLOP/s, fp32 (non-tensor; torch's default matmul)
+# TFLOP/s, memory GB/s. Sources: NVIDIA's data sheets — H100 SXM5 and H200 SXM ("H100 Tensor Core GPU" and "H200
+# Tensor Core GPU" data sheets: 989.4 bf16 dense, 66.9 fp32; 3.35 and 4.8 TB/s), A100 SXM4 ("A100 Tensor Core GPU"
+# data sheet: 312 bf16, 19.5 fp32; 1,555 GB/s for 40GB, 2,039 GB/s for 80GB), RTX A6000 (data sheet: 309.7 bf16
+# with sparsity, so 154.8 dense; 38.7 fp32; 768 GB/s), RTX 4090 (Ada Lovelace architecture whitepaper, app. A:
+# 165.2 bf16 with fp32 accumulate, 82.6 fp32, 1,008 GB/s), L40S (data sheet: 362.05 bf16 dense, 91.6 fp32,
+# 864 GB/s), A10 (data sheet: 125 bf16 dense, 31.2 fp32, 600 GB/s). Most specific names first.
+_PUBLISHED = {
+    "H200": (989.4, 66.9, 4800.0),
+    "H100": (989.4, 66.9, 3350.0),
+    "A100-SXM4-80GB": (312.0, 19.5, 2039.0),
+    "A100": (312.0, 19.5, 1555.0),
+    "A6000": (154.8, 38.7, 768.0),
+    "4090": (165.2, 82.6, 1008.0),
+    "L40S": (362.05, 91.6, 864.0),
+    "A10": (125.0, 31.2, 600.0),
+}
 
 PROFILES = {
     p.name: p
     for p in (
-        # the 2-vCPU build machine: bf16 matmul measured at ~0.375 TFLOP/s; baseline RSS of a run ~0.55 GiB
+        # the 2-vCPU build machine, as `lf-dist env --calibrate` measured it (2026-12-06): matmul at large shapes,
+        # elementwise bandwidth, per-operator dispatch and gloo's all-reduce between two processes; baseline RSS
+        # of a run ~0.55 GiB
         HardwareProfile("cpu", None, 0, 24.0, True, 0.375, 0.0, 0.0, 2, 24.0, 1, 0.55),
-        _gpu("a6000x1", "NVIDIA RTX A6000", 1, 47.99, 154.8, 32.0, 1.25, 16, 128.0),
-        _gpu("rtx4090x1", "NVIDIA GeForce RTX 4090", 1, 23.99, 165.2, 32.0, 1.25, 16, 64.0),
+        _gpu("a6000x1", "NVIDIA RTX A6000", 1, 47.99, 32.0, 1.25, 16, 128.0),
+        _gpu("rtx4090x1", "NVIDIA GeForce RTX 4090", 1, 23.99, 32.0, 1.25, 16, 64.0),
         # a workstation with two 24 GB cards on PCIe 4.0 x16 (no NVLink): Answer.AI's FSDP-QLoRA 70B machine
-        _gpu("rtx4090x2", "NVIDIA GeForce RTX 4090", 2, 23.99, 165.2, 25.0, 1.25, 32, 128.0),
-        _gpu("a100-40gbx8", "NVIDIA A100-SXM4-40GB", 8, 39.59, 312.0, 300.0, 200.0, 128, 1024.0),
-        _gpu("a100-80gbx8", "NVIDIA A100-SXM4-80GB", 8, 79.35, 312.0, 300.0, 200.0, 128, 2048.0),
-        _gpu("h100x8", "NVIDIA H100 80GB HBM3", 8, 79.19, 989.0, 450.0, 400.0, 224, 2048.0),
-        _gpu("h200x8", "NVIDIA H200", 8, 139.81, 989.0, 450.0, 400.0, 224, 2048.0),
+        _gpu("rtx4090x2", "NVIDIA GeForce RTX 4090", 2, 23.99, 25.0, 1.25, 32, 128.0),
+        # NVLink 3 (A100): 600 GB/s both ways, 300 one way; NVLink 4 (H100/H200): 900 and 450; between nodes eight
+        # 200 Gb/s (A100) or 400 Gb/s (H100) InfiniBand NICs per node: 200 and 400 GB/s
+        _gpu("a100-40gbx8", "NVIDIA A100-SXM4-40GB", 8, 39.59, 300.0, 200.0, 128, 1024.0),
+        _gpu("a100-80gbx8", "NVIDIA A100-SXM4-80GB", 8, 79.35, 300.0, 200.0, 128, 2048.0),
+        _gpu("h100x8", "NVIDIA H100 80GB HBM3", 8, 79.19, 450.0, 400.0, 224, 2048.0),
+        _gpu("h200x8", "NVIDIA H200", 8, 139.81, 450.0, 400.0, 224, 2048.0),
     )
-}
-# Dense bf16 TFLOP/s by GPU model, for a detected GPU.
-_PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "A6000": 154.8,
-    "4090": 165.2,
-    "L40S": 362.1,
-    "A10": 125.0,
 }
 
 
@@ -139,15 +161,54 @@ def _ram_gib() -> float:
         return status.total / 2**30
 
 
+# the time model's rates, as `lf-dist env --calibrate` measures them
+RATES = (
+    "peak_bf16_tflops",
+    "peak_fp32_tflops",
+    "memory_gbps",
+    "matmul_efficiency",
+    "op_latency_us",
+    "intra_node_gbps",
+    "collective_latency_us",
+)
+
+
+def calibrated_path() -> Path:
+    """Where `lf-dist env --calibrate` writes this machine's profile: LF_DIST_PROFILE, else the user cache."""
+    if os.environ.get("LF_DIST_PROFILE"):
+        return Path(os.environ["LF_DIST_PROFILE"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lf_dist" / "calibrated_profile.yaml"
+
+
+def _with_calibration(hw: HardwareProfile) -> HardwareProfile:
+    """This machine's rates as calibrated, where a calibration of the same machine (accelerator and cores) exists."""
+    path = calibrated_path()
+    if not path.is_file():
+        return hw
+    try:
+        saved = _from_file(path)
+    except UserError:
+        return hw
+    if (saved.gpu, saved.gpus_per_node, saved.cpu_cores) != (hw.gpu, hw.gpus_per_node, hw.cpu_cores):
+        return hw
+    return replace(hw, name="this machine (calibrated)", **{k: getattr(saved, k) for k in RATES})
+
+
 def detect() -> HardwareProfile:
-    """This machine (one node; NNODES from the environment multiplies it, as torchrun's contract does)."""
+    """This machine (one node; NNODES from the environment multiplies it, as torchrun's contract does), with its
+    calibrated rates where `lf-dist env --calibrate` measured them."""
+    return _with_calibration(_detect())
+
+
+def _detect() -> HardwareProfile:
     import torch
 
     cores, ram = os.cpu_count() or 1, round(_ram_gib(), 2)
     nnodes = int(os.environ.get("NNODES", "1") or 1)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        peak = next((v for k, v in _PEAK_TFLOPS.items() if k in props.name), 0.0)
+        peak, fp32, bandwidth = next((v for k, v in _PUBLISHED.items() if k in props.name), (0.0, 0.0, 0.0))
         return HardwareProfile(
             "this machine",
             props.name,
@@ -161,6 +222,8 @@ def detect() -> HardwareProfile:
             ram,
             nnodes,
             1.0,
+            fp32,
+            bandwidth,
         )
     cpu = PROFILES["cpu"]
     return replace(cpu, name="this machine", gpu_memory_gib=ram, cpu_cores=cores, ram_gib=ram, nnodes=nnodes)

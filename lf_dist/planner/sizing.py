@@ -162,6 +162,26 @@ class Sizing:
         mem["host"] = round(host_bytes(self.size, setup, per_node) / GIB, 3)
         return mem
 
+    def step_time(self, method, bits, checkpointing, world=None, accumulation=None, strategy=None, shards=None):
+        """The time model's estimate of one optimizer step (`step_time.StepTime`) on `world` ranks (default: the
+        planned ones); `accumulation`, `strategy` and HSDP's `shards` ask what if."""
+        from lf_dist.planner import step_time
+
+        world = world or self.world
+        setup = self.setup(
+            method,
+            bits,
+            bool(checkpointing),
+            self.cfg.data.cutoff_len,
+            self.cfg.train.per_device_train_batch_size,
+            world=world,
+        )
+        changes = {"accumulation": accumulation, "strategy": strategy, "dp": shards}
+        setup = replace(setup, **{k: v for k, v in changes.items() if v is not None})
+        rank = self.cfg.finetuning.lora_rank if method in ("lora",) else 0
+        hw = self.hw.with_nodes(max(1, math.ceil(world / max(self.per_node, 1))))
+        return step_time.estimate(self.size, setup, hw, world, self.per_node, rank)
+
     def fits(self, mem: dict, limit: float | None = None) -> bool:
         """Within the device's memory (or `limit`), and what is offloaded within the node's RAM."""
         host_ok = not self.hw.ram_gib or mem["host"] <= HOST_MARGIN * self.hw.ram_gib

@@ -1,0 +1,143 @@
+"""`lf-dist env --calibrate`: measure this machine's rates for the time model and write them as a profile.
+
+Measured: the matmul rate (fp32 and bf16, at a model-sized and a large shape; the larger is the peak), the
+elementwise bandwidth (a large add), the time of one small operator with its autograd (what a step pays per
+operator however small), and the all-reduce bandwidth and latency between two processes on this machine (gloo on
+a CPU, NCCL across two GPUs; a single GPU keeps its published link figures). Everything runs on 127.0.0.1 and in
+spawned processes (no fork), as on Windows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from lf_dist.planner.profiles import HardwareProfile, detect
+
+SECONDS = 0.4  # per measurement; each is the best of three such windows
+
+
+def _best_rate(work, units: float) -> float:
+    """Units per second of `work()`, the best of three windows (the fastest is the least disturbed)."""
+    work()
+    best = 0.0
+    for _ in range(3):
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < SECONDS:
+            work()
+            n += 1
+        best = max(best, units * n / (time.perf_counter() - start))
+    return best
+
+
+def _sync(device):
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def matmul_tflops(dtype, device, shapes=((2048, 1024, 1024), (4096, 4096, 4096))) -> float:
+    import torch
+
+    sync, best = _sync(device), 0.0
+    for m, k, n in shapes if device.type == "cuda" else shapes[:1]:
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+        best = max(best, _best_rate(lambda a=a, b=b: (a @ b, sync()), 2.0 * m * k * n))
+    return best / 1e12
+
+
+def elementwise_gbps(device) -> float:
+    import torch
+
+    n = 32 * 2**20 if device.type == "cuda" else 8 * 2**20
+    x, y = torch.randn(n, device=device), torch.randn(n, device=device)
+    sync = _sync(device)
+    return _best_rate(lambda: (torch.add(x, y, out=x), sync()), 3 * 4 * n) / 1e9
+
+
+def op_latency_us(device) -> float:
+    """One small operator with its backward, as a step's many small ones cost."""
+    import torch
+
+    x = torch.randn(64, device=device, requires_grad=True)
+    sync = _sync(device)
+
+    def work():
+        y = x
+        for _ in range(20):
+            y = y * 1.0001
+        y.sum().backward()
+        sync()
+
+    return 1e6 / _best_rate(work, 42.0)
+
+
+def _allreduce_worker(rank: int, world: int, port: int, backend: str, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    big, small = torch.ones(4 * 2**20, device=device), torch.ones(1, device=device)
+    sync = _sync(device)
+    bus = _best_rate(lambda: (dist.all_reduce(big), sync()), 2 * (world - 1) / world * big.numel() * 4) / 1e9
+    latency = 1e6 / _best_rate(lambda: (dist.all_reduce(small), sync()), 1.0)
+    if rank == 0:
+        out.put((bus, latency))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def allreduce(backend: str) -> tuple[float, float]:
+    """(bus bandwidth GB/s, latency µs) of an all-reduce between two processes on this machine."""
+    import torch.multiprocessing as mp
+
+    from lf_dist.ports import free_port
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_allreduce_worker, args=(2, free_port(), backend, queue), nprocs=2, start_method="spawn")
+    return queue.get()
+
+
+def calibrate(report=print) -> HardwareProfile:
+    """This machine's profile with its measured rates."""
+    import torch
+
+    hw = detect()
+    device = torch.device("cuda" if hw.on_gpu else "cpu")
+    fp32 = matmul_tflops(torch.float32, device)
+    report(f"matmul fp32: {fp32:.3f} TFLOP/s")
+    bf16 = matmul_tflops(torch.bfloat16, device) if hw.bf16 else 0.0
+    report(f"matmul bf16: {bf16:.3f} TFLOP/s")
+    bandwidth = elementwise_gbps(device)
+    report(f"elementwise: {bandwidth:.1f} GB/s")
+    latency = op_latency_us(device)
+    report(f"operator with autograd: {latency:.1f} µs")
+    changes = {"memory_gbps": round(bandwidth, 2), "op_latency_us": round(latency, 2)}
+    if hw.on_gpu:  # the published peaks stay; what a large matmul reaches of them is measured
+        changes["matmul_efficiency"] = round(bf16 / hw.peak_bf16_tflops, 3) if hw.peak_bf16_tflops else 1.0
+        changes["peak_bf16_tflops"] = hw.peak_bf16_tflops or round(bf16, 3)
+    else:  # a CPU has no published peak: the measured rates are the peaks
+        changes.update(peak_bf16_tflops=round(bf16, 4), peak_fp32_tflops=round(fp32, 4), matmul_efficiency=1.0)
+    if not hw.on_gpu or hw.gpus_per_node > 1:
+        bus, hop = allreduce("nccl" if hw.on_gpu else "gloo")
+        report(f"all-reduce ({'nccl' if hw.on_gpu else 'gloo'}, 2 processes): {bus:.2f} GB/s, {hop:.0f} µs")
+        changes.update(intra_node_gbps=round(bus, 3), collective_latency_us=round(hop, 1))
+    return replace(hw, name=f"calibrated {hw.gpu or 'cpu'}", **changes)
+
+
+def write_profile(hw: HardwareProfile, path: Path) -> Path:
+    """The profile as YAML that `--profile FILE` reads (written whole, then moved into place)."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(asdict(hw), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

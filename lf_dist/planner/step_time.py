@@ -1,0 +1,227 @@
+"""The time model: seconds per optimizer step from a profile's rates, term by term, before anything runs.
+
+- compute: the matmuls' FLOPs (every decoder linear, attention's scores and values, the output layer at every
+  token: an upper bound where prompts carry no labels) at the profile's achieved matmul rate. A frozen weight has
+  no weight gradient (its backward is the input gradient only); LoRA adds its small matmuls; checkpointing
+  recomputes each layer's forward; a frozen reference adds a forward;
+- memory: the elementwise work between the matmuls (norms, rotary, softmax, SiLU, residuals, cross-entropy over
+  the vocabulary, the optimizer's update), as bytes at the profile's elementwise bandwidth — on small models this
+  costs as much as the matmuls;
+- overhead: a fixed time per operator (a kernel launch, or the CPU's dispatch) times the operators of a step;
+- communication: the volumes each sharding moves — ZeRO-3 / FSDP2 gather the weights for the forward and again
+  for the backward and reduce-scatter the gradients per micro-batch; ZeRO-2 reduce-scatters the gradients per
+  micro-batch and gathers the updated weights once; DDP all-reduces the gradients once per step; HSDP gathers and
+  reduce-scatters inside its shard group and all-reduces the shards across the replicas. A collective over several
+  nodes crosses the network once per node; each has a latency per hop of a binary tree.
+
+Overlap assumed: on GPUs (NCCL on its own streams) the gathers and reductions run under the compute, and only what
+exceeds it is exposed, plus one layer's gather before the first forward; on a CPU (gloo shares the cores that
+compute) nothing overlaps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from lf_dist.planner.memory import Setup
+from lf_dist.planner.model_size import ModelSize
+from lf_dist.planner.profiles import HardwareProfile
+
+# Elementwise values read or written per token in one decoder layer's forward, per width (eager PyTorch, one pass
+# per operator): two RMSNorms in fp32 (~12 passes of the hidden size each), two residual adds, rotary on q and k
+# (~10 passes), the layout copies of q, k, v and the attention output, and SwiGLU (~5 passes of the intermediate).
+HIDDEN_PASSES = 24 + 6 + 4
+QKV_PASSES = 10 + 2
+INTERMEDIATE_PASSES = 5
+SCORE_PASSES = 4  # a masked (eager or math) attention materializes its scores: scale, mask, softmax, dropout
+BACKWARD_ELEMENTWISE = 2.0  # the backward's elementwise work relative to the forward's
+VOCAB_PASSES = 10  # fp32 logits written, log-softmax's max, sum and output, and their gradient
+OPTIMIZER_BYTES = 40  # AdamW per trainable fp32 value: p, g, m, v read; p, m, v written; zeroing and clipping
+# operators per decoder layer of one forward (HF Llama, eager), and per LoRA linear; the backward runs ~1.5x
+OPS_PER_LAYER = 60
+OPS_PER_ADAPTER = 6
+OPS_PER_PARAM_TENSOR = 12  # the optimizer's per-tensor loop (CPU) or its foreach launches (GPU, amortized)
+
+
+@dataclass(frozen=True)
+class Collective:
+    kind: str  # all_gather | reduce_scatter | all_reduce
+    bytes: float  # the whole tensor's size (what one rank holds after an all-gather)
+    ranks: int
+    nodes: int  # nodes the ranks span
+    repeats: int  # times the whole volume moves per step (per micro-batch, or for the forward and the backward)
+    count: int  # collectives of this kind per step (their latency)
+
+
+@dataclass
+class StepTime:
+    compute_s: float
+    memory_s: float
+    overhead_s: float
+    communication_s: float
+    exposed_communication_s: float
+    step_s: float
+    tokens_per_step: int  # per device
+    tokens_per_s: float  # per device
+    mfu: float  # the method's FLOPs (recompute excluded) over the step, as a share of the device's peak
+    overlap: str
+
+    @property
+    def comm_dominates(self) -> bool:
+        """Communication takes longer than the compute: no overlap can hide it any more."""
+        return self.communication_s > self.compute_s + self.memory_s + self.overhead_s
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def _linear_params(size: ModelSize) -> int:
+    return sum(rows * cols for _, rows, cols in size.linear_shapes) // max(size.num_layers, 1)
+
+
+def flops_per_token(size: ModelSize, s: Setup, lora_rank: int = 0) -> tuple[float, float]:
+    """(FLOPs of forward + backward per token, recompute included; the useful share without recompute)."""
+    h, layers = size.hidden_size, size.num_layers
+    linear = 2.0 * _linear_params(size)
+    causal = 1.0 if s.attention_mask else 0.5  # a causal kernel skips the upper triangle
+    attention = 4.0 * s.seq_len * size.num_heads * size.head_dim * causal
+    head = 2.0 * h * max(s.logit_width, 1)
+    trains_weights = s.method in ("full", "freeze")
+    grad_layers = layers if s.graph_layers is None else max(layers - s.graph_layers, 0)
+    lora = 0.0
+    if s.method not in ("full", "freeze") and lora_rank:
+        lora = 2.0 * lora_rank * sum(rows + cols for _, rows, cols in size.linear_shapes) / max(layers, 1)
+    forward = layers * (linear + attention + lora) + head
+    backward_linear = linear * (2.0 if trains_weights else 1.0)
+    backward = grad_layers * (backward_linear + 2.0 * attention + 2.0 * lora) + head * (
+        2.0 if s.method == "full" else 1.0
+    )
+    recompute = grad_layers * (linear + attention + lora) if s.checkpointing else 0.0
+    reference = (layers * (linear + attention) + head) if s.frozen_forward else 0.0
+    useful = forward + backward + reference
+    return useful + recompute, useful
+
+
+def elementwise_bytes(size: ModelSize, s: Setup) -> tuple[float, float]:
+    """(bytes of elementwise work per token, bytes of the optimizer's update per step on this rank)."""
+    c = max(s.compute_bytes, 2)
+    layer = (
+        HIDDEN_PASSES * size.hidden_size
+        + QKV_PASSES * (size.hidden_size + 2 * size.kv_size)
+        + INTERMEDIATE_PASSES * 2 * size.intermediate_size
+    )
+    if s.attention_mask:
+        layer += SCORE_PASSES * size.num_heads * s.seq_len
+    grad_layers = size.num_layers if s.graph_layers is None else max(size.num_layers - s.graph_layers, 0)
+    passes = size.num_layers + BACKWARD_ELEMENTWISE * grad_layers + (grad_layers if s.checkpointing else 0)
+    passes += size.num_layers if s.frozen_forward else 0
+    per_token = c * layer * passes + 4 * VOCAB_PASSES * max(s.logit_width, 1) * (2 if s.frozen_forward else 1)
+    optimizer = OPTIMIZER_BYTES * (s.trainable / max(s.dp, 1) if _shards_optimizer(s) else s.trainable)
+    return per_token, optimizer
+
+
+def _shards_optimizer(s: Setup) -> bool:
+    from lf_dist.parallel.registry import get_backend
+
+    return get_backend(s.strategy).memory.shards("optimizer", s.zero_stage)
+
+
+def operators(size: ModelSize, s: Setup, param_tensors: int, adapters: int) -> float:
+    """Operators launched per optimizer step on one rank."""
+    per_layer = OPS_PER_LAYER + OPS_PER_ADAPTER * adapters / max(size.num_layers, 1)
+    forward = size.num_layers * per_layer + 20  # embedding, final norm, output layer and loss
+    per_micro = forward * (2.5 + (1 if s.checkpointing else 0) + (1 if s.frozen_forward else 0))
+    return per_micro * s.accumulation + OPS_PER_PARAM_TENSOR * param_tensors
+
+
+def collectives(size: ModelSize, s: Setup, world: int, nodes: int) -> list[Collective]:
+    """What one optimizer step moves on each rank, from how the backend holds the model (`MemoryTerms`):
+    weights sharded (ZeRO-3, FSDP2), gradients only (ZeRO-2), the optimizer only (ZeRO-1), or nothing (DDP)."""
+    from lf_dist.parallel.registry import get_backend
+
+    if world <= 1:
+        return []
+    terms, z, m = get_backend(s.strategy).memory, s.zero_stage, s.accumulation
+    shard, units = max(s.dp, 1), size.num_layers + 1
+    shard_nodes = max(1, math.ceil(shard / max(world // nodes, 1)))
+    c = s.compute_bytes
+    grads = 4.0 * s.trainable  # fp32 gradients of fp32 trainable weights
+    out = []
+    if terms.shards("weights", z):
+        weights = _held_bytes(size, s)
+        out += [Collective("all_gather", weights, shard, shard_nodes, 2 * m, 2 * units * m)]
+        out += [Collective("reduce_scatter", grads, shard, shard_nodes, m, units * m)]
+        if shard < world:  # HSDP: the shards' gradients are averaged over the replicas
+            replicas = Collective("all_reduce", grads / shard, world // shard, max(1, nodes // shard_nodes), m, m)
+            out.append(replicas)
+    elif terms.shards("gradients", z):
+        out += [Collective("reduce_scatter", c * s.trainable, world, nodes, m, units * m)]
+        out += [Collective("all_gather", c * s.trainable, world, nodes, 1, 1)]
+    else:
+        out += [Collective("all_reduce", grads, world, nodes, 1, max(1, math.ceil(grads / 25e6)))]
+        if terms.shards("optimizer", z):
+            out += [Collective("all_gather", c * s.trainable, world, nodes, 1, 1)]
+    return out
+
+
+def _held_bytes(size: ModelSize, s: Setup) -> float:
+    """The weights' bytes as a sharded backend gathers them: the compute dtype, a 4-bit base's linear weights at
+    its ~0.53 bytes (NF4 values and absmax)."""
+    if s.quant_bits:
+        return 0.53 * size.quantizable_params + s.compute_bytes * (size.num_params - size.quantizable_params)
+    return s.compute_bytes * size.num_params
+
+
+def collective_seconds(col: Collective, hw: HardwareProfile) -> float:
+    """A ring inside each node, then across the nodes (each node's link carries its share once)."""
+    ring = 2.0 if col.kind == "all_reduce" else 1.0
+    per_node = max(col.ranks // col.nodes, 1)
+    seconds = ring * (per_node - 1) / per_node * col.bytes / (max(hw.intra_node_gbps, 1e-3) * 1e9)
+    if col.nodes > 1:
+        seconds += ring * (col.nodes - 1) / col.nodes * col.bytes / (max(hw.inter_node_gbps, 1e-3) * 1e9)
+    hops = max(1, math.ceil(math.log2(max(col.ranks, 2))))
+    return col.repeats * seconds + col.count * hops * hw.collective_latency_us * 1e-6
+
+
+def device_rates(hw: HardwareProfile, compute_bytes: int, per_node: int) -> tuple[float, float, float]:
+    """(achieved matmul FLOP/s, elementwise bytes/s, peak FLOP/s) of one rank: a CPU's processes share its cores
+    and memory bandwidth."""
+    peak = hw.peak_bf16_tflops if compute_bytes < 4 else (hw.peak_fp32_tflops or hw.peak_bf16_tflops / 2)
+    share = 1 if hw.on_gpu else max(per_node, 1)
+    bandwidth = (hw.memory_gbps or 100.0) * 1e9 / share
+    return peak * 1e12 * hw.matmul_efficiency / share, bandwidth, peak * 1e12 / share
+
+
+def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_node: int, lora_rank: int) -> StepTime:
+    """Seconds of one optimizer step on one rank, term by term, with tokens/s per device and MFU."""
+    nodes = max(1, math.ceil(world / max(per_node, 1)))
+    tokens = s.tokens * s.accumulation
+    matmul, bandwidth, peak = device_rates(hw, s.compute_bytes, per_node)
+    flops, useful = flops_per_token(size, s, lora_rank)
+    per_token, optimizer = elementwise_bytes(size, s)
+    adapters = len(size.linear_shapes) if s.method not in ("full", "freeze") and lora_rank else 0
+    tensors = 2 * adapters if adapters else len(size.linear_shapes) + 2 * size.num_layers + 3
+    compute = tokens * flops / matmul
+    memory = (tokens * per_token + optimizer) / bandwidth
+    overhead = operators(size, s, tensors, adapters) * hw.op_latency_us * 1e-6
+    comm = sum(collective_seconds(col, hw) for col in collectives(size, s, world, nodes))
+    if hw.on_gpu:  # NCCL on its own streams: what the compute hides is not exposed, one layer's gather is
+        exposed = max(0.0, comm - compute - memory) + comm / max(size.num_layers + 1, 1) * (world > 1)
+        overlap = "communication overlapped with compute (NCCL streams); only what exceeds it is exposed"
+    else:
+        exposed = comm
+        overlap = "no overlap: gloo shares the cores that compute"
+    step = compute + memory + overhead + exposed
+    return StepTime(
+        compute_s=compute,
+        memory_s=memory,
+        overhead_s=overhead,
+        communication_s=comm,
+        exposed_communication_s=exposed,
+        step_s=step,
+        tokens_per_step=tokens,
+        tokens_per_s=tokens / step,
+        mfu=tokens * useful / step / peak,
+        overlap=overlap,
+    )
