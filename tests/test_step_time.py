@@ -146,3 +146,19 @@ def test_calibrate_writes_a_profile_that_plans_on_this_machine_read(tmp_path):
     plan = json.loads(_cli("plan", str(SFT_LORA), "--json", env=env).stdout)
     assert plan["profile"] == "this machine (calibrated)"
     assert plan["step_time"]["step_s"] > 0
+
+
+def test_megatron_pays_the_pipeline_bubble_and_tp_all_reduces_on_the_critical_path():
+    def timing(*overrides):
+        args = ["plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "bf16=true", "strategy=megatron"]
+        proc = _cli(*args, "finetuning_type=full", *overrides, "--profile", "h100x8", "--json")
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["step_time"]
+
+    few = timing("pipeline_model_parallel_size=2", "gradient_accumulation_steps=1")
+    many = timing("pipeline_model_parallel_size=2", "gradient_accumulation_steps=8")
+    # (PP - 1) / micro-batches idle: one micro-batch waits a whole stage, eight wait an eighth of one
+    assert few["compute_s"] / few["tokens_per_step"] > 1.7 * many["compute_s"] / many["tokens_per_step"]
+    tp = timing("tensor_model_parallel_size=2")
+    # DP's gradient all-reduce hides under the backward on GPUs; TP's activations' all-reduces stay exposed
+    assert 0 < tp["exposed_communication_s"] < tp["communication_s"]

@@ -1,10 +1,10 @@
 """`lf-dist env --calibrate`: measure this machine's rates for the time model and write them as a profile.
 
-Measured: the matmul rate (fp32 and bf16, at a model-sized and a large shape; the larger is the peak), the
-elementwise bandwidth (a large add), the time of one small operator with its autograd (what a step pays per
-operator however small), and the all-reduce bandwidth and latency between two processes on this machine (gloo on
-a CPU, NCCL across two GPUs; a single GPU keeps its published link figures). Everything runs on 127.0.0.1 and in
-spawned processes (no fork), as on Windows.
+Measured: the matmul rate (fp32 and bf16 at a large width, fp32 at width 256 too: how fast it falls for narrow
+models), the elementwise rate (a mix of the operators between the matmuls), the time of one small operator with
+its autograd (what a step pays per operator however small), and the all-reduce bandwidth and latency between two
+processes on this machine (gloo on a CPU, NCCL across two GPUs; a single GPU keeps its published link figures).
+Everything runs on 127.0.0.1 and in spawned processes (no fork), as on Windows.
 """
 
 from __future__ import annotations
@@ -38,23 +38,43 @@ def _sync(device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def matmul_tflops(dtype, device, shapes=((2048, 1024, 1024), (4096, 4096, 4096))) -> float:
+def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
+    """[rows × width] @ [width × width] in `dtype`."""
     import torch
 
-    sync, best = _sync(device), 0.0
-    for m, k, n in shapes if device.type == "cuda" else shapes[:1]:
-        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-        best = max(best, _best_rate(lambda a=a, b=b: (a @ b, sync()), 2.0 * m * k * n))
-    return best / 1e12
+    sync = _sync(device)
+    a = torch.randn(rows, width, dtype=dtype, device=device)
+    b = torch.randn(width, width, dtype=dtype, device=device)
+    return _best_rate(lambda: (a @ b, sync()), 2.0 * rows * width * width) / 1e12
+
+
+def half_width(rate_narrow: float, rate_wide: float, narrow: int, wide: int) -> float:
+    """w0 of rate(w) = R·w / (w + w0), from the rates at two widths: small matmuls reach less of the peak."""
+    ratio = rate_narrow / max(rate_wide, 1e-12)  # (narrow / (narrow + w0)) / (wide / (wide + w0))
+    if ratio >= 1.0:
+        return 0.0
+    return max(0.0, narrow * wide * (1 - ratio) / (ratio * wide - narrow))
 
 
 def elementwise_gbps(device) -> float:
+    """Bytes read and written per second by the operators between the matmuls, as a mix: a product, a sum, SiLU and
+    a log-softmax over 4 Mi values (beyond the caches of a CPU core). A GPU runs them at its memory bandwidth; a CPU
+    core computes exponentials slower than it streams memory, which this measures."""
     import torch
 
-    n = 32 * 2**20 if device.type == "cuda" else 8 * 2**20
+    n = 4 * 2**20 if device.type == "cpu" else 64 * 2**20
     x, y = torch.randn(n, device=device), torch.randn(n, device=device)
+    rows = x.view(-1, 4096)
     sync = _sync(device)
-    return _best_rate(lambda: (torch.add(x, y, out=x), sync()), 3 * 4 * n) / 1e9
+
+    def mix():
+        torch.mul(x, y)
+        torch.add(x, y)
+        torch.nn.functional.silu(x)
+        torch.log_softmax(rows, dim=-1)
+        sync()
+
+    return _best_rate(mix, 4 * n * (3 + 3 + 2 + 2)) / 1e9
 
 
 def op_latency_us(device) -> float:
@@ -110,15 +130,18 @@ def calibrate(report=print) -> HardwareProfile:
 
     hw = detect()
     device = torch.device("cuda" if hw.on_gpu else "cpu")
-    fp32 = matmul_tflops(torch.float32, device)
-    report(f"matmul fp32: {fp32:.3f} TFLOP/s")
-    bf16 = matmul_tflops(torch.bfloat16, device) if hw.bf16 else 0.0
+    wide = 8192 if hw.on_gpu else 2048
+    fp32 = matmul_tflops(torch.float32, device, wide)
+    narrow = matmul_tflops(torch.float32, device, 256)
+    report(f"matmul fp32: {fp32:.3f} TFLOP/s ({narrow:.3f} at width 256)")
+    bf16 = matmul_tflops(torch.bfloat16, device, wide) if hw.bf16 else 0.0
     report(f"matmul bf16: {bf16:.3f} TFLOP/s")
     bandwidth = elementwise_gbps(device)
     report(f"elementwise: {bandwidth:.1f} GB/s")
     latency = op_latency_us(device)
     report(f"operator with autograd: {latency:.1f} µs")
     changes = {"memory_gbps": round(bandwidth, 2), "op_latency_us": round(latency, 2)}
+    changes["matmul_half_width"] = round(half_width(narrow, fp32, 256, wide), 1)
     if hw.on_gpu:  # the published peaks stay; what a large matmul reaches of them is measured
         changes["matmul_efficiency"] = round(bf16 / hw.peak_bf16_tflops, 3) if hw.peak_bf16_tflops else 1.0
         changes["peak_bf16_tflops"] = hw.peak_bf16_tflops or round(bf16, 3)

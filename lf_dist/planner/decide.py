@@ -330,7 +330,7 @@ def record(cfg: RunConfig, p: Sizing, c: Choice, launcher, layout, checkpoint_di
         optim=k.optim,
         unquantized_layers=unquantized,
         model_parallel=parallel.record(cfg) if parallel else {},
-        step_time={} if parallel else p.step_time(c.method, c.bits, c.checkpointing).to_dict(),
+        step_time=p.step_time(c.method, c.bits, c.checkpointing).to_dict(),
     )
 
 

@@ -36,6 +36,7 @@ class HardwareProfile:
     peak_fp32_tflops: float = 0.0
     memory_gbps: float = 0.0
     matmul_efficiency: float = 0.75
+    matmul_half_width: float = 0.0  # w0: a matmul of width w runs at efficiency · w / (w + w0)
     op_latency_us: float = 10.0
     collective_latency_us: float = 30.0
 
@@ -167,6 +168,7 @@ RATES = (
     "peak_fp32_tflops",
     "memory_gbps",
     "matmul_efficiency",
+    "matmul_half_width",
     "op_latency_us",
     "intra_node_gbps",
     "collective_latency_us",

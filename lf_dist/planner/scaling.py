@@ -36,7 +36,11 @@ def scaling(cfg, hw, stage, plan: Plan, max_nodes: int) -> tuple[list[Row], list
     p = sizing_of(cfg, hw, stage, plan)
     method, bits, gc = plan.finetuning_type, plan.quantization_bit, plan.gradient_checkpointing
     per_node = plan.nproc_per_node
-    rows = [Row(n, n * per_node, p.step_time(method, bits, gc, world=n * per_node)) for n in node_counts(max_nodes)]
+    replica = 1  # megatron: ranks one copy of the model spans (TP × PP × CP); fewer cannot hold it
+    if p.parallel is not None:
+        replica = p.parallel.layout.tp * p.parallel.layout.pp * p.parallel.layout.cp
+    counts = [n for n in node_counts(max_nodes) if n * per_node >= replica and (n * per_node) % replica == 0]
+    rows = [Row(n, n * per_node, p.step_time(method, bits, gc, world=n * per_node)) for n in counts]
     past = next((r for r in rows if r.time.comm_dominates), None)
     if past is None:
         return rows, [f"communication stays below the compute up to {rows[-1].nodes} node(s)"]

@@ -180,6 +180,13 @@ class Sizing:
         setup = replace(setup, **{k: v for k, v in changes.items() if v is not None})
         rank = self.cfg.finetuning.lora_rank if method in ("lora",) else 0
         hw = self.hw.with_nodes(max(1, math.ceil(world / max(self.per_node, 1))))
+        if self.parallel is not None:
+            par = (
+                self.parallel if world == self.world else megatron_memory.Parallel.of(self.cfg, world, self.hw.on_gpu)
+            )
+            return step_time.megatron_estimate(
+                self.size, setup, hw, self.per_node, rank, par.layout, par.distributed_optimizer
+            )
         return step_time.estimate(self.size, setup, hw, world, self.per_node, rank)
 
     def fits(self, mem: dict, limit: float | None = None) -> bool:

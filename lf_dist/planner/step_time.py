@@ -7,7 +7,8 @@
 - memory: the elementwise work between the matmuls (norms, rotary, softmax, SiLU, residuals, cross-entropy over
   the vocabulary, the optimizer's update), as bytes at the profile's elementwise bandwidth — on small models this
   costs as much as the matmuls;
-- overhead: a fixed time per operator (a kernel launch, or the CPU's dispatch) times the operators of a step;
+- overhead: a fixed time per operator (a kernel launch, or the CPU's dispatch) times the operators of a step; a
+  GPU computes while the next kernels are dispatched, so there the step pays the longer of the two;
 - communication: the volumes each sharding moves — ZeRO-3 / FSDP2 gather the weights for the forward and again
   for the backward and reduce-scatter the gradients per micro-batch; ZeRO-2 reduce-scatters the gradients per
   micro-batch and gathers the updated weights once; DDP all-reduces the gradients once per step; HSDP gathers and
@@ -46,7 +47,7 @@ OPS_PER_PARAM_TENSOR = 12  # the optimizer's per-tensor loop (CPU) or its foreac
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str  # all_gather | reduce_scatter | all_reduce
+    kind: str  # all_gather | reduce_scatter | all_reduce | send (point to point)
     bytes: float  # the whole tensor's size (what one rank holds after an all-gather)
     ranks: int
     nodes: int  # nodes the ranks span
@@ -69,8 +70,8 @@ class StepTime:
 
     @property
     def comm_dominates(self) -> bool:
-        """Communication takes longer than the compute: no overlap can hide it any more."""
-        return self.communication_s > self.compute_s + self.memory_s + self.overhead_s
+        """Communication takes longer than the rest of the step: no overlap can hide it any more."""
+        return self.communication_s > self.step_s - self.exposed_communication_s
 
     def to_dict(self) -> dict:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -177,6 +178,9 @@ def collective_seconds(col: Collective, hw: HardwareProfile) -> float:
     """A ring inside each node, then across the nodes (each node's link carries its share once)."""
     ring = 2.0 if col.kind == "all_reduce" else 1.0
     per_node = max(col.ranks // col.nodes, 1)
+    if col.kind == "send":  # point to point, over the node's link or the network
+        link = hw.intra_node_gbps if col.nodes == 1 else hw.inter_node_gbps
+        return col.repeats * col.bytes / (max(link, 1e-3) * 1e9) + col.count * hw.collective_latency_us * 1e-6
     seconds = ring * (per_node - 1) / per_node * col.bytes / (max(hw.intra_node_gbps, 1e-3) * 1e9)
     if col.nodes > 1:
         seconds += ring * (col.nodes - 1) / col.nodes * col.bytes / (max(hw.inter_node_gbps, 1e-3) * 1e9)
@@ -184,20 +188,26 @@ def collective_seconds(col: Collective, hw: HardwareProfile) -> float:
     return col.repeats * seconds + col.count * hops * hw.collective_latency_us * 1e-6
 
 
-def device_rates(hw: HardwareProfile, compute_bytes: int, per_node: int) -> tuple[float, float, float]:
-    """(achieved matmul FLOP/s, elementwise bytes/s, peak FLOP/s) of one rank: a CPU's processes share its cores
-    and memory bandwidth."""
+def device_rates(hw: HardwareProfile, compute_bytes: int, per_node: int, width: int) -> tuple[float, float, float]:
+    """(achieved matmul FLOP/s at the model's `width`, elementwise bytes/s, peak FLOP/s) of one rank: a CPU's
+    processes share its cores and memory bandwidth."""
     peak = hw.peak_bf16_tflops if compute_bytes < 4 else (hw.peak_fp32_tflops or hw.peak_bf16_tflops / 2)
     share = 1 if hw.on_gpu else max(per_node, 1)
     bandwidth = (hw.memory_gbps or 100.0) * 1e9 / share
-    return peak * 1e12 * hw.matmul_efficiency / share, bandwidth, peak * 1e12 / share
+    narrow = width / (width + hw.matmul_half_width) if hw.matmul_half_width else 1.0
+    return peak * 1e12 * hw.matmul_efficiency * narrow / share, bandwidth, peak * 1e12 / share
+
+
+def busy(work: float, dispatch: float, hw: HardwareProfile) -> float:
+    """A GPU runs its kernels while the CPU dispatches the next ones: the longer of the two; a CPU does both."""
+    return max(work, dispatch) if hw.on_gpu else work + dispatch
 
 
 def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_node: int, lora_rank: int) -> StepTime:
     """Seconds of one optimizer step on one rank, term by term, with tokens/s per device and MFU."""
     nodes = max(1, math.ceil(world / max(per_node, 1)))
     tokens = s.tokens * s.accumulation
-    matmul, bandwidth, peak = device_rates(hw, s.compute_bytes, per_node)
+    matmul, bandwidth, peak = device_rates(hw, s.compute_bytes, per_node, size.hidden_size)
     flops, useful = flops_per_token(size, s, lora_rank)
     per_token, optimizer = elementwise_bytes(size, s)
     adapters = len(size.linear_shapes) if s.method not in ("full", "freeze") and lora_rank else 0
@@ -212,7 +222,7 @@ def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_nod
     else:
         exposed = comm
         overlap = "no overlap: gloo shares the cores that compute"
-    step = compute + memory + overhead + exposed
+    step = busy(compute + memory, overhead, hw) + exposed
     return StepTime(
         compute_s=compute,
         memory_s=memory,
@@ -224,4 +234,59 @@ def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_nod
         tokens_per_s=tokens / step,
         mfu=tokens * useful / step / peak,
         overlap=overlap,
+    )
+
+
+def megatron_estimate(
+    size: ModelSize, s: Setup, hw: HardwareProfile, per_node: int, lora_rank: int, layout, distributed_optimizer: bool
+) -> StepTime:
+    """megatron's step on one rank: its share of the layers' work over TP × PP × CP, the pipeline's bubble
+    ((PP - 1) / VPP over the micro-batches), TP's four all-reduces of a micro-batch's activations per layer (on the
+    critical path: never hidden), the activations PP sends each way per micro-batch, and DP's gradient all-reduce
+    (hidden under the backward on GPUs as DDP's is)."""
+    tp, pp, cp, dp, m = layout.tp, layout.pp, layout.cp, layout.dp, s.accumulation
+    split = tp * pp * cp
+    tokens, c, h = s.tokens * m, s.compute_bytes, size.hidden_size
+    matmul, bandwidth, peak = device_rates(hw, c, per_node, h)
+    flops, useful = flops_per_token(size, s, lora_rank)
+    per_token, _ = elementwise_bytes(size, s)
+    optimizer = OPTIMIZER_BYTES * s.trainable / (dp if distributed_optimizer else 1)  # of the replica's share
+    bubble = 1.0 + (pp - 1) / (layout.vpp or 1) / max(m, 1)
+    compute = tokens * flops / split / matmul * bubble
+    memory = (tokens * per_token / split + optimizer / split) / bandwidth * bubble
+    overhead = operators(size, s, 0, 0) * hw.op_latency_us * 1e-6 / pp
+    activations = s.tokens / cp * h * c
+    model_nodes = max(1, math.ceil(tp * pp * cp / max(per_node, 1)))
+    critical = [Collective("all_reduce", activations, tp, 1, 4 * m * size.num_layers // pp, 4 * m)] if tp > 1 else []
+    if pp > 1:  # each micro-batch's activations forward and their gradients back, to the next stage
+        critical.append(Collective("send", activations, 2, min(model_nodes, 2), 2 * m, 2 * m))
+    grads = (
+        [
+            Collective(
+                "all_reduce",
+                4.0 * s.trainable / (tp * pp),
+                dp,
+                max(1, math.ceil(dp * split / per_node) // model_nodes),
+                1,
+                1,
+            )
+        ]
+        if dp > 1
+        else []
+    )
+    on_path = sum(collective_seconds(col, hw) for col in critical)
+    reduce = sum(collective_seconds(col, hw) for col in grads)
+    exposed = on_path + (max(0.0, reduce - compute) if hw.on_gpu else reduce)
+    step = busy(compute + memory, overhead, hw) + exposed
+    return StepTime(
+        compute_s=compute,
+        memory_s=memory,
+        overhead_s=overhead,
+        communication_s=on_path + reduce,
+        exposed_communication_s=exposed,
+        step_s=step,
+        tokens_per_step=int(tokens / split),  # a model replica's tokens, per GPU of it
+        tokens_per_s=tokens / split / step,
+        mfu=tokens * useful / split / step / peak,
+        overlap="TP's and PP's transfers on the critical path; DP's gradient all-reduce under the backward",
     )
