@@ -64,8 +64,10 @@ class HardwareProfile:
 def _gpu(name, gpu, count, mem, intra, inter, cores, ram) -> HardwareProfile:
     peak_bf16, peak_fp32, bandwidth = _PUBLISHED[next(k for k in _PUBLISHED if k in gpu)]
     return HardwareProfile(
-        name, gpu, count, mem, True, peak_bf16, intra, inter, cores, ram, 1, 1.0, peak_fp32, bandwidth, 0.75, 8.0, 20.0
-    )
+        name, gpu, count, mem, True, peak_bf16, intra, inter, cores, ram, 1, 1.0,
+        peak_fp32_tflops=peak_fp32, memory_gbps=bandwidth, matmul_efficiency=0.75, op_latency_us=8.0,
+        collective_latency_us=20.0,
+    )  # fmt: skip
 
 
 # Published figures by GPU model: dense bf16 tensor-core TFLOP/s, fp32 (non-tensor; torch's default matmul)

@@ -40,7 +40,9 @@ def scaling(cfg, hw, stage, plan: Plan, max_nodes: int) -> tuple[list[Row], list
     if p.parallel is not None:
         replica = p.parallel.layout.tp * p.parallel.layout.pp * p.parallel.layout.cp
     counts = [n for n in node_counts(max_nodes) if n * per_node >= replica and (n * per_node) % replica == 0]
-    rows = [Row(n, n * per_node, p.step_time(method, bits, gc, world=n * per_node)) for n in counts]
+    rows = [
+        Row(n, n * per_node, p.step_time(method, bits, gc, world=n * per_node, strategy=p.strategy)) for n in counts
+    ]
     past = next((r for r in rows if r.time.comm_dominates), None)
     if past is None:
         return rows, [f"communication stays below the compute up to {rows[-1].nodes} node(s)"]
@@ -50,24 +52,30 @@ def scaling(cfg, hw, stage, plan: Plan, max_nodes: int) -> tuple[list[Row], list
         f"({past.time.exposed_communication_s:.3g} s exposed)"
     ]
     accum = cfg.train.gradient_accumulation_steps * 4
-    more = p.step_time(method, bits, gc, world=past.world, accumulation=accum)
+    more = p.step_time(method, bits, gc, world=past.world, accumulation=accum, strategy=p.strategy)
     shards_weights = get_backend(p.strategy).memory.shards("weights", p.zero_stage)
     if (
         shards_weights
         and per_node > 1
         and p.setup(method, bits, gc, cfg.data.cutoff_len, 1, world=past.world).dp > per_node
     ):
-        hsdp = p.step_time(method, bits, gc, world=past.world, shards=per_node)
+        hsdp = p.step_time(method, bits, gc, world=past.world, shards=per_node, strategy=p.strategy)
         lines.append(
             f"advice: HSDP with fsdp_shard_size: {per_node} keeps the gathers inside a node: "
             f"{hsdp.tokens_per_s:,.0f} tokens/s per device instead of {past.time.tokens_per_s:,.0f} "
             "(each node holds a whole copy of the sharded state: check `lf-dist plan` with it for memory)"
         )
-    lines.append(
-        f"advice: gradient_accumulation_steps: {accum} spreads the gradient reductions over 4x the tokens: "
-        f"{more.tokens_per_s:,.0f} tokens/s per device"
-        + (" (the weights' gathers repeat per micro-batch, so sharded weights gain less)" if shards_weights else "")
-    )
+    gain = more.tokens_per_s / past.time.tokens_per_s - 1
+    if gain > 0.05:
+        lines.append(
+            f"advice: gradient_accumulation_steps: {accum} spreads the gradient reductions over 4x the tokens: "
+            f"{more.tokens_per_s:,.0f} tokens/s per device ({gain:+.0%})"
+        )
+    else:
+        lines.append(
+            f"gradient_accumulation_steps: {accum} would gain {gain:+.0%}"
+            + (": the weights' gathers repeat with every micro-batch" if shards_weights else "")
+        )
     return rows, lines
 
 
