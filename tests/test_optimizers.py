@@ -58,6 +58,21 @@ def changed(model, before) -> set[str]:
     return {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
 
 
+def test_weight_decay_reaches_zero3_placeholders_by_their_real_shape(cfg_of):
+    """ZeRO-3 partitions a parameter into an empty 1-D placeholder before the optimizer is built (its shape is
+    `ds_shape`): the matrices must still be decayed and the norms not, as on one process."""
+    model = tiny_model()
+    shapes = {}
+    for param in model.parameters():
+        shapes[id(param)] = tuple(param.shape)
+        param.ds_shape = param.shape
+        param.data = torch.empty(0)
+    optimizer = build_optimizer(model, cfg_of(weight_decay=0.5))
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0.5 for p in g["params"]}
+    assert decayed and all(len(shapes[i]) == 2 for i in decayed)
+    assert {i for i, s in shapes.items() if len(s) == 2} == decayed
+
+
 # -- GaLore / APOLLO ----------------------------------------------------------------------------------------
 def test_galore_projects_linear_weights_to_its_rank_and_checkpoints_load_weights_only(cfg_of):
     model = tiny_model()

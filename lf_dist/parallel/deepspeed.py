@@ -5,6 +5,8 @@ every frozen model are built inside `deepspeed.zero.Init` (transformers' ZeRO-3 
 partitioned as it is created, so no rank ever holds the whole model. DeepSpeed runs in its
 unmanaged gradient-accumulation mode: `backward` only accumulates locally and `step` reduces and updates once
 per optimizer step, so it follows the same loop (and the same token normalization) as every other strategy.
+A checkpoint resumes on any world size: on another than the one that wrote it, through DeepSpeed's universal
+checkpoint (ds_universal.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,15 @@ from pathlib import Path
 import torch
 
 from lf_dist.errors import UserError
+from lf_dist.log import get_logger
+from lf_dist.parallel import ds_universal
 from lf_dist.parallel.base import write_model_description
 from lf_dist.parallel.distributed import DistributedStrategy
 from lf_dist.parallel.formats import DEEPSPEED, record_world
 from lf_dist.parallel.single import is_peft
 
 TAG = DEEPSPEED.marker  # the engine's checkpoint tag: its folder marks the format
+logger = get_logger(__name__)
 
 
 def read_ds_config(value) -> dict:
@@ -165,6 +170,8 @@ class DeepSpeedStrategy(DistributedStrategy):
             _cast_unpartitioned(model, config)
         optimizer = build_optimizer(model)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        if self.zero_stage in (1, 2):  # so its checkpoints convert to, and it loads, a universal checkpoint
+            ds_universal.link_round_robin(self.engine.optimizer)
         # The LR schedule acts on the wrapped torch optimizer's param groups, which DeepSpeed reads each step.
         return self.engine, optimizer
 
@@ -238,8 +245,42 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def load_checkpoint(self, model, optimizer, scheduler, path):
         self.check_resumable(path)
-        self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False)
+        saved = ds_universal.saved_world(path, DEEPSPEED.world_file, TAG)
+        if saved in (None, self.world_size) or not ds_universal.partitioned(path, TAG):
+            self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False)
+        else:
+            self._load_universal(optimizer, Path(path), saved)
         scheduler.load_state_dict(torch.load(Path(path) / "scheduler.pt", weights_only=True))
+
+    def _load_universal(self, optimizer, path: Path, saved: int) -> None:
+        """A checkpoint of another world size: rank 0 converts it to DeepSpeed's universal checkpoint (once, see
+        ds_universal), then every rank loads its own partitions from that."""
+        error = converted = None
+        if self.is_main:
+            try:
+                converted = ds_universal.convert(path, TAG)
+            except Exception as err:  # noqa: BLE001 - whatever the converter raises is reported in one line
+                error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        error = self.gather_objects(error)[0]  # rank 0's, on every rank
+        if error:
+            raise UserError(
+                f"resume_from_checkpoint: {path.name} was saved on {saved} ranks and DeepSpeed's universal checkpoint "
+                f"conversion failed ({error}); resume it on {saved} ranks"
+            )
+        if self.is_main:
+            how = "converted it to" if converted else "using its earlier conversion to"
+            logger.info(
+                f"notice: {path.name} was saved on {saved} ranks; {how} DeepSpeed's universal checkpoint "
+                f"({path.name}/{ds_universal.FOLDER}) to resume on {self.world_size}"
+            )
+        # the engine reads `load_universal` from its config at load time only: on for this one load
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self.engine.load_checkpoint(str(path / ds_universal.FOLDER), tag=TAG, load_module_strict=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if self.zero_stage == 3:
+            ds_universal.repair_stage3_load(optimizer, path / ds_universal.FOLDER, TAG)
 
     def export(self, model, tokenizer, path):
         import deepspeed

@@ -26,16 +26,18 @@ class CheckpointFormat:
     written_by: str  # who writes it, for messages
     reshards: bool  # resumable on another world size
     offline: bool  # its trained tensors are read by `read_trained` (a sharded format)
-    world_file: str | None = None  # records the world size of a format that cannot reshard
+    # the file recording the world size that wrote it; a format that cannot reshard is refused on another
+    world_file: str | None = None
 
 
 # A single-process checkpoint is a loadable Hugging Face folder plus the optimizer's state.
 HF = CheckpointFormat("hf", "optimizer.pt", "a single-process run", reshards=False, offline=False)
 # torch.distributed.checkpoint shards: any world size, and ddp <-> fsdp2.
 DCP = CheckpointFormat("dcp", "dcp", "a distributed run (DCP shards of ddp / fsdp2)", reshards=True, offline=True)
-# A DeepSpeed engine checkpoint (its tag folder); ZeRO's partitions fix the world size.
+# A DeepSpeed engine checkpoint (its tag folder). ZeRO's partitions are cut for the world size that wrote it (recorded
+# in world_file): on another, the strategy resumes it through DeepSpeed's universal checkpoint (ds_universal.py).
 DEEPSPEED = CheckpointFormat(
-    "deepspeed", "ds", "DeepSpeed", reshards=False, offline=True, world_file="ds_world_size.txt"
+    "deepspeed", "ds", "DeepSpeed", reshards=True, offline=True, world_file="ds_world_size.txt"
 )
 # megatron-core's torch_dist checkpoint (dist_checkpointing): any tensor / pipeline / data-parallel layout.
 MEGATRON = CheckpointFormat(
@@ -62,20 +64,20 @@ def record_world(path: Path, fmt: CheckpointFormat, world_size: int) -> None:
 
 def check_resumable(path: Path, fmt: CheckpointFormat, world_size: int, backend: str) -> None:
     """Refuse, in one line, a checkpoint that a run of `backend` (writing `fmt`) on `world_size` ranks cannot
-    resume; reads only marker files."""
+    resume; reads only marker files. A resharding format goes on, whatever world size wrote it."""
     path, found = Path(path), detect(path)
     if found is not fmt:
         what = f"was written by {found.written_by}" if found else "holds no optimizer state of any backend"
         raise UserError(
             f"resume_from_checkpoint: {path} {what}, and strategy {backend} resumes only checkpoints of "
             f"{fmt.written_by}; resume it with the same kind of launch"
-            + (" (or any torchrun world size with fsdp2/ddp)" if found is not None and found.reshards else "")
+            + (" (on any world size)" if found is not None and found.reshards else "")
         )
-    saved_file = path / fmt.world_file if fmt.world_file else None
+    saved_file = path / fmt.world_file if fmt.world_file and not fmt.reshards else None
     if saved_file is not None and saved_file.is_file() and int(saved_file.read_text(encoding="utf-8")) != world_size:
         raise UserError(
             f"resume_from_checkpoint: {fmt.written_by} checkpoint of {int(saved_file.read_text(encoding='utf-8'))} "
-            f"ranks cannot resume on {world_size}; use the same world size, or fsdp2/ddp (DCP) to change it"
+            f"ranks cannot resume on {world_size}; use the same world size"
         )
 
 

@@ -221,5 +221,5 @@ def restore_rng(path: Path, rank: int) -> None:
 
 def check_format(path: Path, strategy) -> None:
     """Refuse, in one line and before anything is written, a checkpoint the run's strategy cannot resume: another
-    backend's format, or a DeepSpeed checkpoint of another world size (its format's marker files only)."""
+    backend's format, or one of another world size where the format cannot reshard (its marker files only)."""
     formats.check_resumable(path, strategy.checkpoint_format, strategy.world_size, strategy.cfg.train.strategy)

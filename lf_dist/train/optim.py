@@ -18,8 +18,9 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            # Biases and norm weights (1-D) are not decayed, as in Hugging Face's Trainer.
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            # Biases and norm weights (1-D) are not decayed, as in Hugging Face's Trainer. Under ZeRO-3 a
+            # parameter is an empty 1-D placeholder here; its real shape is `ds_shape`.
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": training_args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kwargs = {
