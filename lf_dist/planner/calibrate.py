@@ -32,6 +32,19 @@ def _best_rate(work, units: float) -> float:
     return best
 
 
+def _fixed_rate(work, units: float, n: int) -> float:
+    """Units per second of `work()` over `n` calls after one warm-up, the best of three rounds. A fixed count, not
+    a time window: every rank of a collective must call it as often as the others, or they wait forever."""
+    work()
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            work()
+        best = max(best, units * n / (time.perf_counter() - start))
+    return best
+
+
 def _sync(device):
     import torch
 
@@ -104,8 +117,8 @@ def _allreduce_worker(rank: int, world: int, port: int, backend: str, out) -> No
         torch.cuda.set_device(rank)
     big, small = torch.ones(4 * 2**20, device=device), torch.ones(1, device=device)
     sync = _sync(device)
-    bus = _best_rate(lambda: (dist.all_reduce(big), sync()), 2 * (world - 1) / world * big.numel() * 4) / 1e9
-    latency = 1e6 / _best_rate(lambda: (dist.all_reduce(small), sync()), 1.0)
+    bus = _fixed_rate(lambda: (dist.all_reduce(big), sync()), 2 * (world - 1) / world * big.numel() * 4, 10) / 1e9
+    latency = 1e6 / _fixed_rate(lambda: (dist.all_reduce(small), sync()), 1.0, 200)
     if rank == 0:
         out.put((bus, latency))
     dist.barrier()
