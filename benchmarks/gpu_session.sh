@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every check still waiting for a GPU (issues 10 and 12), in one device call: the cuda-marked tests, then
-# gpu_throughput.py. Logs and JSON lines go to $OUT (the device tool brings them back).
+# Every check still waiting for a GPU (issues 10, 12 and 27), in one device call: the cuda-marked tests,
+# gpu_throughput.py, then the time model against it. Logs and JSON lines go to $OUT (the device tool brings them back).
 #
 # Once, on the build machine (the device image lacks these; versions as the CPU venv installs them):
 #   bash ../shared/gpu/fetch-wheels.sh pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1
@@ -22,3 +22,7 @@ timeout 300 python3 benchmarks/gpu_throughput.py --models "${MODELS:-1b,3b,1b-lo
   --steps "${STEPS:-6}" --warmup 2 > "$OUT/gpu_throughput.jsonl" 2> "$OUT/gpu_throughput.err"
 cat "$OUT/gpu_throughput.jsonl"
 tail -5 "$OUT/gpu_throughput.err"
+# Issue 27: the time model against the measured step: calibrate this card, then plan gpu_throughput's shapes.
+timeout 120 python3 -m lf_dist env --calibrate --output "$OUT/calibrated_profile.yaml" 2>&1 | tee "$OUT/calibrate.log"
+timeout 120 python3 benchmarks/gpu_step_time.py --profile "$OUT/calibrated_profile.yaml" \
+  --measured "$OUT/gpu_throughput.jsonl" 2>&1 | tee "$OUT/gpu_step_time.jsonl"

@@ -1,10 +1,11 @@
 """`lf-dist env --calibrate`: measure this machine's rates for the time model and write them as a profile.
 
-Measured: the matmul rate (fp32 and bf16 at a large width, fp32 at width 256 too: how fast it falls for narrow
-models), the elementwise rate (a mix of the operators between the matmuls), the time of one small operator with
-its autograd (what a step pays per operator however small), and the all-reduce bandwidth and latency between two
-processes on this machine (gloo on a CPU, NCCL across two GPUs; a single GPU keeps its published link figures).
-Everything runs on 127.0.0.1 and in spawned processes (no fork), as on Windows.
+Measured: the matmul rate of a training matmul with both its gradients (fp32 and bf16 at a large width, fp32 at
+width 256 too: how fast it falls for narrow models), the elementwise rate (a layer's operators between the
+matmuls and a log-softmax, in the bytes the time model counts for them), the optimizer's update, the time of one
+small operator with its autograd (what a step pays per operator however small), and the all-reduce bandwidth and
+latency between two processes on this machine (gloo on a CPU, NCCL across two GPUs; a single GPU keeps its
+published link figures). Everything runs on 127.0.0.1 and in spawned processes (no fork), as on Windows.
 """
 
 from __future__ import annotations
@@ -52,13 +53,21 @@ def _sync(device):
 
 
 def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
-    """[rows × width] @ [width × width] in `dtype`."""
+    """A training matmul: [rows × width] @ [width × width] forward, then both of its gradients (the transposed
+    operands a backward multiplies), in `dtype`."""
     import torch
 
     sync = _sync(device)
-    a = torch.randn(rows, width, dtype=dtype, device=device)
-    b = torch.randn(width, width, dtype=dtype, device=device)
-    return _best_rate(lambda: (a @ b, sync()), 2.0 * rows * width * width) / 1e12
+    x = torch.randn(rows, width, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(width, width, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(rows, width, dtype=dtype, device=device)
+
+    def work():
+        (x @ w).backward(grad)
+        x.grad = w.grad = None
+        sync()
+
+    return _best_rate(work, 3 * 2.0 * rows * width * width) / 1e12
 
 
 def half_width(rate_narrow: float, rate_wide: float, narrow: int, wide: int) -> float:
@@ -69,25 +78,66 @@ def half_width(rate_narrow: float, rate_wide: float, narrow: int, wide: int) -> 
     return max(0.0, narrow * wide * (1 - ratio) / (ratio * wide - narrow))
 
 
-def elementwise_gbps(device) -> float:
-    """Bytes read and written per second by the operators between the matmuls, as a mix: a product, a sum, SiLU and
-    a log-softmax over 4 Mi values (beyond the caches of a CPU core). A GPU runs them at its memory bandwidth; a CPU
-    core computes exponentials slower than it streams memory, which this measures."""
+def elementwise_gbps(device, hidden: int = 256, intermediate: int = 688, vocab: int = 16384) -> float:
+    """The rate of the work between the matmuls, in the time model's own accounting (`step_time`): a decoder
+    layer's elementwise operators as Hugging Face's Llama runs them (RMSNorms upcast to fp32, residual adds, rotary
+    on q, SwiGLU) and a log-softmax over a vocabulary, forward and backward, on 2,048 tokens; the bytes the model
+    counts for them over the time they take. A GPU runs them near its memory bandwidth; a CPU core computes
+    exponentials and reductions slower than it streams memory, which this measures."""
     import torch
+    from torch.nn.functional import silu
 
-    n = 4 * 2**20 if device.type == "cpu" else 64 * 2**20
-    x, y = torch.randn(n, device=device), torch.randn(n, device=device)
-    rows = x.view(-1, 4096)
-    sync = _sync(device)
+    from lf_dist.planner import step_time as st
 
-    def mix():
-        torch.mul(x, y)
-        torch.add(x, y)
-        torch.nn.functional.silu(x)
-        torch.log_softmax(rows, dim=-1)
+    tokens, sync = 2048, _sync(device)
+    x = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    weight = torch.ones(hidden, device=device, requires_grad=True)
+    gate = torch.randn(tokens, intermediate, device=device, requires_grad=True)
+    up = torch.randn(tokens, intermediate, device=device, requires_grad=True)
+    logits = torch.randn(tokens // 8, vocab, device=device, requires_grad=True)
+    cos, sin = torch.randn(tokens, hidden, device=device), torch.randn(tokens, hidden, device=device)
+
+    def norm(h):
+        return weight * (h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def work():
+        h = x + norm(x)
+        h = h + norm(h)
+        half = hidden // 2
+        q = h * cos + torch.cat((-h[:, half:], h[:, :half]), dim=-1) * sin
+        mlp = silu(gate) * up
+        ce = torch.log_softmax(logits, dim=-1)[:, 0]
+        (q.sum() + mlp.sum() + ce.sum()).backward()
+        for t in (x, weight, gate, up, logits):
+            t.grad = None
         sync()
 
-    return _best_rate(mix, 4 * n * (3 + 3 + 2 + 2)) / 1e9
+    layer = st.HIDDEN_PASSES * hidden + st.QKV_PASSES * hidden + st.INTERMEDIATE_PASSES * 2 * intermediate
+    counted = 4 * tokens * layer * (1 + st.BACKWARD_ELEMENTWISE) + 4 * st.VOCAB_PASSES * vocab * tokens // 8
+    return _best_rate(work, counted) / 1e9
+
+
+def optimizer_gbps(device, n: int = 4 * 2**20) -> float:
+    """The update a step ends with, as lf-dist runs it (clip the gradients' norm, fused AdamW, gradients set to
+    None), in the time model's bytes per trainable value (`step_time.OPTIMIZER_BYTES`)."""
+    import torch
+
+    from lf_dist.planner import step_time as st
+
+    params = [torch.nn.Parameter(torch.randn(n // 4, device=device)) for _ in range(4)]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    sync = _sync(device)
+
+    def work():
+        for param in params:
+            param.grad = torch.randn_like(param)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    grads = _best_rate(lambda: ([torch.randn_like(q) for q in params], sync()), 1.0)  # the gradients' making
+    return st.OPTIMIZER_BYTES * n / (1 / _best_rate(work, 1.0) - 1 / grads) / 1e9
 
 
 def op_latency_us(device) -> float:
@@ -151,9 +201,15 @@ def calibrate(report=print) -> HardwareProfile:
     report(f"matmul bf16: {bf16:.3f} TFLOP/s")
     bandwidth = elementwise_gbps(device)
     report(f"elementwise: {bandwidth:.1f} GB/s")
+    update = optimizer_gbps(device)
+    report(f"optimizer update: {update:.1f} GB/s")
     latency = op_latency_us(device)
     report(f"operator with autograd: {latency:.1f} µs")
-    changes = {"memory_gbps": round(bandwidth, 2), "op_latency_us": round(latency, 2)}
+    changes = {
+        "memory_gbps": round(bandwidth, 2),
+        "optimizer_gbps": round(update, 2),
+        "op_latency_us": round(latency, 2),
+    }
     changes["matmul_half_width"] = round(half_width(narrow, fp32, 256, wide), 1)
     if hw.on_gpu:  # the published peaks stay; what a large matmul reaches of them is measured
         changes["matmul_efficiency"] = round(bf16 / hw.peak_bf16_tflops, 3) if hw.peak_bf16_tflops else 1.0

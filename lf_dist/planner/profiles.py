@@ -35,6 +35,7 @@ class HardwareProfile:
     # bandwidth in GB/s, the share of peak a large matmul reaches, and fixed costs per operator and collective hop
     peak_fp32_tflops: float = 0.0
     memory_gbps: float = 0.0
+    optimizer_gbps: float = 0.0  # the optimizer's update in the time model's bytes (0: at memory_gbps)
     matmul_efficiency: float = 0.75
     matmul_half_width: float = 0.0  # w0: a matmul of width w runs at efficiency · w / (w + w0)
     op_latency_us: float = 10.0
@@ -169,6 +170,7 @@ RATES = (
     "peak_bf16_tflops",
     "peak_fp32_tflops",
     "memory_gbps",
+    "optimizer_gbps",
     "matmul_efficiency",
     "matmul_half_width",
     "op_latency_us",

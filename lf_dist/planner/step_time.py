@@ -198,6 +198,14 @@ def device_rates(hw: HardwareProfile, compute_bytes: int, per_node: int, width: 
     return peak * 1e12 * hw.matmul_efficiency * narrow / share, bandwidth, peak * 1e12 / share
 
 
+def optimizer_rate(hw: HardwareProfile, bandwidth: float, per_node: int) -> float:
+    """Bytes/s of the optimizer's update (a CPU computes AdamW's square roots and divisions slower than it streams
+    its states: calibrated apart), shared like the bandwidth by a CPU's processes."""
+    if not hw.optimizer_gbps:
+        return bandwidth
+    return hw.optimizer_gbps * 1e9 / (1 if hw.on_gpu else max(per_node, 1))
+
+
 def busy(work: float, dispatch: float, hw: HardwareProfile) -> float:
     """A GPU runs its kernels while the CPU dispatches the next ones: the longer of the two; a CPU does both."""
     return max(work, dispatch) if hw.on_gpu else work + dispatch
@@ -213,7 +221,7 @@ def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_nod
     adapters = len(size.linear_shapes) if s.method not in ("full", "freeze") and lora_rank else 0
     tensors = 2 * adapters if adapters else len(size.linear_shapes) + 2 * size.num_layers + 3
     compute = tokens * flops / matmul
-    memory = (tokens * per_token + optimizer) / bandwidth
+    memory = tokens * per_token / bandwidth + optimizer / optimizer_rate(hw, bandwidth, per_node)
     overhead = operators(size, s, tensors, adapters) * hw.op_latency_us * 1e-6
     comm = sum(collective_seconds(col, hw) for col in collectives(size, s, world, nodes))
     if hw.on_gpu:  # NCCL on its own streams: what the compute hides is not exposed, one layer's gather is
@@ -253,7 +261,9 @@ def megatron_estimate(
     optimizer = OPTIMIZER_BYTES * s.trainable / (dp if distributed_optimizer else 1)  # of the replica's share
     bubble = 1.0 + (pp - 1) / (layout.vpp or 1) / max(m, 1)
     compute = tokens * flops / split / matmul * bubble
-    memory = (tokens * per_token / split + optimizer / split) / bandwidth * bubble
+    memory = tokens * per_token / split / bandwidth * bubble + optimizer / split / optimizer_rate(
+        hw, bandwidth, per_node
+    )
     overhead = operators(size, s, 0, 0) * hw.op_latency_us * 1e-6 / pp
     activations = s.tokens / cp * h * c
     model_nodes = max(1, math.ceil(tp * pp * cp / max(per_node, 1)))
