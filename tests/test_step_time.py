@@ -136,16 +136,20 @@ def test_named_gpu_profiles_carry_published_peaks_and_bandwidths():
 
 
 def test_calibrate_writes_a_profile_that_plans_on_this_machine_read(tmp_path):
-    path = tmp_path / "me.yaml"
-    proc = _cli("env", "--calibrate", "--output", str(path))
+    """As a user runs it: `lf-dist env --calibrate` with no options writes the user cache, and a plain `lf-dist
+    plan` on the same machine then prices time with those rates; `--profile FILE` reads the file anywhere."""
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    proc = _cli("env", "--calibrate", env=env)
     assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "cache" / "lf_dist" / "calibrated_profile.yaml"
+    assert str(path) in proc.stdout
     hw = load_profile(str(path))
-    assert hw.peak_fp32_tflops > 0 and hw.memory_gbps > 0 and hw.op_latency_us > 0
+    assert hw.peak_fp32_tflops > 0 and hw.memory_gbps > 0 and hw.optimizer_gbps > 0 and hw.op_latency_us > 0
     assert hw.intra_node_gbps > 0 and hw.collective_latency_us > 0  # gloo between two processes
-    env = {"LF_DIST_PROFILE": str(path)}
     plan = json.loads(_cli("plan", str(SFT_LORA), "--json", env=env).stdout)
-    assert plan["profile"] == "this machine (calibrated)"
-    assert plan["step_time"]["step_s"] > 0
+    assert plan["profile"] == "this machine (calibrated)" and plan["step_time"]["step_s"] > 0
+    elsewhere = json.loads(_cli("plan", str(SFT_LORA), "--profile", str(path), "--json").stdout)
+    assert elsewhere["step_time"]["step_s"] > 0
 
 
 def test_megatron_pays_the_pipeline_bubble_and_tp_all_reduces_on_the_critical_path():
