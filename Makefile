@@ -58,10 +58,10 @@ install: $(STAMP)
 # The CPU suite without the multi-process / long tests (`-m slow`: distributed backends, Ray cluster, memory
 # accuracy runs); `make test-slow` runs those, and CI (.ci/run) runs both.
 test: $(STAMP) $(LF_STAMP)
-	$(BIN)/python -m pytest -q -m "not cuda and not slow"
+	$(BIN)/python -m pytest -q --durations=25 -m "not cuda and not slow"
 
 test-slow: $(STAMP) $(LF_STAMP)
-	$(BIN)/python -m pytest -q -m "slow and not cuda"
+	$(BIN)/python -m pytest -q --durations=40 -m "slow and not cuda"
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q

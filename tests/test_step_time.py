@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from lf_dist.cli import main
 from lf_dist.planner import load_profile
 from lf_dist.planner.profiles import PROFILES
 from lf_dist.planner.sizing import Sizing
-from lf_dist.planner.step_time import collective_seconds, collectives, flops_per_token
+from lf_dist.planner.step_time import collective_seconds, collectives, flop_terms, flops_per_token, kernel_rates
 from lf_dist.run_checks import load_config
 from lf_dist.train.stages import get_stage
 
@@ -53,6 +54,29 @@ def test_checkpointing_recomputes_one_forward_and_mfu_leaves_it_out():
     )
 
 
+def test_the_chunked_kernel_recomputes_only_a_trained_output_layers_logits():
+    p = _sizing()
+    full, lora = _setup(p, "full"), _setup(p, "lora")
+    head = 2.0 * p.size.hidden_size * p.size.vocab_size
+    kept, recomputed = (flop_terms(p.size, replace(full, recomputed_logits=r)) for r in (False, True))
+    assert recomputed.output - kept.output == pytest.approx(head) and recomputed.useful == kept.useful
+    # a frozen output layer's backward needs only d hidden, which the forward keeps: nothing to recompute
+    assert flop_terms(p.size, replace(lora, recomputed_logits=True), 8) == flop_terms(p.size, lora, 8)
+
+
+def test_lora_and_attention_run_at_their_own_calibrated_rates():
+    hw, matmul = replace(PROFILES["h100x8"], matmul_half_width=24.0), 1e15
+    attention, adapter = kernel_rates(hw, matmul, 8, 8)
+    assert attention == matmul and adapter == pytest.approx(matmul * 8 / 32)  # rank 8 along the width curve
+    measured = replace(hw, adapter_tflops=50.0, attention_tflops=400.0)
+    attention, adapter = kernel_rates(measured, matmul, 8, 8)
+    assert attention == 400e12 and adapter == pytest.approx(50e12)
+    _, rank64 = kernel_rates(measured, matmul, 8, 64)  # measured at rank 8, moved along the curve to rank 64
+    assert rank64 == pytest.approx(50e12 * (64 / 88) / (8 / 32))
+    cpu = replace(measured, gpu=None, gpus_per_node=0)
+    assert kernel_rates(cpu, matmul, 2, 8)[1] == pytest.approx(25e12)  # a CPU's processes share it
+
+
 def test_each_backend_moves_its_own_volumes():
     p = _sizing(["finetuning_type=full"], world=16)
     s, n = _setup(p, "full"), p.size.num_params
@@ -72,6 +96,18 @@ def test_each_backend_moves_its_own_volumes():
     assert sum(collective_seconds(c, hw) for c in hsdp.values()) < sharded_over_nodes
 
 
+@pytest.fixture
+def cli(capsys):
+    """`lf-dist ARGS` in this process, as the console script runs it: (exit code, stdout, stderr)."""
+
+    def run(*args) -> subprocess.CompletedProcess:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return run
+
+
 def _cli(*args, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lf_dist", *args],
@@ -83,22 +119,23 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
     )
 
 
-def test_plan_prints_the_step_time_tokens_per_gpu_and_mfu():
-    proc = _cli("plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "bf16=true", "--profile", "h100x8")
+def test_plan_prints_the_step_time_tokens_per_gpu_and_mfu(cli):
+    proc = cli("plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "bf16=true", "--profile", "h100x8")
     assert proc.returncode == 0, proc.stderr
     (line,) = [ln for ln in proc.stdout.splitlines() if "step time" in ln]
     assert "tokens/s per GPU" in line and "MFU" in line and "overlapped" in line
     plan = json.loads(
-        _cli(
+        cli(
             "plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "bf16=true", "--profile", "h100x8", "--json"
         ).stdout
     )
     t = plan["step_time"]
-    assert 0.2 < t["mfu"] < 0.75 and t["tokens_per_s"] == pytest.approx(t["tokens_per_step"] / t["step_s"])
+    assert 0.2 < t["mfu"] < 0.75  # rounded to 6 decimals in the JSON:
+    assert t["tokens_per_s"] == pytest.approx(t["tokens_per_step"] / t["step_s"], rel=1e-4)
 
 
-def test_scaling_names_where_communication_dominates_and_advises_hsdp():
-    proc = _cli(
+def test_scaling_names_where_communication_dominates_and_advises_hsdp(cli):
+    proc = cli(
         "plan",
         str(SFT_LORA),
         f"model_name_or_path={LLAMA_8B}",
@@ -119,12 +156,12 @@ def test_scaling_names_where_communication_dominates_and_advises_hsdp():
     assert first > 0 and dominates.startswith(f"communication dominates from {out['scaling'][first]['nodes']} node")
     assert any("fsdp_shard_size: 8" in line for line in advice)
     assert any("gradient_accumulation_steps" in line for line in advice)
-    text = _cli("plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "--profile", "h100x8", "--scaling", "4")
+    text = cli("plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "--profile", "h100x8", "--scaling", "4")
     assert "tokens/s/GPU" in text.stdout and text.stdout.count("\n") > 6
 
 
-def test_scaling_of_zero_nodes_is_one_line():
-    proc = _cli("plan", str(SFT_LORA), "--profile", "h100x8", "--scaling", "0")
+def test_scaling_of_zero_nodes_is_one_line(cli):
+    proc = cli("plan", str(SFT_LORA), "--profile", "h100x8", "--scaling", "0")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--scaling" in proc.stderr
 
 
@@ -145,17 +182,20 @@ def test_calibrate_writes_a_profile_that_plans_on_this_machine_read(tmp_path):
     assert str(path) in proc.stdout
     hw = load_profile(str(path))
     assert hw.peak_fp32_tflops > 0 and hw.memory_gbps > 0 and hw.optimizer_gbps > 0 and hw.op_latency_us > 0
+    assert hw.unfused_optimizer_gbps > 0 and hw.attention_tflops > 0 and hw.adapter_tflops > 0
+    assert hw.layer_overhead_us >= 0 and hw.lora_layer_overhead_us >= 0
     assert hw.intra_node_gbps > 0 and hw.collective_latency_us > 0  # gloo between two processes
+    assert hw.all_gather_gbps > 0 and hw.reduce_scatter_gbps > 0
     plan = json.loads(_cli("plan", str(SFT_LORA), "--json", env=env).stdout)
     assert plan["profile"] == "this machine (calibrated)" and plan["step_time"]["step_s"] > 0
     elsewhere = json.loads(_cli("plan", str(SFT_LORA), "--profile", str(path), "--json").stdout)
     assert elsewhere["step_time"]["step_s"] > 0
 
 
-def test_megatron_pays_the_pipeline_bubble_and_tp_all_reduces_on_the_critical_path():
+def test_megatron_pays_the_pipeline_bubble_and_tp_all_reduces_on_the_critical_path(cli):
     def timing(*overrides):
         args = ["plan", str(SFT_LORA), f"model_name_or_path={LLAMA_8B}", "bf16=true", "strategy=megatron"]
-        proc = _cli(*args, "finetuning_type=full", *overrides, "--profile", "h100x8", "--json")
+        proc = cli(*args, "finetuning_type=full", *overrides, "--profile", "h100x8", "--json")
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)["step_time"]
 

@@ -52,6 +52,9 @@ class BackendSpec:
     quantizer: str | None = "bitsandbytes"
     eight_bit_optim: bool = True  # bitsandbytes' 8-bit AdamW
     fused_optimizer: bool = True  # the planner may pick torch's fused AdamW
+    # the profile's rate (ns per trainable value per step, `lf-dist env --calibrate`) of the engine's own work
+    # around the optimizer: DeepSpeed's gradient buckets, flat fp32 partitions and copies back
+    engine_cost: str | None = None
     config_key: str | None = None  # a train key that only this backend reads (its config file)
     # (ZeRO stage, offload) as the config sets them up for this backend
     sharding: Callable = _no_sharding_setup
@@ -203,6 +206,7 @@ BACKENDS: dict[str, BackendSpec] = {
             quantizer=None,
             eight_bit_optim=False,
             fused_optimizer=False,
+            engine_cost="deepspeed_ns_per_value",
             config_key="deepspeed",
             sharding=_deepspeed_sharding,
             method_refusal=_deepspeed_methods,

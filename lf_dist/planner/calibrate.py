@@ -1,55 +1,24 @@
 """`lf-dist env --calibrate`: measure this machine's rates for the time model and write them as a profile.
 
 Measured: the matmul rate of a training matmul with both its gradients (fp32 and bf16 at a large width, fp32 at
-width 256 too: how fast it falls for narrow models), the elementwise rate (a layer's operators between the
-matmuls and a log-softmax, in the bytes the time model counts for them), the optimizer's update, the time of one
-small operator with its autograd (what a step pays per operator however small), and the all-reduce bandwidth and
-latency between two processes on this machine (gloo on a CPU, NCCL across two GPUs; a single GPU keeps its
-published link figures). Everything runs on 127.0.0.1 and in spawned processes (no fork), as on Windows.
+width 256 too: how fast it falls for narrow models), causal attention's, a rank-8 LoRA pair's and the output
+layer's (in lf-dist's chunked cross-entropy) rates, the
+elementwise rate (a layer's operators between the matmuls and a log-softmax, in the bytes the time model counts
+for them), the optimizer's update (fused, and multi-tensor as DeepSpeed runs it), the time of one small operator
+with its autograd, a decoder layer's fixed cost (a tiny Llama's, with and without LoRA), DeepSpeed's own work per
+trainable value, and the all-reduce, all-gather and reduce-scatter bandwidths and the latency between two
+processes on this machine (gloo on a CPU, NCCL across two GPUs; a single GPU keeps its published link figures).
+Everything runs on 127.0.0.1 and in spawned processes (no fork), as on Windows.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from lf_dist.planner.profiles import HardwareProfile, detect
-
-SECONDS = 0.4  # per measurement; each is the best of three such windows
-
-
-def _best_rate(work, units: float) -> float:
-    """Units per second of `work()`, the best of three windows (the fastest is the least disturbed)."""
-    work()
-    best = 0.0
-    for _ in range(3):
-        start, n = time.perf_counter(), 0
-        while time.perf_counter() - start < SECONDS:
-            work()
-            n += 1
-        best = max(best, units * n / (time.perf_counter() - start))
-    return best
-
-
-def _fixed_rate(work, units: float, n: int) -> float:
-    """Units per second of `work()` over `n` calls after one warm-up, the best of three rounds. A fixed count, not
-    a time window: every rank of a collective must call it as often as the others, or they wait forever."""
-    work()
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(n):
-            work()
-        best = max(best, units * n / (time.perf_counter() - start))
-    return best
-
-
-def _sync(device):
-    import torch
-
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+from lf_dist.planner.timing import best_rate, synchronizer
 
 
 def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
@@ -57,7 +26,7 @@ def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
     operands a backward multiplies), in `dtype`."""
     import torch
 
-    sync = _sync(device)
+    sync = synchronizer(device)
     x = torch.randn(rows, width, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(width, width, dtype=dtype, device=device, requires_grad=True)
     grad = torch.randn(rows, width, dtype=dtype, device=device)
@@ -67,7 +36,7 @@ def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
         x.grad = w.grad = None
         sync()
 
-    return _best_rate(work, 3 * 2.0 * rows * width * width) / 1e12
+    return best_rate(work, 3 * 2.0 * rows * width * width) / 1e12
 
 
 def half_width(rate_narrow: float, rate_wide: float, narrow: int, wide: int) -> float:
@@ -89,7 +58,7 @@ def elementwise_gbps(device, hidden: int = 256, intermediate: int = 688, vocab: 
 
     from lf_dist.planner import step_time as st
 
-    tokens, sync = 2048, _sync(device)
+    tokens, sync = 2048, synchronizer(device)
     x = torch.randn(tokens, hidden, device=device, requires_grad=True)
     weight = torch.ones(hidden, device=device, requires_grad=True)
     gate = torch.randn(tokens, intermediate, device=device, requires_grad=True)
@@ -114,19 +83,20 @@ def elementwise_gbps(device, hidden: int = 256, intermediate: int = 688, vocab: 
 
     layer = st.HIDDEN_PASSES * hidden + st.QKV_PASSES * hidden + st.INTERMEDIATE_PASSES * 2 * intermediate
     counted = 4 * tokens * layer * (1 + st.BACKWARD_ELEMENTWISE) + 4 * st.VOCAB_PASSES * vocab * tokens // 8
-    return _best_rate(work, counted) / 1e9
+    return best_rate(work, counted) / 1e9
 
 
-def optimizer_gbps(device, n: int = 4 * 2**20) -> float:
-    """The update a step ends with, as lf-dist runs it (clip the gradients' norm, fused AdamW, gradients set to
-    None), in the time model's bytes per trainable value (`step_time.OPTIMIZER_BYTES`)."""
+def optimizer_gbps(device, n: int = 4 * 2**20, fused: bool = True) -> float:
+    """The update a step ends with, as lf-dist runs it (clip the gradients' norm, AdamW fused or multi-tensor as
+    DeepSpeed is given it, gradients set to None), in the time model's bytes per trainable value
+    (`step_time.OPTIMIZER_BYTES`)."""
     import torch
 
     from lf_dist.planner import step_time as st
 
     params = [torch.nn.Parameter(torch.randn(n // 4, device=device)) for _ in range(4)]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    sync = _sync(device)
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {"foreach": True}))
+    sync = synchronizer(device)
 
     def work():
         for param in params:
@@ -136,8 +106,117 @@ def optimizer_gbps(device, n: int = 4 * 2**20) -> float:
         opt.zero_grad(set_to_none=True)
         sync()
 
-    grads = _best_rate(lambda: ([torch.randn_like(q) for q in params], sync()), 1.0)  # the gradients' making
-    return st.OPTIMIZER_BYTES * n / (1 / _best_rate(work, 1.0) - 1 / grads) / 1e9
+    grads = best_rate(lambda: ([torch.randn_like(q) for q in params], sync()), 1.0)  # the gradients' making
+    return st.OPTIMIZER_BYTES * n / (1 / best_rate(work, 1.0) - 1 / grads) / 1e9
+
+
+def attention_tflops(dtype, device, rows: int = 2, heads: int = 4, seq: int = 512, head_dim: int = 64) -> float:
+    """Causal attention (torch's scaled_dot_product_attention, as the models run it) with its backward, in the
+    time model's FLOPs (`step_time.flop_terms`: 4·seq·heads·head_dim per token forward, half of it causal, the
+    backward twice that)."""
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    sync = synchronizer(device)
+    q, k, v = (torch.randn(rows, heads, seq, head_dim, dtype=dtype, device=device, requires_grad=True) for _ in "qkv")
+    grad = torch.randn(rows, heads, seq, head_dim, dtype=dtype, device=device)
+
+    def work():
+        sdpa(q, k, v, is_causal=True).backward(grad)
+        q.grad = k.grad = v.grad = None
+        sync()
+
+    return best_rate(work, 3 * 0.5 * 4.0 * seq * heads * head_dim * rows * seq) / 1e12
+
+
+def adapter_tflops(dtype, device, rank: int = 8, width: int = 1024, tokens: int = 2048) -> float:
+    """A LoRA pair at rank 8 ([tokens × width] @ A [width × r] @ B [r × width]) with its input and weight
+    gradients: narrow matmuls run far below a wide one's rate."""
+    import torch
+
+    sync = synchronizer(device)
+    x = torch.randn(tokens, width, dtype=dtype, device=device, requires_grad=True)
+    a = torch.randn(width, rank, dtype=dtype, device=device, requires_grad=True)
+    b = torch.randn(rank, width, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(tokens, width, dtype=dtype, device=device)
+
+    def work():
+        ((x @ a) @ b).backward(grad)
+        x.grad = a.grad = b.grad = None
+        sync()
+
+    return best_rate(work, 3 * 2.0 * rank * 2 * width * tokens) / 1e12
+
+
+def head_tflops(device, bandwidth_gbps: float, hidden: int = 256, vocab: int = 16384, tokens: int = 1024) -> float:
+    """The output layer's matmuls as lf-dist's chunked cross-entropy runs them (`kernels/cross_entropy.py`, a
+    trained weight: logits, d hidden, the backward's logits again and the weight gradient), in FLOP/s: the kernel's
+    time less its passes over the vocabulary at the measured elementwise rate. Interleaved with those passes, on
+    chunks of tokens against a [vocab × hidden] weight, they run below a lone matmul's rate."""
+    import torch
+
+    from lf_dist.kernels.cross_entropy import linear_logps
+    from lf_dist.planner import step_time as st
+
+    sync = synchronizer(device)
+    hidden_states = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    weight = torch.nn.Parameter(torch.randn(vocab, hidden, device=device) * 0.02)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+
+    def work():
+        linear_logps(hidden_states, weight, None, targets).sum().backward()
+        hidden_states.grad = weight.grad = None
+        sync()
+
+    seconds = 1.0 / best_rate(work, 1.0)
+    passes = st.VOCAB_PASSES + st.VOCAB_BACKWARD_PASSES + 3 * hidden / st.chunk_size(vocab)
+    elementwise = 4 * vocab * passes * tokens / (bandwidth_gbps * 1e9)
+    return 4 * 2.0 * hidden * vocab * tokens / max(seconds - elementwise, seconds / 4) / 1e12
+
+
+def fresh_memory_gbps(mib: int = 64) -> float:
+    """A CPU's rate of first touch of newly mapped memory: zeros into a new 64 MiB tensor (the allocator maps blocks
+    this large anew each time) against zeros into a kept one; the difference is the page faults."""
+    import torch
+
+    n = mib * 2**20 // 4
+    kept = torch.zeros(n)
+    fresh = 1.0 / best_rate(lambda: torch.zeros(n), 1.0)
+    warm = 1.0 / best_rate(kept.zero_, 1.0)
+    return n * 4 / max(fresh - warm, 1e-9) / 1e9
+
+
+def layer_overhead_us(device, lora: bool) -> float:
+    """A decoder layer's fixed cost per micro-batch, forward and backward: a tiny Llama (width 32, 16 tokens: its
+    arithmetic is nothing) with 6 layers against 2, LoRA on every linear as lf-dist runs it (`kernels/lora.py`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def step_time(layers: int) -> float:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64, attn_implementation="sdpa",
+        )  # fmt: skip
+        model = LlamaForCausalLM(cfg).to(device)
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            from lf_dist.kernels import lora as lean
+
+            model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+            lean.apply(model)
+        ids = torch.randint(0, 64, (1, 16), device=device)
+        sync = synchronizer(device)
+
+        def work():
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+            sync()
+
+        return 1.0 / best_rate(work, 1.0)
+
+    return max(0.0, (step_time(6) - step_time(2)) / 4 * 1e6)
 
 
 def op_latency_us(device) -> float:
@@ -145,7 +224,7 @@ def op_latency_us(device) -> float:
     import torch
 
     x = torch.randn(64, device=device, requires_grad=True)
-    sync = _sync(device)
+    sync = synchronizer(device)
 
     def work():
         y = x
@@ -154,45 +233,13 @@ def op_latency_us(device) -> float:
         y.sum().backward()
         sync()
 
-    return 1e6 / _best_rate(work, 42.0)
+    return 1e6 / best_rate(work, 42.0)
 
 
-def _allreduce_worker(rank: int, world: int, port: int, backend: str, out) -> None:
-    import torch
-    import torch.distributed as dist
-
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    big, small = torch.ones(4 * 2**20, device=device), torch.ones(1, device=device)
-    sync = _sync(device)
-    bus = _fixed_rate(lambda: (dist.all_reduce(big), sync()), 2 * (world - 1) / world * big.numel() * 4, 10) / 1e9
-    latency = 1e6 / _fixed_rate(lambda: (dist.all_reduce(small), sync()), 1.0, 200)
-    if rank == 0:
-        out.put((bus, latency))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def allreduce(backend: str) -> tuple[float, float]:
-    """(bus bandwidth GB/s, latency µs) of an all-reduce between two processes on this machine."""
-    import torch.multiprocessing as mp
-
-    from lf_dist.ports import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_allreduce_worker, args=(2, free_port(), backend, queue), nprocs=2, start_method="spawn")
-    return queue.get()
-
-
-def calibrate(report=print) -> HardwareProfile:
-    """This machine's profile with its measured rates."""
+def _kernel_rates(hw: HardwareProfile, device, report) -> dict:
+    """The rates of a step's work on one device: matmuls, elementwise, optimizer, attention, LoRA, fixed costs."""
     import torch
 
-    hw = detect()
-    device = torch.device("cuda" if hw.on_gpu else "cpu")
     wide = 8192 if hw.on_gpu else 2048
     fp32 = matmul_tflops(torch.float32, device, wide)
     narrow = matmul_tflops(torch.float32, device, 256)
@@ -201,25 +248,64 @@ def calibrate(report=print) -> HardwareProfile:
     report(f"matmul bf16: {bf16:.3f} TFLOP/s")
     bandwidth = elementwise_gbps(device)
     report(f"elementwise: {bandwidth:.1f} GB/s")
-    update = optimizer_gbps(device)
-    report(f"optimizer update: {update:.1f} GB/s")
+    update, unfused = optimizer_gbps(device), optimizer_gbps(device, fused=False)
+    report(f"optimizer update: {update:.1f} GB/s fused, {unfused:.1f} GB/s multi-tensor")
+    dtype = torch.bfloat16 if hw.on_gpu else torch.float32
+    attention, adapter = attention_tflops(dtype, device), adapter_tflops(dtype, device)
+    head = head_tflops(device, bandwidth)
+    report(f"causal attention: {attention:.3f} TFLOP/s; LoRA rank 8: {adapter:.3f}; output layer: {head:.3f}")
     latency = op_latency_us(device)
-    report(f"operator with autograd: {latency:.1f} µs")
-    changes = {
+    layer, lora_layer = layer_overhead_us(device, lora=False), layer_overhead_us(device, lora=True)
+    report(f"operator with autograd: {latency:.1f} µs; a decoder layer: {layer:.0f} µs, with LoRA {lora_layer:.0f} µs")
+    rates = {
         "memory_gbps": round(bandwidth, 2),
         "optimizer_gbps": round(update, 2),
+        "unfused_optimizer_gbps": round(unfused, 2),
+        "attention_tflops": round(attention, 4),
+        "adapter_tflops": round(adapter, 4),
+        "head_tflops": round(head, 4),
         "op_latency_us": round(latency, 2),
+        "layer_overhead_us": round(layer, 1),
+        "lora_layer_overhead_us": round(lora_layer, 1),
+        "matmul_half_width": round(half_width(narrow, fp32, 256, wide), 1),
     }
-    changes["matmul_half_width"] = round(half_width(narrow, fp32, 256, wide), 1)
     if hw.on_gpu:  # the published peaks stay; what a large matmul reaches of them is measured
-        changes["matmul_efficiency"] = round(bf16 / hw.peak_bf16_tflops, 3) if hw.peak_bf16_tflops else 1.0
-        changes["peak_bf16_tflops"] = hw.peak_bf16_tflops or round(bf16, 3)
+        rates["matmul_efficiency"] = round(bf16 / hw.peak_bf16_tflops, 3) if hw.peak_bf16_tflops else 1.0
+        rates["peak_bf16_tflops"] = hw.peak_bf16_tflops or round(bf16, 3)
     else:  # a CPU has no published peak: the measured rates are the peaks
-        changes.update(peak_bf16_tflops=round(bf16, 4), peak_fp32_tflops=round(fp32, 4), matmul_efficiency=1.0)
+        rates.update(peak_bf16_tflops=round(bf16, 4), peak_fp32_tflops=round(fp32, 4), matmul_efficiency=1.0)
+    return rates
+
+
+def _process_rates(hw: HardwareProfile, report) -> dict:
+    """What takes more than one process: collectives between two, and DeepSpeed's engine (CPU machines: on a GPU
+    its copies are kernels among thousands, which the bandwidth prices)."""
+    from lf_dist.planner import calibrate_spawned as spawned
+
+    rates = {}
+    if not hw.on_gpu:
+        rates["fresh_memory_gbps"] = round(fresh_memory_gbps(), 2)
+        report(f"first touch of new memory: {rates['fresh_memory_gbps']:.1f} GB/s")
+        rates["deepspeed_ns_per_value"] = round(spawned.deepspeed_ns_per_value(), 3)
+        report(f"DeepSpeed's step beyond torch's: {rates['deepspeed_ns_per_value']:.2f} ns per trainable value")
     if not hw.on_gpu or hw.gpus_per_node > 1:
-        bus, hop = allreduce("nccl" if hw.on_gpu else "gloo")
-        report(f"all-reduce ({'nccl' if hw.on_gpu else 'gloo'}, 2 processes): {bus:.2f} GB/s, {hop:.0f} µs")
-        changes.update(intra_node_gbps=round(bus, 3), collective_latency_us=round(hop, 1))
+        bus, gather, scatter, hop = spawned.collectives("nccl" if hw.on_gpu else "gloo")
+        report(
+            f"{'nccl' if hw.on_gpu else 'gloo'}, 2 processes: all-reduce {bus:.2f} GB/s, {hop:.0f} µs; all-gather "
+            f"{gather:.2f} GB/s; reduce-scatter {scatter:.2f} GB/s"
+        )
+        rates.update(intra_node_gbps=round(bus, 3), collective_latency_us=round(hop, 1))
+        rates.update(all_gather_gbps=round(gather, 3), reduce_scatter_gbps=round(scatter, 3))
+    return rates
+
+
+def calibrate(report=print) -> HardwareProfile:
+    """This machine's profile with its measured rates."""
+    import torch
+
+    hw = detect()
+    device = torch.device("cuda" if hw.on_gpu else "cpu")
+    changes = {**_kernel_rates(hw, device, report), **_process_rates(hw, report)}
     return replace(hw, name=f"calibrated {hw.gpu or 'cpu'}", **changes)
 
 

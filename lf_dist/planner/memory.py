@@ -62,6 +62,7 @@ class Setup:
     accumulation: int = 1  # micro-batches per optimizer step
     logit_width: int = 0  # outputs per token: the vocabulary for a language-model head, 1 for a score head
     chunked_logits: bool = False  # the chunked linear cross-entropy: logits exist one chunk at a time
+    recomputed_logits: bool = False  # lf-dist's chunked kernel: a trained output layer's backward recomputes them
     trainable_padding: float = 0.0  # trainable values per rank beyond trainable / dp: FSDP2's padded rows
     new_tokens: int = 0  # a rollout stage's max_new_tokens: rows are generated, then scored at those positions
     generated_rows: int = 0  # rows a rollout generates in one call (every micro-batch of the step)

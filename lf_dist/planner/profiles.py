@@ -40,6 +40,21 @@ class HardwareProfile:
     matmul_half_width: float = 0.0  # w0: a matmul of width w runs at efficiency · w / (w + w0)
     op_latency_us: float = 10.0
     collective_latency_us: float = 30.0
+    # measured by `lf-dist env --calibrate` (0: from the matmul rate and the bandwidth): causal attention's
+    # FLOP/s with its backward, LoRA's rank-8 matmul pair's, AdamW's multi-tensor (unfused) update in the model's
+    # bytes, and a decoder layer's fixed cost per micro-batch (its modules' Python and dispatch, forward and
+    # backward) in µs, without and with LoRA adapters on its linears
+    attention_tflops: float = 0.0
+    adapter_tflops: float = 0.0
+    head_tflops: float = 0.0  # the output layer's matmuls in the chunked cross-entropy, at width 256
+    unfused_optimizer_gbps: float = 0.0
+    layer_overhead_us: float = 0.0
+    lora_layer_overhead_us: float = 0.0
+    # a node's all-gather and reduce-scatter bus bandwidth where they differ from its all-reduce's (gloo on a CPU)
+    all_gather_gbps: float = 0.0
+    reduce_scatter_gbps: float = 0.0
+    deepspeed_ns_per_value: float = 0.0  # DeepSpeed's step beyond torch's, per trainable value (ZeRO-2, 1 rank)
+    fresh_memory_gbps: float = 0.0  # first touch of newly mapped memory (a CPU's page faults; 0: free, as on GPUs)
 
     @property
     def on_gpu(self) -> bool:
@@ -174,7 +189,17 @@ RATES = (
     "matmul_efficiency",
     "matmul_half_width",
     "op_latency_us",
+    "attention_tflops",
+    "adapter_tflops",
+    "head_tflops",
+    "unfused_optimizer_gbps",
+    "layer_overhead_us",
+    "lora_layer_overhead_us",
     "intra_node_gbps",
+    "all_gather_gbps",
+    "reduce_scatter_gbps",
+    "deepspeed_ns_per_value",
+    "fresh_memory_gbps",
     "collective_latency_us",
 )
 

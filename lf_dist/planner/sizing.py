@@ -115,6 +115,7 @@ class Sizing:
             rows=rows,
             attention_mask=self._builds_mask(),
             chunked_logits=self.kernels.cross_entropy != "none",
+            recomputed_logits=self.kernels.cross_entropy == "chunked",
             on_cpu=not self.hw.on_gpu,
             graph_layers=first_trainable if method == "freeze" and first_trainable > 0 else None,
             accumulation=training_args.gradient_accumulation_steps,

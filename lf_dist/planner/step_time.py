@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from lf_dist.kernels.cross_entropy import chunk_size
 from lf_dist.planner.memory import Setup
 from lf_dist.planner.model_size import ModelSize
 from lf_dist.planner.profiles import HardwareProfile
@@ -38,6 +39,10 @@ INTERMEDIATE_PASSES = 5
 SCORE_PASSES = 4  # a masked (eager or math) attention materializes its scores: scale, mask, softmax, dropout
 BACKWARD_ELEMENTWISE = 2.0  # the backward's elementwise work relative to the forward's
 VOCAB_PASSES = 10  # fp32 logits written, log-softmax's max, sum and output, and their gradient
+# a trained output layer under the chunked kernel: its backward's softmax again, the gradient's sign, one-hot and
+# scale, and the fp32 weight gradient summed over the chunks (read, added, written per chunk of tokens)
+VOCAB_BACKWARD_PASSES = 6
+ADAPTER_PASSES = 4  # per adapted linear's output, forward: the update added into the base output (read, write)
 OPTIMIZER_BYTES = 40  # AdamW per trainable fp32 value: p, g, m, v read; p, m, v written; zeroing and clipping
 # operators per decoder layer of one forward (HF Llama, eager), and per LoRA linear; the backward runs ~1.5x
 OPS_PER_LAYER = 60
@@ -81,8 +86,25 @@ def _linear_params(size: ModelSize) -> int:
     return sum(rows * cols for _, rows, cols in size.linear_shapes) // max(size.num_layers, 1)
 
 
-def flops_per_token(size: ModelSize, s: Setup, lora_rank: int = 0) -> tuple[float, float]:
-    """(FLOPs of forward + backward per token, recompute included; the useful share without recompute)."""
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs per token of forward + backward, recompute included, split by the rate each runs at."""
+
+    dense: float  # the decoder's linears
+    output: float  # the output layer
+    attention: float  # scores and values
+    adapter: float  # LoRA's rank-r matmuls
+    useful: float  # the method's FLOPs without recompute: MFU's numerator
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.output + self.attention + self.adapter
+
+
+def flop_terms(size: ModelSize, s: Setup, lora_rank: int = 0) -> Flops:
+    """The forward, then the backward: input gradients everywhere, weight gradients of trained weights only,
+    attention's twice its forward; recompute (checkpointing; the chunked cross-entropy's logits of a trained
+    output layer) and a frozen reference's forward on top."""
     h, layers = size.hidden_size, size.num_layers
     linear = 2.0 * _linear_params(size)
     causal = 1.0 if s.attention_mask else 0.5  # a causal kernel skips the upper triangle
@@ -93,18 +115,28 @@ def flops_per_token(size: ModelSize, s: Setup, lora_rank: int = 0) -> tuple[floa
     lora = 0.0
     if s.method not in ("full", "freeze") and lora_rank:
         lora = 2.0 * lora_rank * sum(rows + cols for _, rows, cols in size.linear_shapes) / max(layers, 1)
-    forward = layers * (linear + attention + lora) + head
-    backward_linear = linear * (2.0 if trains_weights else 1.0)
-    backward = grad_layers * (backward_linear + 2.0 * attention + 2.0 * lora) + head * (
-        2.0 if s.method == "full" else 1.0
-    )
-    recompute = grad_layers * (linear + attention + lora) if s.checkpointing else 0.0
-    reference = (layers * (linear + attention) + head) if s.frozen_forward else 0.0
-    useful = forward + backward + reference
-    return useful + recompute, useful
+    dense = layers * linear + grad_layers * linear * (2.0 if trains_weights else 1.0)
+    output = head * (3.0 if s.method == "full" else 2.0)
+    attn = (layers + 2.0 * grad_layers) * attention
+    adapter = (layers + 2.0 * grad_layers) * lora
+    if s.frozen_forward:
+        dense, output, attn = dense + layers * linear, output + head, attn + layers * attention
+    useful = dense + output + attn + adapter
+    if s.checkpointing:
+        dense, attn = dense + grad_layers * linear, attn + grad_layers * attention
+        adapter += grad_layers * lora
+    if s.method == "full" and s.recomputed_logits:  # kernels/cross_entropy.py: the backward's second pass
+        output += head
+    return Flops(dense, output, attn, adapter, useful)
 
 
-def elementwise_bytes(size: ModelSize, s: Setup) -> tuple[float, float]:
+def flops_per_token(size: ModelSize, s: Setup, lora_rank: int = 0) -> tuple[float, float]:
+    """(FLOPs of forward + backward per token, recompute included; the useful share without recompute)."""
+    f = flop_terms(size, s, lora_rank)
+    return f.total, f.useful
+
+
+def elementwise_bytes(size: ModelSize, s: Setup, adapters: bool = False) -> tuple[float, float]:
     """(bytes of elementwise work per token, bytes of the optimizer's update per step on this rank)."""
     c = max(s.compute_bytes, 2)
     layer = (
@@ -112,14 +144,30 @@ def elementwise_bytes(size: ModelSize, s: Setup) -> tuple[float, float]:
         + QKV_PASSES * (size.hidden_size + 2 * size.kv_size)
         + INTERMEDIATE_PASSES * 2 * size.intermediate_size
     )
+    if adapters:
+        layer += ADAPTER_PASSES * sum(rows for _, rows, _ in size.linear_shapes) / max(size.num_layers, 1)
     if s.attention_mask:
         layer += SCORE_PASSES * size.num_heads * s.seq_len
     grad_layers = size.num_layers if s.graph_layers is None else max(size.num_layers - s.graph_layers, 0)
     passes = size.num_layers + BACKWARD_ELEMENTWISE * grad_layers + (grad_layers if s.checkpointing else 0)
     passes += size.num_layers if s.frozen_forward else 0
-    per_token = c * layer * passes + 4 * VOCAB_PASSES * max(s.logit_width, 1) * (2 if s.frozen_forward else 1)
+    vocab = max(s.logit_width, 1)
+    per_token = c * layer * passes + 4 * VOCAB_PASSES * vocab * (2 if s.frozen_forward else 1)
+    if s.method == "full" and s.recomputed_logits:
+        per_token += 4 * vocab * (VOCAB_BACKWARD_PASSES + 3 * size.hidden_size / chunk_size(vocab))
     optimizer = OPTIMIZER_BYTES * (s.trainable / max(s.dp, 1) if _shards_optimizer(s) else s.trainable)
     return per_token, optimizer
+
+
+def fresh_bytes(size: ModelSize, s: Setup) -> float:
+    """Bytes a step maps anew on one rank (a CPU's allocator returns large blocks to the system, so each is paged
+    in again): a backend that shards the weights (FSDP2, ZeRO-3) unshards them into new storage for the forward
+    and again for the backward, and the full gradients of its trained weights, every micro-batch."""
+    from lf_dist.parallel.registry import get_backend
+
+    if not get_backend(s.strategy).memory.shards("weights", s.zero_stage):
+        return 0.0
+    return (2 * _held_bytes(size, s) + 4.0 * s.trainable) * s.accumulation
 
 
 def _shards_optimizer(s: Setup) -> bool:
@@ -181,7 +229,9 @@ def collective_seconds(col: Collective, hw: HardwareProfile) -> float:
     if col.kind == "send":  # point to point, over the node's link or the network
         link = hw.intra_node_gbps if col.nodes == 1 else hw.inter_node_gbps
         return col.repeats * col.bytes / (max(link, 1e-3) * 1e9) + col.count * hw.collective_latency_us * 1e-6
-    seconds = ring * (per_node - 1) / per_node * col.bytes / (max(hw.intra_node_gbps, 1e-3) * 1e9)
+    measured = {"all_gather": hw.all_gather_gbps, "reduce_scatter": hw.reduce_scatter_gbps}.get(col.kind)
+    link = measured or hw.intra_node_gbps
+    seconds = ring * (per_node - 1) / per_node * col.bytes / (max(link, 1e-3) * 1e9)
     if col.nodes > 1:
         seconds += ring * (col.nodes - 1) / col.nodes * col.bytes / (max(hw.inter_node_gbps, 1e-3) * 1e9)
     hops = max(1, math.ceil(math.log2(max(col.ranks, 2))))
@@ -198,12 +248,46 @@ def device_rates(hw: HardwareProfile, compute_bytes: int, per_node: int, width: 
     return peak * 1e12 * hw.matmul_efficiency * narrow / share, bandwidth, peak * 1e12 / share
 
 
-def optimizer_rate(hw: HardwareProfile, bandwidth: float, per_node: int) -> float:
+def optimizer_rate(hw: HardwareProfile, bandwidth: float, per_node: int, fused: bool = True) -> float:
     """Bytes/s of the optimizer's update (a CPU computes AdamW's square roots and divisions slower than it streams
-    its states: calibrated apart), shared like the bandwidth by a CPU's processes."""
-    if not hw.optimizer_gbps:
+    its states: calibrated apart, fused and multi-tensor), shared like the bandwidth by a CPU's processes."""
+    rate = hw.optimizer_gbps if fused or not hw.unfused_optimizer_gbps else hw.unfused_optimizer_gbps
+    if not rate:
         return bandwidth
-    return hw.optimizer_gbps * 1e9 / (1 if hw.on_gpu else max(per_node, 1))
+    return rate * 1e9 / (1 if hw.on_gpu else max(per_node, 1))
+
+
+def head_rate(hw: HardwareProfile, matmul: float, per_node: int, width: int, chunked: bool) -> float:
+    """The output layer's FLOP/s on one rank: in lf-dist's chunked cross-entropy as calibrated (at width 256, moved
+    along the width curve to the model's), else the matmul rate."""
+    if not (hw.head_tflops and chunked):
+        return matmul
+    w0 = hw.matmul_half_width
+    along = (width / (width + w0)) / (256 / (256 + w0))
+    return min(hw.head_tflops * 1e12 / (1 if hw.on_gpu else max(per_node, 1)) * along, matmul)
+
+
+def kernel_rates(hw: HardwareProfile, matmul: float, per_node: int, lora_rank: int) -> tuple[float, float]:
+    """(attention's FLOP/s, LoRA's rank-r matmuls' FLOP/s) of one rank: as calibrated (LoRA's measured at rank 8
+    and scaled along the width curve), else the matmul rate (LoRA's at width r)."""
+    share = 1 if hw.on_gpu else max(per_node, 1)
+    attention = hw.attention_tflops * 1e12 / share if hw.attention_tflops else matmul
+    w0, r = hw.matmul_half_width, max(lora_rank, 1)
+    if hw.adapter_tflops:
+        along = (r / (r + w0)) / (8 / (8 + w0))  # the width curve at rank r over its value at rank 8
+        return attention, min(hw.adapter_tflops * 1e12 / share * along, matmul)
+    return attention, matmul * r / (r + w0)
+
+
+def layer_overhead(size: ModelSize, s: Setup, hw: HardwareProfile, param_tensors: int, adapters: int) -> float:
+    """Seconds per step of fixed costs: a decoder layer's (its modules' Python and dispatch, as calibrated on a
+    tiny Llama, else its operators at `op_latency_us`) per pass, and the optimizer's per tensor."""
+    per_layer = hw.lora_layer_overhead_us if adapters else hw.layer_overhead_us
+    if not per_layer:
+        return operators(size, s, param_tensors, adapters) * hw.op_latency_us * 1e-6
+    passes = 1 + (0.4 if s.checkpointing else 0) + (0.3 if s.frozen_forward else 0)  # of a forward + backward
+    layers = size.num_layers * passes * s.accumulation * per_layer * 1e-6
+    return layers + OPS_PER_PARAM_TENSOR * param_tensors * hw.op_latency_us * 1e-6
 
 
 def busy(work: float, dispatch: float, hw: HardwareProfile) -> float:
@@ -213,16 +297,27 @@ def busy(work: float, dispatch: float, hw: HardwareProfile) -> float:
 
 def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_node: int, lora_rank: int) -> StepTime:
     """Seconds of one optimizer step on one rank, term by term, with tokens/s per device and MFU."""
+    from lf_dist.parallel.registry import get_backend
+
     nodes = max(1, math.ceil(world / max(per_node, 1)))
     tokens = s.tokens * s.accumulation
     matmul, bandwidth, peak = device_rates(hw, s.compute_bytes, per_node, size.hidden_size)
-    flops, useful = flops_per_token(size, s, lora_rank)
-    per_token, optimizer = elementwise_bytes(size, s)
+    flops = flop_terms(size, s, lora_rank)
     adapters = len(size.linear_shapes) if s.method not in ("full", "freeze") and lora_rank else 0
+    attention_rate, adapter_rate = kernel_rates(hw, matmul, per_node, lora_rank)
+    per_token, optimizer = elementwise_bytes(size, s, adapters=bool(adapters))
     tensors = 2 * adapters if adapters else len(size.linear_shapes) + 2 * size.num_layers + 3
-    compute = tokens * flops / matmul
-    memory = tokens * per_token / bandwidth + optimizer / optimizer_rate(hw, bandwidth, per_node)
-    overhead = operators(size, s, tensors, adapters) * hw.op_latency_us * 1e-6
+    output_rate = head_rate(hw, matmul, per_node, size.hidden_size, s.recomputed_logits)
+    seconds_per_token = flops.dense / matmul + flops.output / output_rate
+    compute = tokens * (seconds_per_token + flops.attention / attention_rate + flops.adapter / adapter_rate)
+    backend = get_backend(s.strategy)
+    update = optimizer_rate(hw, bandwidth, per_node, backend.fused_optimizer)
+    memory = tokens * per_token / bandwidth + optimizer / update
+    if hw.fresh_memory_gbps:
+        memory += fresh_bytes(size, s) / (hw.fresh_memory_gbps * 1e9 / (1 if hw.on_gpu else max(per_node, 1)))
+    if backend.engine_cost:  # the engine's own work per trainable value, as calibrated (a CPU's processes share)
+        memory += getattr(hw, backend.engine_cost) * 1e-9 * s.trainable * (1 if hw.on_gpu else max(per_node, 1))
+    overhead = layer_overhead(size, s, hw, tensors, adapters)
     comm = sum(collective_seconds(col, hw) for col in collectives(size, s, world, nodes))
     if hw.on_gpu:  # NCCL on its own streams: what the compute hides is not exposed, one layer's gather is
         exposed = max(0.0, comm - compute - memory) + comm / max(size.num_layers + 1, 1) * (world > 1)
@@ -240,7 +335,7 @@ def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_nod
         step_s=step,
         tokens_per_step=tokens,
         tokens_per_s=tokens / step,
-        mfu=tokens * useful / step / peak,
+        mfu=tokens * flops.useful / step / peak,
         overlap=overlap,
     )
 
