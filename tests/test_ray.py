@@ -61,17 +61,6 @@ def _on_ray(cluster, config, *overrides, check=True, timeout=400):
 
 
 @pytest.fixture(scope="module")
-def torchrun_runs(tmp_path_factory):
-    """2-rank torchrun runs of the full fine-tuning config, the reference for Ray's 2 workers."""
-    root = tmp_path_factory.mktemp("torchrun")
-    for strategy in ("fsdp2", "ddp"):
-        lf_dist_train(
-            _overwriting_config(root, "full"), f"output_dir={root / strategy}", f"strategy={strategy}", "max_steps=8"
-        )
-    return root
-
-
-@pytest.fixture(scope="module")
 def ray_fsdp2(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     store = root / "store"
@@ -88,11 +77,13 @@ def ray_fsdp2(cluster, tmp_path_factory):
     return root
 
 
-def test_two_ray_workers_give_the_losses_of_two_torchrun_ranks(cluster, torchrun_runs, ray_fsdp2, tmp_path):
-    assert losses(ray_fsdp2 / "out") == pytest.approx(losses(torchrun_runs / "fsdp2"), abs=1e-4)
-    out = tmp_path / "ddp"
+def test_two_ray_workers_under_ddp_give_the_losses_of_two_torchrun_ranks(cluster, tmp_path):
+    """FSDP2 on 2 Ray workers against one process (sft LoRA and full, dpo, grpo's rollouts) is the parity table's
+    `ray ×2` row (tests/test_parity_table.py); DDP here, against torchrun's 2 ranks."""
+    torchrun, out = tmp_path / "torchrun", tmp_path / "ddp"
+    lf_dist_train(_overwriting_config(tmp_path, "full"), f"output_dir={torchrun}", "strategy=ddp", "max_steps=8")
     _on_ray(cluster, _config(tmp_path, "full"), f"output_dir={out}", "strategy=ddp", "max_steps=8")
-    assert losses(out) == pytest.approx(losses(torchrun_runs / "ddp"), abs=1e-4)
+    assert losses(out) == pytest.approx(losses(torchrun), abs=1e-4)
     plan = json.loads((out / "run_plan.json").read_text(encoding="utf-8"))
     assert plan["launcher"] == "ray" and plan["layout"]["workers"] == 2
 
@@ -252,19 +243,3 @@ def test_a_multi_node_cluster_without_ray_storage_path_is_refused_in_one_line(cl
         )
     )
     assert not (tmp_path / "o").exists()
-
-
-def test_grpo_on_two_ray_workers_generates_and_learns_as_two_torchrun_ranks(cluster, tmp_path):
-    """Online RL through Ray Train: the rollouts (keyed by seed, step, prompt and sample) and the per-step loss
-    and reward of 2 workers equal the 2-rank torchrun run's."""
-    from .test_distributed_rl import _config as _rl_config
-    from .test_distributed_rl import assert_same_rollouts
-
-    config = _rl_config(tmp_path, "grpo", "lora")
-    text = config.read_text(encoding="utf-8").replace("overwrite_output_dir: True\n", "")
-    config.write_text(text, encoding="utf-8")
-    torchrun, on_ray = tmp_path / "torchrun", tmp_path / "ray"
-    lf_dist_train(config, f"output_dir={torchrun}", "strategy=fsdp2", "per_device_train_batch_size=4")
-    _on_ray(cluster, config, f"output_dir={on_ray}", "strategy=fsdp2", "per_device_train_batch_size=4",
-            f"ray_storage_path={tmp_path / 'store'}", "ray_run_name=grpo")  # fmt: skip
-    assert_same_rollouts(on_ray, torchrun)

@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from lf_dist.planner.profiles import HardwareProfile, detect
-from lf_dist.planner.timing import best_rate, synchronizer
+from lf_dist.planner.timing import median_rate, synchronizer
 
 
 def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
@@ -36,7 +36,7 @@ def matmul_tflops(dtype, device, width: int = 2048, rows: int = 2048) -> float:
         x.grad = w.grad = None
         sync()
 
-    return best_rate(work, 3 * 2.0 * rows * width * width) / 1e12
+    return median_rate(work, 3 * 2.0 * rows * width * width) / 1e12
 
 
 def half_width(rate_narrow: float, rate_wide: float, narrow: int, wide: int) -> float:
@@ -83,7 +83,7 @@ def elementwise_gbps(device, hidden: int = 256, intermediate: int = 688, vocab: 
 
     layer = st.HIDDEN_PASSES * hidden + st.QKV_PASSES * hidden + st.INTERMEDIATE_PASSES * 2 * intermediate
     counted = 4 * tokens * layer * (1 + st.BACKWARD_ELEMENTWISE) + 4 * st.VOCAB_PASSES * vocab * tokens // 8
-    return best_rate(work, counted) / 1e9
+    return median_rate(work, counted) / 1e9
 
 
 def optimizer_gbps(device, n: int = 4 * 2**20, fused: bool = True) -> float:
@@ -106,8 +106,8 @@ def optimizer_gbps(device, n: int = 4 * 2**20, fused: bool = True) -> float:
         opt.zero_grad(set_to_none=True)
         sync()
 
-    grads = best_rate(lambda: ([torch.randn_like(q) for q in params], sync()), 1.0)  # the gradients' making
-    return st.OPTIMIZER_BYTES * n / (1 / best_rate(work, 1.0) - 1 / grads) / 1e9
+    grads = median_rate(lambda: ([torch.randn_like(q) for q in params], sync()), 1.0)  # the gradients' making
+    return st.OPTIMIZER_BYTES * n / (1 / median_rate(work, 1.0) - 1 / grads) / 1e9
 
 
 def attention_tflops(dtype, device, rows: int = 2, heads: int = 4, seq: int = 512, head_dim: int = 64) -> float:
@@ -126,7 +126,7 @@ def attention_tflops(dtype, device, rows: int = 2, heads: int = 4, seq: int = 51
         q.grad = k.grad = v.grad = None
         sync()
 
-    return best_rate(work, 3 * 0.5 * 4.0 * seq * heads * head_dim * rows * seq) / 1e12
+    return median_rate(work, 3 * 0.5 * 4.0 * seq * heads * head_dim * rows * seq) / 1e12
 
 
 def adapter_tflops(dtype, device, rank: int = 8, width: int = 1024, tokens: int = 2048) -> float:
@@ -145,7 +145,7 @@ def adapter_tflops(dtype, device, rank: int = 8, width: int = 1024, tokens: int 
         x.grad = a.grad = b.grad = None
         sync()
 
-    return best_rate(work, 3 * 2.0 * rank * 2 * width * tokens) / 1e12
+    return median_rate(work, 3 * 2.0 * rank * 2 * width * tokens) / 1e12
 
 
 def head_tflops(device, bandwidth_gbps: float, hidden: int = 256, vocab: int = 16384, tokens: int = 1024) -> float:
@@ -168,7 +168,7 @@ def head_tflops(device, bandwidth_gbps: float, hidden: int = 256, vocab: int = 1
         hidden_states.grad = weight.grad = None
         sync()
 
-    seconds = 1.0 / best_rate(work, 1.0)
+    seconds = 1.0 / median_rate(work, 1.0)
     passes = st.VOCAB_PASSES + st.VOCAB_BACKWARD_PASSES + 3 * hidden / st.chunk_size(vocab)
     elementwise = 4 * vocab * passes * tokens / (bandwidth_gbps * 1e9)
     return 4 * 2.0 * hidden * vocab * tokens / max(seconds - elementwise, seconds / 4) / 1e12
@@ -181,8 +181,8 @@ def fresh_memory_gbps(mib: int = 64) -> float:
 
     n = mib * 2**20 // 4
     kept = torch.zeros(n)
-    fresh = 1.0 / best_rate(lambda: torch.zeros(n), 1.0)
-    warm = 1.0 / best_rate(kept.zero_, 1.0)
+    fresh = 1.0 / median_rate(lambda: torch.zeros(n), 1.0)
+    warm = 1.0 / median_rate(kept.zero_, 1.0)
     return n * 4 / max(fresh - warm, 1e-9) / 1e9
 
 
@@ -214,7 +214,7 @@ def layer_overhead_us(device, lora: bool) -> float:
             model.zero_grad(set_to_none=True)
             sync()
 
-        return 1.0 / best_rate(work, 1.0)
+        return 1.0 / median_rate(work, 1.0)
 
     return max(0.0, (step_time(6) - step_time(2)) / 4 * 1e6)
 
@@ -233,7 +233,7 @@ def op_latency_us(device) -> float:
         y.sum().backward()
         sync()
 
-    return 1e6 / best_rate(work, 42.0)
+    return 1e6 / median_rate(work, 42.0)
 
 
 def _kernel_rates(hw: HardwareProfile, device, report) -> dict:

@@ -3,7 +3,7 @@ Windows, on 127.0.0.1): collectives between two ranks, and DeepSpeed's engine on
 
 from __future__ import annotations
 
-from lf_dist.planner.timing import best_rate, fixed_rate, synchronizer
+from lf_dist.planner.timing import fixed_rate, median_rate, synchronizer
 
 
 def _allreduce_worker(rank: int, world: int, port: int, backend: str, out) -> None:
@@ -93,7 +93,7 @@ def _deepspeed_worker(rank: int, port: int, out) -> None:
         engine.backward(engine(x).sum())
         engine.step()
 
-    extra = 1 / best_rate(engine_step, 1.0) - 1 / best_rate(plain_step, 1.0)
+    extra = 1 / median_rate(engine_step, 1.0) - 1 / median_rate(plain_step, 1.0)
     out.put(max(0.0, extra) / (layers * width * width) * 1e9)
     dist.destroy_process_group()
 
