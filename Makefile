@@ -57,11 +57,11 @@ install: $(STAMP)
 
 # The CPU suite without the multi-process / long tests (`-m slow`: distributed backends, Ray cluster, memory
 # accuracy runs); `make test-slow` runs those, and CI (.ci/run) runs both.
-# Both run as two pytest processes side by side over disjoint test files (tests/shards.py: a test's subprocesses
-# leave a core idle much of the time); `$(BIN)/python -m pytest -m ...` runs the same selection in one process.
 test: $(STAMP) $(LF_STAMP)
-	$(BIN)/python tests/shards.py -q --durations=25 -m "not cuda and not slow"
+	$(BIN)/python -m pytest -q --durations=25 -m "not cuda and not slow"
 
+# Two pytest processes side by side over disjoint test files (tests/shards.py: a multi-process test leaves a core
+# idle much of the time); `$(BIN)/python -m pytest -m "slow and not cuda"` runs the same selection in one process.
 test-slow: $(STAMP) $(LF_STAMP)
 	$(BIN)/python tests/shards.py -q --durations=40 -m "slow and not cuda"
 

@@ -2,9 +2,10 @@
 
     python tests/shards.py -m "slow and not cuda" --durations=40
 
-On the 2-core CI machine a test's subprocesses leave a core idle much of the time (imports, process start,
-rendezvous, a single-threaded Python loop): two shards side by side finish the slow suite in about three quarters
-of its time one after the other (the parity table found the same for its own runs). Files are dealt by their
+On the 2-core CI machine a multi-process test leaves a core idle much of the time (imports, process start,
+rendezvous, a single-threaded Python loop): the parity table measured two of its 2-rank runs side by side in 17 s
+against 23 s one after the other. `make test-slow` uses it; the in-process fast suite does not (it keeps both
+cores busy: as two shards it took as long as in one process). Files are dealt by their
 measured seconds, largest first, to the lighter shard. The files that start a Ray cluster share a shard: `ray stop`
 ends every cluster on the machine. Each shard has its own --basetemp; shard 0 prints as it runs, shard 1's output
 follows when both are done. The exit code is the worse of the two (no test selected in a shard counts as passed).

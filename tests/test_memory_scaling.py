@@ -85,7 +85,10 @@ def nf4_model(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["lora", "freeze"])
 def test_fsdp2_keeps_frozen_weights_in_bf16_and_matches_one_process(nf4_model, tmp_path, method):
-    extra = {"finetuning_type": method, "freeze_trainable_layers": 1}
+    # no clipping: its norm sums whole gradients on one rank and shards over two, whose fp32 results differ in the
+    # last bits; the bf16 compute of these runs turns that into losses 3e-3 apart by step 5 on some CPUs (an AMD
+    # EPYC build machine). Clipping's parity is the parity table's, in fp32.
+    extra = {"finetuning_type": method, "freeze_trainable_layers": 1, "max_grad_norm": 0}
     one, two = _one_and_two_ranks(nf4_model, tmp_path, ONE_PROCESS[method], **extra)
     assert losses(two) == pytest.approx(losses(one), abs=1e-4), (losses(two), losses(one))
     assert losses(two)[-1] < losses(two)[0]

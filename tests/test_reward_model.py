@@ -168,7 +168,10 @@ def test_llama_factory_reward_model_scores_its_value_head_on_the_last_hidden_sta
         hidden = lm.eval().model(input_ids=batch["input_ids"]).last_hidden_state
     rows = torch.arange(len(last))
     expected = hidden[rows, last] @ v_head["v_head.summary.weight"][0] + v_head["v_head.summary.bias"]
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    # lf-dist merges a LoRA adapter into the weights, peft's reference applies it beside them: fp32 rounds the two
+    # differently (1.2e-5 apart on an AMD EPYC build machine)
+    tolerance = 5e-5 if kind == "lora" else 1e-5
+    torch.testing.assert_close(scores, expected, atol=tolerance, rtol=1e-5)
     if kind == "lora":  # the adapter is merged in: the base's hidden states give other scores
         with torch.no_grad():
             plain = AutoModelForCausalLM.from_pretrained(TINY_MODEL).model(input_ids=batch["input_ids"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 
-SECONDS = 0.3  # per window; a measurement is the median of ROUNDS such windows
+SECONDS = 0.2  # per window; a measurement is the median of ROUNDS such windows
 ROUNDS = 5
 
 
