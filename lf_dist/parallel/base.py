@@ -91,21 +91,6 @@ def _eval_mode(model):
         model.train(training)
 
 
-def clip_gradients(params: list, max_norm: float) -> torch.Tensor:
-    """`clip_grad_norm_` with the norm's squares summed in fp64 (max_norm <= 0: measure only). In fp32 the order of
-    the sum (whole tensors on one rank, shards summed over ranks) moves the norm's last bits, the clipped weights
-    follow, and a bf16 forward turns that into losses 1e-3 apart within a few steps; in fp64 every world size
-    rounds to the same fp32 norm."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float64)
-    total = torch.linalg.vector_norm(torch.stack(norms), 2.0).float()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
-
-
 def add_metrics(into: dict, metrics: dict) -> None:
     """Sum a micro-batch's (sum, count) metric pairs into `into`."""
     for key, value in metrics.items():
@@ -236,7 +221,7 @@ class Strategy(ABC):
         params = [p for p in model.parameters() if p.requires_grad]
         if self.scaler:
             self.scaler.unscale_(optimizer)
-        norm = clip_gradients(params, max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
         value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
         if self.scaler:
             self.scaler.step(optimizer)
