@@ -238,11 +238,16 @@ def collective_seconds(col: Collective, hw: HardwareProfile) -> float:
     return col.repeats * seconds + col.count * hops * hw.collective_latency_us * 1e-6
 
 
+def sharing(hw: HardwareProfile, per_node: int) -> int:
+    """Processes that share one device's rates: a CPU's ranks share its cores and memory; a GPU is its rank's."""
+    return 1 if hw.on_gpu else max(per_node, 1)
+
+
 def device_rates(hw: HardwareProfile, compute_bytes: int, per_node: int, width: int) -> tuple[float, float, float]:
     """(achieved matmul FLOP/s at the model's `width`, elementwise bytes/s, peak FLOP/s) of one rank: a CPU's
     processes share its cores and memory bandwidth."""
     peak = hw.peak_bf16_tflops if compute_bytes < 4 else (hw.peak_fp32_tflops or hw.peak_bf16_tflops / 2)
-    share = 1 if hw.on_gpu else max(per_node, 1)
+    share = sharing(hw, per_node)
     bandwidth = (hw.memory_gbps or 100.0) * 1e9 / share
     narrow = width / (width + hw.matmul_half_width) if hw.matmul_half_width else 1.0
     return peak * 1e12 * hw.matmul_efficiency * narrow / share, bandwidth, peak * 1e12 / share
@@ -254,7 +259,7 @@ def optimizer_rate(hw: HardwareProfile, bandwidth: float, per_node: int, fused: 
     rate = hw.optimizer_gbps if fused or not hw.unfused_optimizer_gbps else hw.unfused_optimizer_gbps
     if not rate:
         return bandwidth
-    return rate * 1e9 / (1 if hw.on_gpu else max(per_node, 1))
+    return rate * 1e9 / sharing(hw, per_node)
 
 
 def head_rate(hw: HardwareProfile, matmul: float, per_node: int, width: int, chunked: bool) -> float:
@@ -264,13 +269,13 @@ def head_rate(hw: HardwareProfile, matmul: float, per_node: int, width: int, chu
         return matmul
     w0 = hw.matmul_half_width
     along = (width / (width + w0)) / (256 / (256 + w0))
-    return min(hw.head_tflops * 1e12 / (1 if hw.on_gpu else max(per_node, 1)) * along, matmul)
+    return min(hw.head_tflops * 1e12 / sharing(hw, per_node) * along, matmul)
 
 
 def kernel_rates(hw: HardwareProfile, matmul: float, per_node: int, lora_rank: int) -> tuple[float, float]:
     """(attention's FLOP/s, LoRA's rank-r matmuls' FLOP/s) of one rank: as calibrated (LoRA's measured at rank 8
     and scaled along the width curve), else the matmul rate (LoRA's at width r)."""
-    share = 1 if hw.on_gpu else max(per_node, 1)
+    share = sharing(hw, per_node)
     attention = hw.attention_tflops * 1e12 / share if hw.attention_tflops else matmul
     w0, r = hw.matmul_half_width, max(lora_rank, 1)
     if hw.adapter_tflops:
@@ -314,9 +319,9 @@ def estimate(size: ModelSize, s: Setup, hw: HardwareProfile, world: int, per_nod
     update = optimizer_rate(hw, bandwidth, per_node, backend.fused_optimizer)
     memory = tokens * per_token / bandwidth + optimizer / update
     if hw.fresh_memory_gbps:
-        memory += fresh_bytes(size, s) / (hw.fresh_memory_gbps * 1e9 / (1 if hw.on_gpu else max(per_node, 1)))
+        memory += fresh_bytes(size, s) / (hw.fresh_memory_gbps * 1e9 / sharing(hw, per_node))
     if backend.engine_cost:  # the engine's own work per trainable value, as calibrated (a CPU's processes share)
-        memory += getattr(hw, backend.engine_cost) * 1e-9 * s.trainable * (1 if hw.on_gpu else max(per_node, 1))
+        memory += getattr(hw, backend.engine_cost) * 1e-9 * s.trainable * sharing(hw, per_node)
     overhead = layer_overhead(size, s, hw, tensors, adapters)
     comm = sum(collective_seconds(col, hw) for col in collectives(size, s, world, nodes))
     if hw.on_gpu:  # NCCL on its own streams: what the compute hides is not exposed, one layer's gather is
