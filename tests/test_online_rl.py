@@ -115,7 +115,8 @@ def test_grpo_example_raises_the_reward_of_its_reward_function(tmp_path):
 
 def test_ppo_custom_with_the_forks_default_reward_file_raises_the_reward(ppo_custom_run):
     log = _log(ppo_custom_run)
-    first, _, last = _first_last([e["reward"] for e in log])
+    # the first log is the first 5 steps' mean over 160 samples: the base policy's rate, within about ±0.02
+    first, last = log[0]["reward"], statistics.mean(e["reward"] for e in log[-5:])
     assert last - first >= 0.15, (first, last)
     assert all(math.isfinite(e["kl"]) for e in log)
     for key in ("value_loss", "kl_coef", "policy_loss", "clip_ratio/value_mean", "entropy"):
