@@ -5,10 +5,12 @@
 On the 2-core CI machine a multi-process test leaves a core idle much of the time (imports, process start,
 rendezvous, a single-threaded Python loop): the parity table measured two of its 2-rank runs side by side in 17 s
 against 23 s one after the other. `make test-slow` uses it; the in-process fast suite does not (it keeps both
-cores busy: as two shards it took as long as in one process). Files are dealt by their
-measured seconds, largest first, to the lighter shard. The files that start a Ray cluster share a shard: `ray stop`
-ends every cluster on the machine. Each shard has its own --basetemp; shard 0 prints as it runs, shard 1's output
-follows when both are done. The exit code is the worse of the two (no test selected in a shard counts as passed).
+cores busy: as two shards it took as long as in one process). The parity table runs first and alone: it runs
+two cells at a time itself, and beside a shard it took 700 s where alone it takes 350 (its limit is 10 minutes).
+The other files are dealt by their measured seconds, largest first, to the lighter shard. The files that start a
+Ray cluster share a shard: `ray stop` ends every cluster on the machine. Each run has its own --basetemp; shard 0
+prints as it runs, shard 1's output follows when both are done. The exit code is the worst of them (no test
+selected in a run counts as passed).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ SLOW_SECONDS = {
     "test_megatron_parallel.py": 28,
 }  # fmt: skip
 SLOW_TEST = 8.0
-TOGETHER = ("test_parity_table.py", "test_ray.py")
+ALONE = "test_parity_table.py"
+TOGETHER = ("test_ray.py",)
 
 
 def _weight(path: Path, slow: bool) -> float:
@@ -57,29 +60,37 @@ def deal(files: list[Path], slow: bool) -> list[list[Path]]:
     return shards
 
 
+def _pytest(argv: list[str], files: list[Path], number: int, log) -> tuple[subprocess.Popen, str]:
+    base = tempfile.mkdtemp(prefix=f"lf-dist-tests-{number}-")
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={base}", *argv]
+    proc = subprocess.Popen(cmd + [str(f) for f in files], stdout=log, stderr=subprocess.STDOUT if log else None)
+    return proc, base
+
+
 def main(argv: list[str]) -> int:
     marker = argv[argv.index("-m") + 1] if "-m" in argv else ""
     slow = marker.startswith("slow")
     files = sorted(TESTS.glob("test_*.py"))
-    logs, procs, bases = [], [], []
-    for number, shard in enumerate(deal(files, slow)):
-        base = tempfile.mkdtemp(prefix=f"lf-dist-tests-{number}-")
-        bases.append(base)
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--basetemp={base}", *argv]
-        cmd += [str(f) for f in shard]
+    runs = []  # (exit code, basetemp)
+    alone = [f for f in files if f.name == ALONE and slow]
+    if alone:
+        proc, base = _pytest(argv, alone, 2, None)
+        runs.append((proc.wait(), base))
+    logs, started = [], []
+    for number, shard in enumerate(deal([f for f in files if f not in alone], slow)):
         log = None if number == 0 else tempfile.TemporaryFile()
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT if log else None))
+        started.append(_pytest(argv, shard, number, log))
         logs.append(log)
-    codes = [proc.wait() for proc in procs]
-    for log in logs[1:]:
+    runs += [(proc.wait(), base) for proc, base in started]
+    for number, log in enumerate(logs[1:], start=1):
         log.seek(0)
-        sys.stdout.write(f"\n=== shard {logs.index(log)} ===\n")
+        sys.stdout.write(f"\n=== shard {number} ===\n")
         sys.stdout.flush()
         sys.stdout.buffer.write(log.read())
         sys.stdout.flush()
-    codes = [0 if code == 5 else code for code in codes]  # 5: pytest selected no test in that shard
-    for base, code in zip(bases, codes):
-        if code == 0:  # a failed shard keeps its folders to look into
+    codes = [0 if code == 5 else code for code, _ in runs]  # 5: pytest selected no test in that run
+    for (_, base), code in zip(runs, codes):
+        if code == 0:  # a failed run keeps its folders to look into
             shutil.rmtree(base, ignore_errors=True)
     return max(codes)
 
