@@ -26,7 +26,7 @@ LOCK_TORCH := $(if $(wildcard $(TORCH_WHEELS)/torch-$(TORCH_VERSION)+cpu-*.whl),
 LOCK_ARGS := -c constraints.txt -c locks/torch-cpu.txt --python-version 3.11 --python-platform x86_64-manylinux_2_28 $(LOCK_TORCH) \
 	--custom-compile-command "make lock"
 
-.PHONY: install lock test test-slow test-all demo bench style quality clean
+.PHONY: install lock browser test test-slow test-all demo bench style quality clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -60,9 +60,18 @@ install: $(STAMP)
 test: $(STAMP) $(LF_STAMP)
 	$(BIN)/python -m pytest -q --durations=25 -m "not cuda and not slow"
 
+# A headless browser for the web UI's page test (tests/test_webui_browser.py): Debian's chromium and its
+# chromedriver, from the system's packages (root, or sudo without a password); the test skips, saying why, without.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo -n)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+		|| ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) \
+		|| echo "no browser could be installed: the web UI's browser test will skip"
+
 # Two pytest processes side by side over disjoint test files (tests/shards.py: a multi-process test leaves a core
 # idle much of the time); `$(BIN)/python -m pytest -m "slow and not cuda"` runs the same selection in one process.
-test-slow: $(STAMP) $(LF_STAMP)
+test-slow: $(STAMP) $(LF_STAMP) browser
 	$(BIN)/python tests/shards.py -q --durations=40 -m "slow and not cuda"
 
 test-all: $(STAMP)

@@ -1,4 +1,4 @@
-"""`lf-dist` command line: train, plan, export, chat, api, env (and version).
+"""`lf-dist` command line: train, plan, export, chat, api, webui, webchat, env (and version).
 
 User mistakes end in one line on stderr, exit 2."""
 
@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
         if name == "api":
             cmd.add_argument("--host", help="address to listen on (default: API_HOST, else 127.0.0.1: this machine)")
             cmd.add_argument("--port", type=int, help="TCP port (default: API_PORT, else 8000)")
+    webui = sub.add_parser("webui", help="the web UI: build a config, see its plan, launch, watch, stop, chat, export")
+    webui.add_argument("--runs", default="saves", help="the folder whose runs the page lists (default: saves)")
+    webchat = sub.add_parser("webchat", help="a chat page for the model of an inference YAML (as `lf-dist chat`)")
+    webchat.add_argument("config", help="an inference YAML: model_name_or_path, adapter_name_or_path, template, ...")
+    webchat.add_argument("overrides", nargs="*")
+    for cmd in (webui, webchat):
+        cmd.add_argument("--host", help="address to listen on (default: GRADIO_SERVER_NAME, else 127.0.0.1)")
+        cmd.add_argument("--port", type=int, help="TCP port (default: GRADIO_SERVER_PORT, else 7860)")
     env = sub.add_parser("env", help="print this machine's hardware profile and the backends that import")
     env.add_argument("--json", action="store_true")
     env.add_argument(
@@ -68,10 +76,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # LLaMA-Factory's commands that lf-dist does not have, and what it offers instead.
 NOT_HERE = {
-    "webui": "lf-dist has no web UI yet: train with `lf-dist train cfg.yaml`, check a config with `lf-dist plan "
-    "cfg.yaml`, and talk to a model with `lf-dist chat` or `lf-dist api` (OpenAI-compatible)",
-    "webchat": "lf-dist has no web chat yet: use `lf-dist chat infer.yaml` in a terminal, or `lf-dist api "
-    "infer.yaml` and any OpenAI-compatible client",
     "eval": "lf-dist has no benchmark evaluation (MMLU, C-Eval, CMMLU): `lf-dist train cfg.yaml do_train=false "
     "do_eval=true eval_dataset=NAME` reports the eval loss of a model on a dataset",
 }
@@ -93,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _plan(args) -> int:
     from lf_dist.planner import detect, load_profile, make_plan
+    from lf_dist.planner.report import report
     from lf_dist.run_checks import load_config
     from lf_dist.train.stages import get_stage
 
@@ -109,17 +114,7 @@ def _plan(args) -> int:
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0
-    print(plan.summary())
-    print(f"  profile: {hw.name} ({hw.gpu or 'CPU'}, {hw.world_size} device(s), {plan.gpu_memory_gib:.2f} GiB each)")
-    print(f"  parameters: {plan.num_params:,} ({plan.trainable_params:,} trainable)")
-    print("  memory per device (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in plan.memory_gib.items()))
-    print(f"  {plan.timing()}")
-    if plan.fits:
-        print(f"  {plan.most_that_fits()}")
-    for reason in plan.reasons:
-        print(f"  - {reason}")
-    if plan.suggestion:
-        print(f"  - to fit: {plan.suggestion}")
+    print("\n".join(report(plan, hw)))
     return 0
 
 
@@ -246,6 +241,16 @@ def _serve(args) -> int:
     return run_api(cfg, host=args.host, port=args.port)
 
 
+def _web(args) -> int:
+    from lf_dist.webui.server import run_webchat, run_webui
+
+    if args.command == "webui":
+        return run_webui(args.runs, host=args.host, port=args.port)
+    from lf_dist.run_checks import load_config
+
+    return run_webchat(load_config(args.config, args.overrides, command="chat"), host=args.host, port=args.port)
+
+
 def _train(args) -> int:
     from lf_dist.launchers import launch
     from lf_dist.launchers.lock import output_dir_lock
@@ -275,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "version":
             print(f"lf-dist {__version__}")
             return 0
-        if args.command in ("train", "plan", "export", "chat", "api"):
+        if args.command in ("train", "plan", "export", "chat", "api", "webui", "webchat"):
             from lf_dist.log import quiet_libraries
 
             quiet_libraries()
         commands = {"train": _train, "plan": _plan, "env": _env, "export": _serve, "chat": _serve, "api": _serve}
+        commands.update(webui=_web, webchat=_web)
         return commands[args.command](args)
     except UserError as err:
         print(f"lf-dist: {err.label}: {err}", file=sys.stderr)

@@ -17,7 +17,11 @@ from lf_dist.train.stages import check_stage_config
 def load_config(path: str | Path | None, overrides: list[str] | None = None, command: str = "train") -> RunConfig:
     """Read a config file, apply `key=value` overrides, fill LLaMA-Factory defaults and check everything that
     `command` (train, chat, api, export) reads."""
-    cfg = read_config(path, overrides, command)
+    return check_config(read_config(path, overrides, command), command)
+
+
+def check_config(cfg: RunConfig, command: str = "train") -> RunConfig:
+    """The checks past config/'s own, for a config built by `read_config` or `build_config` (the web UI's)."""
     check_backend(cfg)
     if command == "train":
         cfg = check_stage_config(cfg)

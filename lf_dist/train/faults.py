@@ -8,7 +8,9 @@ hook at all. Every variable is read here, once per run.
   torchrun job only;
 - LF_DIST_SIGNAL_AT_STEP: send LF_DIST_SIGNAL (default SIGTERM; SIGINT is a Ctrl-C) after that step to this
   process, or to LF_DIST_SIGNAL_PID (a launcher, which then gets LF_DIST_SIGNAL_WAIT seconds, as a longer step
-  would give it), from LF_DIST_SIGNAL_RANK (default: every rank) — the preemption tests.
+  would give it), from LF_DIST_SIGNAL_RANK (default: every rank) — the preemption tests;
+- LF_DIST_STEP_SECONDS: sleep that long after every step, as a larger model's step would take (the web UI's
+  browser test stops a run it watches).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ class Faults:
     signal_pid: int
     signal_wait: float
     signal_rank: str | None
+    step_seconds: float = 0.0
 
     def after_step(self, step: int, rank: int) -> None:
+        time.sleep(self.step_seconds)
         if step == self.fail_at:
             raise RuntimeError(f"LF_DIST_FAIL_AT_STEP: simulated crash after step {step}")
         if step == self.signal_at and self.signal_rank in (None, str(rank)):
@@ -57,5 +61,6 @@ def from_env() -> Faults | None:
         signal_pid=_int("LF_DIST_SIGNAL_PID"),
         signal_wait=float(os.environ.get("LF_DIST_SIGNAL_WAIT", "0")),
         signal_rank=os.environ.get("LF_DIST_SIGNAL_RANK"),
+        step_seconds=float(os.environ.get("LF_DIST_STEP_SECONDS", "0")),
     )
-    return faults if faults.fail_at or faults.kill_at or faults.signal_at else None
+    return faults if faults.fail_at or faults.kill_at or faults.signal_at or faults.step_seconds else None
