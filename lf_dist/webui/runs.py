@@ -5,7 +5,8 @@ its own (`python -m lf_dist.webui.runs STATE`), which runs `lf-dist train NAME.t
 of the ranks asked for, its output in `.NAME.lf-dist.webui.log`, and records its pid and exit code in
 `.NAME.lf-dist.webui.json`. Nothing of a run lives in the web UI's process: closing the page or stopping the server
 leaves training running. Stop is SIGTERM to `lf-dist train` (a preemption checkpoint, exit 75); Resume starts
-the same command again, which resumes from that checkpoint.
+the same command again, which resumes from that checkpoint. (On Windows, which has no SIGTERM to catch, Stop
+writes the run's stop-request file, which rank 0 reads after every step, to the same effect.)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from lf_dist.errors import EXIT_PREEMPTED, UserError
 from lf_dist.launchers.lock import beside
+from lf_dist.signals import STOP_FILE
 from lf_dist.train.checkpoint import is_preemption, list_checkpoints
 
 YAML_MARK = "# written by lf-dist webui: `lf-dist train` runs this file as it is\n"
@@ -55,15 +57,29 @@ def _write_state(path: Path, state: dict) -> None:
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would end the process there
+        return _alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    except OSError:  # Windows: signal 0 is not a probe there
-        return False
     return True
+
+
+def _alive_windows(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    code = ctypes.c_ulong()
+    try:
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def write_yaml(output_dir: Path, text: str) -> Path:
@@ -82,6 +98,7 @@ def launch(output_dir: Path, config: Path, env: dict[str, str]) -> dict:
         raise UserError(f"output_dir: {output_dir} is running; stop it first or choose another output_dir")
     path = state_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    (output_dir / STOP_FILE).unlink(missing_ok=True)  # a stop request of an earlier attempt is not this one's
     started = datetime.datetime.now().isoformat(timespec="seconds")
     _write_state(path, {"config": str(config), "env": env, "started": started, "cwd": os.getcwd()})
     kwargs = (
@@ -112,7 +129,10 @@ def stop(output_dir: Path) -> dict:
     pid = (_read_state(output_dir) or {}).get("pid")
     if current["state"] != "running" or not pid:
         raise UserError(f"{output_dir} is not running")
-    os.kill(pid, signal.SIGTERM)
+    if os.name == "posix":
+        os.kill(pid, signal.SIGTERM)
+    else:  # Windows has no SIGTERM to catch (os.kill would end the process): the run's stop-request file instead
+        (output_dir / STOP_FILE).write_text("stop\n", encoding="utf-8")
     return current
 
 
