@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ import pytest
 from lf_dist.cli import main
 from lf_dist.config.loader import build_config, read_file
 from lf_dist.errors import UserError
-from lf_dist.webui import forms, runs
+from lf_dist.launchers.lock import lock_path
+from lf_dist.webui import forms, run_state, runs
 from lf_dist.webui.tail import records_after
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +53,8 @@ def test_a_yaml_loaded_into_the_form_is_written_back_as_the_same_config(example,
     written.write_text(forms.to_yaml(form), encoding="utf-8")
     assert read_file(written) == read_file(example)  # every key and value, the page's fields and the others
     assert build_config(read_file(written)).to_dict() == build_config(read_file(example)).to_dict()
+    assert set(form) - {"extra"} <= set(forms.TRAIN_FIELDS)  # the Train page shows these; the rest rides in extra
+    assert form["stage"] in forms.field_kinds()["stage"]["choices"]
 
 
 def test_the_page_fields_come_from_the_config_schema_with_their_types_and_defaults():
@@ -137,11 +141,11 @@ def test_paths_typed_into_the_page_are_checked_before_anything_is_written(client
 
 def test_the_page_never_writes_its_yaml_over_a_file_it_did_not_write(tmp_path):
     out = tmp_path / "sft"
-    runs.yaml_path(out).write_text("mine: true\n", encoding="utf-8")
+    run_state.yaml_path(out).write_text("mine: true\n", encoding="utf-8")
     with pytest.raises(UserError, match="was not written by lf-dist webui"):
         runs.write_yaml(out, "stage: sft\n")
-    assert runs.yaml_path(out).read_text(encoding="utf-8") == "mine: true\n"
-    runs.yaml_path(out).unlink()
+    assert run_state.yaml_path(out).read_text(encoding="utf-8") == "mine: true\n"
+    run_state.yaml_path(out).unlink()
     runs.write_yaml(out, "stage: sft\n")
     assert runs.write_yaml(out, "stage: dpo\n").read_text(encoding="utf-8").endswith("stage: dpo\n")
 
@@ -173,7 +177,7 @@ def test_the_preview_is_the_text_training_encodes_and_the_part_it_trains_on(clie
 
 def _state_file(out: Path, **state) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    runs.state_path(out).write_text(json.dumps({"config": "c.yaml", "started": "now", **state}), encoding="utf-8")
+    run_state.state_path(out).write_text(json.dumps({"config": "c.yaml", "started": "now", **state}), encoding="utf-8")
 
 
 def test_the_runs_list_names_each_run_state_and_a_failure_by_its_one_line(tmp_path):
@@ -185,22 +189,31 @@ def test_the_runs_list_names_each_run_state_and_a_failure_by_its_one_line(tmp_pa
     _state_file(root / "stopped", rc=75)
     _state_file(root / "live", supervisor=os.getpid())  # alive, no exit code yet
     _state_file(root / "deep" / "er" / "failed", rc=2)
-    runs.log_path(root / "deep" / "er" / "failed").write_text(
-        f"{runs.ATTEMPT}1 ===\nlf-dist: preempted: an earlier attempt\n{runs.ATTEMPT}2 ===\n"
+    run_state.log_path(root / "deep" / "er" / "failed").write_text(
+        f"{run_state.ATTEMPT}1 ===\nlf-dist: preempted: an earlier attempt\n{run_state.ATTEMPT}2 ===\n"
         "loading\nlf-dist: error: dataset 'x' is not in data/dataset_info.json\nlast words\n",
         encoding="utf-8",
     )
-    found = {Path(r["output_dir"]).name: r for r in runs.find_runs(root)}
+    (root / "cli_live").mkdir()  # a shell's `lf-dist train` of a web UI run: it holds the output_dir lock
+    _state_file(root / "cli_live", rc=75)
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}
+    lock_path(root / "cli_live").with_suffix(".owner").write_text(json.dumps(owner), encoding="utf-8")
+    (root / "cli_done" / "checkpoint-5").mkdir()
+    (root / "cli_done" / "checkpoint-5" / "trainer_log.jsonl").write_text("", encoding="utf-8")  # not a run
+    found = {Path(r["output_dir"]).name: r for r in runs.runs_under(root)}
     assert {name: r["state"] for name, r in found.items()} == {
         "cli_done": "finished",
         "finished": "finished",
         "stopped": "preempted",
         "live": "running",
+        "cli_live": "running",
         "failed": "failed",
     }
     assert found["failed"]["error"] == "lf-dist: error: dataset 'x' is not in data/dataset_info.json"
+    yaml_before = sorted(root.rglob("*.yaml"))
     with pytest.raises(UserError, match="is running; stop it first"):
-        runs.launch(root / "live", Path("c.yaml"), {})
+        runs.launch(root / "live", "stage: sft\n", {})
+    assert sorted(root.rglob("*.yaml")) == yaml_before  # nothing written over a running run's config
     with pytest.raises(UserError, match="is not running"):
         runs.stop(root / "finished")
 
@@ -220,6 +233,8 @@ def test_the_log_follower_starts_over_when_a_resume_rewrites_the_log(tmp_path):
     assert again["reset"] and [r["current_steps"] for r in again["records"]] == [1, 2, 3]
     log.write_text("".join(json.dumps({"current_steps": s}) + "\n" for s in (1, 2, 9, 10, 11)), encoding="utf-8")
     assert records_after(log, 3, 3)["reset"]  # as many records as before, but not the same ones
+    log.write_text('{"current_steps": 1, "loss": NaN, "grad_norm": Infinity}\n', encoding="utf-8")  # fp16 overflow
+    assert records_after(log, 0, None)["records"] == [{"current_steps": 1, "loss": None, "grad_norm": None}]
 
 
 def test_the_chat_page_streams_the_answer_lf_dist_chat_gives_greedy(client, tmp_path):
@@ -260,6 +275,7 @@ def test_the_page_binds_this_machine_unless_asked_and_warns_for_another_host(mon
     assert server._address(None, None) == ("0.0.0.0", 7000) and server._address("::1", 1) == ("::1", 1)
     bound = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: bound.append((host, port)))
+    monkeypatch.setattr(server, "guard_hosts", lambda app, host: None)  # its own test below
     with caplog.at_level("INFO", logger="lf_dist"):
         server._serve(object(), "127.0.0.1", 7860, "page")
         assert "not loopback" not in caplog.text
@@ -280,5 +296,22 @@ def test_the_web_ui_is_an_optional_extra_imported_only_by_its_commands():
         "import sys, lf_dist.cli, lf_dist.worker; print(sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('fastapi', 'uvicorn', 'selenium') or m.startswith('lf_dist.webui')))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_on_loopback_the_page_answers_only_requests_addressed_to_this_machine(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lf_dist.webui.app import create_webui_app
+    from lf_dist.webui.server import guard_hosts
+
+    app = create_webui_app(tmp_path)
+    guard_hosts(app, "127.0.0.1")
+    local = TestClient(app, base_url="http://127.0.0.1:7860")
+    assert local.get("/api/info").status_code == 200
+    assert local.get("/api/info", headers={"host": "localhost:7860"}).status_code == 200
+    assert local.get("/api/info", headers={"host": "rebound.example:7860"}).status_code == 400  # DNS rebinding
+    shared = create_webui_app(tmp_path)
+    guard_hosts(shared, "0.0.0.0")  # asked for the network: any name reaches it (with the warning line)
+    assert TestClient(shared, base_url="http://lab-box:7860").get("/api/info").status_code == 200

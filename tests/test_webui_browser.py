@@ -41,24 +41,24 @@ def _browser():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
 
 
-def _serve(args: list[str], env: dict | None = None):
-    """`lf-dist <args> --port P` from the repository root, until its page answers."""
+def _serve(args: list[str], log: Path, env: dict | None = None):
+    """`lf-dist <args> --port P` from the repository root, until its page answers; its stderr in `log`."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lf_dist", *args, "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    with open(log, "w", encoding="utf-8") as err:  # the server writes to its own copy of the file
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lf_dist", *args, "--port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(240):
         try:
             urllib.request.urlopen(url, timeout=1).read()
             return proc, url
         except OSError:
-            assert proc.poll() is None, proc.stderr.read()
+            assert proc.poll() is None, log.read_text(encoding="utf-8")
             time.sleep(0.5)
     proc.kill()
     raise AssertionError(f"lf-dist {args[0]} did not answer on {url}")
@@ -115,7 +115,7 @@ def _chat_cli(out: Path, tmp_path: Path) -> str:
         cwd=ROOT,
         input=f"{MESSAGE}\nexit\n",
         capture_output=True,
-        text=True,
+        encoding="utf-8",
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
@@ -211,7 +211,8 @@ def test_a_user_plans_launches_watches_stops_resumes_chats_and_exports_in_a_brow
     shots = tmp_path / "screenshots"
     shots.mkdir()
     out = tmp_path / "runs" / "sft"
-    server, url = _serve(["webui", "--runs", str(tmp_path / "runs")], env={"LF_DIST_STEP_SECONDS": "0.4"})
+    log = tmp_path / "webui.log"
+    server, url = _serve(["webui", "--runs", str(tmp_path / "runs")], log, env={"LF_DIST_STEP_SECONDS": "0.4"})
     try:
         _train_page(driver, url, out, shots)
         _runs_page(driver, out, shots)
@@ -223,7 +224,7 @@ def test_a_user_plans_launches_watches_stops_resumes_chats_and_exports_in_a_brow
     expected = _chat_cli(out, tmp_path)
     assert answer == expected and answer
 
-    webchat, url = _serve(["webchat", str(tmp_path / "infer.yaml")])
+    webchat, url = _serve(["webchat", str(tmp_path / "infer.yaml")], tmp_path / "webchat.log")
     try:
         driver.get(url)
         _wait(driver, lambda d: not _by_id(d, "g-do_sample").is_selected(), 60, "the config's generation keys")

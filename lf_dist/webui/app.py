@@ -10,10 +10,12 @@ one line, `{"error": ...}`, and nothing written.
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations as objects
 
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -21,6 +23,7 @@ from pydantic import BaseModel
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
 from lf_dist.webui import forms, runs
+from lf_dist.webui.run_state import log_lines, yaml_path
 from lf_dist.webui.tail import records_after
 
 logger = get_logger(__name__)
@@ -44,16 +47,18 @@ class ChatSlot:
 
     def __init__(self):
         self.app, self.name, self.sampling = None, None, {}
+        self.loading = threading.Lock()  # one model at a time: a second Load waits for the first
 
     def load(self, cfg) -> str:
         from lf_dist.serve.api import create_app
         from lf_dist.serve.engine import ChatEngine
 
-        self.app = self.name = None  # the old model goes before the new one loads
-        name = Path(cfg.model.adapter_name_or_path or cfg.model.model_name_or_path).name
-        self.app, self.name = create_app(ChatEngine(cfg), name, api_key=None), name
-        self.sampling = _sampling(cfg)
-        return name
+        with self.loading:
+            self.app = self.name = None  # the old model goes before the new one loads
+            name = Path(cfg.model.adapter_name_or_path or cfg.model.model_name_or_path).name
+            self.app, self.name = create_app(ChatEngine(cfg), name, api_key=None), name
+            self.sampling = _sampling(cfg)
+            return name
 
     async def __call__(self, scope, receive, send):
         if self.app is not None:
@@ -81,8 +86,7 @@ def launch(form: dict) -> dict:
     planned = plan_form(form)
     if not planned["fits"]:
         raise UserError(f"the plan does not fit: {planned['plan'].get('suggestion') or planned['lines'][0]}")
-    config = runs.write_yaml(out, forms.to_yaml(form))
-    return {**runs.launch(out, config, launch_env(forms.ranks_of(form))), "yaml": str(config)}
+    return runs.launch(out, forms.to_yaml(form), launch_env(forms.ranks_of(form)))
 
 
 def export(form: dict) -> dict:
@@ -92,7 +96,11 @@ def export(form: dict) -> dict:
         config = Path(tmp) / "export.yaml"
         config.write_text(forms.to_yaml(form), encoding="utf-8")
         done = subprocess.run(
-            [sys.executable, "-m", "lf_dist", "export", str(config)], capture_output=True, text=True, encoding="utf-8"
+            [sys.executable, "-m", "lf_dist", "export", str(config)],
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            env={**os.environ, "PYTHONUTF8": "1"},
         )
     lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
     if done.returncode != 0:  # the command's own line, without its `lf-dist: error: ` label
@@ -104,9 +112,9 @@ def export(form: dict) -> dict:
 def run_view(output_dir: str, have: int, last_step: int | None) -> dict:
     out = Path(output_dir).resolve()
     return {
-        **runs.state(out),
+        **runs.run_state(out),
         **records_after(out / "trainer_log.jsonl", have, last_step),
-        "lines": runs.log_lines(out),
+        "lines": log_lines(out),
         "checkpoints": sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir()),
     }
 
@@ -180,6 +188,12 @@ def _add_error_handler(app) -> None:
         where = f" {err.filename}" if err.filename else ""
         return JSONResponse({"error": f"cannot use{where}: {err.strerror or err}"}, status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request, err: Exception):  # one line on the page, the traceback in the server's log
+        logger.exception(f"error while serving {request.url.path}")
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return JSONResponse({"error": f"internal error: {type(err).__name__}: {first}"}, status_code=500)
+
 
 def _add_train_routes(app, root: Path) -> None:
     from starlette.concurrency import run_in_threadpool
@@ -194,7 +208,7 @@ def _add_train_routes(app, root: Path) -> None:
     @app.post("/api/config/yaml")
     async def as_yaml(body: FormBody):
         out = _output_dir(body.form)
-        path = runs.yaml_path(out)
+        path = yaml_path(out)
         return {
             "yaml": forms.to_yaml(body.form),
             "path": str(path),
@@ -219,7 +233,7 @@ def _add_train_routes(app, root: Path) -> None:
 
     @app.get("/api/runs")
     async def listing():
-        return {"root": str(root), "runs": await run_in_threadpool(runs.find_runs, root)}
+        return {"root": str(root), "runs": await run_in_threadpool(runs.runs_under, root)}
 
     @app.get("/api/run")
     async def view(output_dir: str, have: int = 0, last_step: int | None = None):

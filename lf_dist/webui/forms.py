@@ -15,6 +15,7 @@ from lf_dist.config.loader import build_config, read_file
 from lf_dist.data.registry import get_dataset_attrs
 from lf_dist.errors import UserError
 from lf_dist.run_checks import check_config
+from lf_dist.train.stages import STAGES
 
 # (section, keys) in the order the YAML is written, as the examples lay it out
 SECTIONS = (
@@ -40,9 +41,11 @@ SECTIONS = (
     ("export", ("export_dir", "export_size")),
 )
 FIELDS = tuple(key for _, keys in SECTIONS for key in keys)
+# the Train page's fields: a YAML loaded there keeps its other keys (generation, export, ...) in `extra`
+TRAIN_FIELDS = tuple(key for name, keys in SECTIONS if name not in ("generation", "export") for key in keys)
 # the page's choices for the keys that have a fixed set of values
 CHOICES = {
-    "stage": ("sft", "pt", "rm", "dpo", "kto", "ppo", "grpo"),
+    "stage": ("sft", *(name for name in STAGES if name != "sft")),
     "finetuning_type": ("lora", "full", "freeze", "oft", "auto"),
     "lr_scheduler_type": ("cosine", "linear", "constant", "constant_with_warmup"),
     "strategy": ("auto", "single", "ddp", "fsdp2", "deepspeed", "megatron"),
@@ -88,7 +91,7 @@ def raw_config(form: dict) -> dict:
     if not isinstance(extra, dict):
         raise UserError("extra: expected a mapping of config keys")
     raw = {key: form[key] for key in FIELDS if key in form and not _blank(form[key])}
-    raw.update({key: value for key, value in extra.items() if key not in FIELDS})
+    raw.update({key: value for key, value in extra.items() if key not in raw})
     return raw
 
 
@@ -125,9 +128,10 @@ def to_yaml(form: dict) -> str:
     return "\n".join(blocks)
 
 
-def from_yaml(path: str | Path) -> dict:
-    """A config file as a form: its keys of FIELDS fill the fields, the others are kept in `extra`."""
+def from_yaml(path: str | Path, fields: tuple[str, ...] = TRAIN_FIELDS) -> dict:
+    """A config file as a form: its keys of `fields` (the Train page's) fill the fields, the others are kept in
+    `extra` and written back as they were."""
     raw = read_file(path)
-    form = {key: raw.pop(key) for key in FIELDS if key in raw}
+    form = {key: raw.pop(key) for key in fields if key in raw}
     form["extra"] = raw
     return form

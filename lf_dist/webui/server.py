@@ -40,8 +40,20 @@ def _serve(app, host: str, port: int, what: str) -> int:
             f"warning: host {host} is not loopback: anyone who reaches this machine can use the page, which starts "
             "training and reads and writes files as you"
         )
+    guard_hosts(app, host)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0
+
+
+def guard_hosts(app, host: str) -> None:
+    """On loopback, answer only requests addressed to this machine's own names: a web page elsewhere cannot then
+    reach the server through a name of its own that resolves here (DNS rebinding)."""
+    from lf_dist.serve.api import _is_loopback
+
+    if _is_loopback(host):
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost", "::1", "[::1]"])
 
 
 def _check_installed(command: str) -> None:
@@ -51,9 +63,9 @@ def _check_installed(command: str) -> None:
 
 
 def run_webui(root: str, host: str | None = None, port: int | None = None) -> int:
+    _check_installed("webui")
     from lf_dist.webui.app import create_webui_app
 
-    _check_installed("webui")
     folder = Path(root).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--runs: {folder} is a file, not a folder")
@@ -62,9 +74,9 @@ def run_webui(root: str, host: str | None = None, port: int | None = None) -> in
 
 
 def run_webchat(cfg, host: str | None = None, port: int | None = None) -> int:
+    _check_installed("webchat")
     from lf_dist.webui.app import ChatSlot, create_webui_app
 
-    _check_installed("webchat")
     host, port = _address(host, port)
     slot = ChatSlot()
     name = slot.load(cfg)

@@ -20,7 +20,7 @@ def read_records(path: Path) -> list[dict]:
     records = []
     for line in text.split("\n")[:-1]:
         try:
-            records.append(json.loads(line))
+            records.append(json.loads(line, parse_constant=lambda _: None))  # NaN / inf: no JSON answer has them
         except ValueError:
             continue
     return records

@@ -70,13 +70,28 @@ function readForm(prefix, keys) {
   return form;
 }
 
+function resetForm(prefix, keys) {
+  loaded[prefix].clear();
+  for (const key of keys) {
+    const input = $(`${prefix}-${key}`); const spec = INFO.fields[key];
+    if (!input) continue;
+    if (input.type === "checkbox") input.checked = !!spec.default;
+    else input.value = spec.choices && spec.kind === "text" && spec.default !== null ? spec.default : "";
+  }
+}
+
 function fillForm(prefix, form) {
   for (const [key, value] of Object.entries(form)) {
     const input = $(`${prefix}-${key}`);
-    if (!input || value === null || value === undefined) continue;
+    if (!input) continue;
+    if (value === null || value === undefined) { if (input.type !== "checkbox") input.value = ""; continue; }
     loaded[prefix].add(key);
+    const text = Array.isArray(value) ? value.join(",") : String(value);
+    if (input.tagName === "SELECT" && ![...input.options].some((o) => o.value === text)) {
+      const o = document.createElement("option"); o.value = o.textContent = text; input.appendChild(o); // kept as given
+    }
     if (input.type === "checkbox") input.checked = value === true || value === "true";
-    else input.value = Array.isArray(value) ? value.join(",") : String(value);
+    else input.value = text;
   }
 }
 
@@ -133,7 +148,7 @@ async function loadYaml() {
   try {
     const out = await api("POST", "/api/config/load", { path: $("load-path").value });
     const form = out.form; extra = form.extra || {}; delete form.extra;
-    fillForm("t", form);
+    resetForm("t", trainKeys()); fillForm("t", form);
     await listDatasets(); formChanged();
   } catch (err) { show("train-error", err.message); }
 }
@@ -168,11 +183,12 @@ async function plan() {
 async function launch() {
   const form = trainForm();
   if (JSON.stringify(form) !== planned) return formChanged();
-  show("train-error", "");
+  show("train-error", ""); $("launch-btn").disabled = true; show("launch-why", "launching…");
   try {
     const out = await api("POST", "/api/launch", { form });
+    show("launch-why", `launched: ${out.output_dir}`);
     showPage("runs"); openRun(out.output_dir);
-  } catch (err) { show("train-error", err.message); }
+  } catch (err) { show("train-error", err.message); $("launch-btn").disabled = false; show("launch-why", ""); }
 }
 
 // ---- Runs page
@@ -204,8 +220,8 @@ function fmtTime(s) {
 }
 
 async function poll() {
-  if (!current) return;
-  const c = current;
+  if (!current || current.busy) return; // one request at a time: records are appended once
+  const c = current; c.busy = true;
   try {
     const q = `output_dir=${encodeURIComponent(c.dir)}&have=${c.have}` + (c.lastStep === null ? "" : `&last_step=${c.lastStep}`);
     const out = await api("GET", `/api/run?${q}`);
@@ -215,6 +231,7 @@ async function poll() {
     c.lastStep = c.records.length ? c.records[c.records.length - 1].current_steps : null;
     renderRun(out);
   } catch (err) { show("run-error", err.message); }
+  finally { c.busy = false; }
 }
 
 function renderRun(out) {
@@ -282,7 +299,7 @@ async function runAction(what) {
 async function chatWithRun() {
   try {
     const out = await api("GET", `/api/chat/run?output_dir=${encodeURIComponent(current.dir)}`);
-    fillForm("c", out.form); showPage("chat");
+    resetForm("c", CHAT_MODEL); fillForm("c", out.form); showPage("chat");
   } catch (err) { show("run-error", err.message); }
 }
 
@@ -291,11 +308,12 @@ const CHAT_MODEL = ["model_name_or_path", "adapter_name_or_path", "template", "t
 const GEN = () => INFO.sections.find(([n]) => n === "generation")[1];
 
 async function loadModel() {
-  show("chat-error", ""); show("chat-model", "loading…");
+  show("chat-error", ""); show("chat-model", "loading…"); $("chat-load-btn").disabled = true;
   try {
     const out = await api("POST", "/api/chat/load", { form: readForm("c", CHAT_MODEL) });
     show("chat-model", `loaded: ${out.model}`);
   } catch (err) { show("chat-model", ""); show("chat-error", err.message); }
+  $("chat-load-btn").disabled = false;
 }
 
 function addMessage(role, text) {
