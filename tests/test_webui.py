@@ -63,7 +63,7 @@ def test_the_page_fields_come_from_the_config_schema_with_their_types_and_defaul
     assert kinds["learning_rate"] == {"kind": "float", "default": 5e-05}
     assert kinds["lora_rank"]["kind"] == "int" and kinds["bf16"]["kind"] == "bool"
     assert kinds["packing"] == {"kind": "bool", "default": None}  # unset: the stage decides (a 3-way choice)
-    assert kinds["stage"]["choices"][0] == "sft" and "fsdp2" in kinds["strategy"]["choices"]
+    assert "ppo_custom" in kinds["stage"]["choices"] and "fsdp2" in kinds["strategy"]["choices"]
 
 
 def _cli_plan(config: Path, env: dict, capsys, monkeypatch) -> tuple[list[str], dict]:

@@ -45,7 +45,7 @@ FIELDS = tuple(key for _, keys in SECTIONS for key in keys)
 TRAIN_FIELDS = tuple(key for name, keys in SECTIONS if name not in ("generation", "export") for key in keys)
 # the page's choices for the keys that have a fixed set of values
 CHOICES = {
-    "stage": ("sft", *(name for name in STAGES if name != "sft")),
+    "stage": tuple(STAGES),
     "finetuning_type": ("lora", "full", "freeze", "oft", "auto"),
     "lr_scheduler_type": ("cosine", "linear", "constant", "constant_with_warmup"),
     "strategy": ("auto", "single", "ddp", "fsdp2", "deepspeed", "megatron"),
