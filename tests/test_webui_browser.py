@@ -1,7 +1,8 @@
 """The web UI in a real browser (headless Chromium from the system's packages, driven by Selenium), as a user
 clicks through it: load a YAML, preview the data, plan, launch 2 ranks, watch the loss chart grow, stop (a
-preemption checkpoint), resume to the end, chat with the result (the answer `lf-dist chat` gives, greedy), export;
-then `lf-dist webchat`. Each page's screenshot is saved under the test's temporary folder."""
+preemption checkpoint), resume, stop the server (the run goes on) and follow the run to its end from a new one,
+chat with the result (the answer `lf-dist chat` gives, greedy), export; then `lf-dist webchat`. Each page's
+screenshot is saved under the test's temporary folder."""
 
 from __future__ import annotations
 
@@ -160,21 +161,33 @@ def _train_page(driver, url: str, out: Path, shots: Path) -> None:
     _by_id(driver, "launch-btn").click()
 
 
-def _runs_page(driver, out: Path, shots: Path) -> None:
+def _watch_stop_resume(driver, out: Path, shots: Path) -> None:
     _wait(driver, lambda d: _points(d) >= 3, 300, "the loss chart's first points")
-    seen = _points(driver)
     assert _text(driver, "run-state") == "running" and "tokens/s" in _text(driver, "run-tps")
     _by_id(driver, "stop-btn").click()
     _wait(driver, lambda d: _text(d, "run-state") == "preempted", 120, "the preempted state")
     checkpoints = list_checkpoints(out)
     assert checkpoints and is_preemption(checkpoints[-1]) and checkpoints[-1].name in _text(driver, "run-ckpt")
-    assert "preempted" in _text(driver, "run-lines")
+    assert "preempted" in _text(driver, "run-lines") and 3 <= _points(driver) < STEPS
     driver.save_screenshot(str(shots / "runs-preempted.png"))
     _by_id(driver, "resume-btn").click()
+    _wait(driver, lambda d: _text(d, "run-state") == "running", 60, "the resumed run")
+
+
+def _reopen_until_finished(driver, url: str, out: Path, shots: Path) -> None:
+    """A new page on a new server: the run, which went on without either, in the runs list and its view."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(url)
+    _wait(driver, lambda d: d.find_elements(By.ID, "t-model_name_or_path"), 60, "the page")
+    driver.execute_script("document.querySelector(\"#tabs button[data-page='runs']\").click()")
+    row = f"//tr[td[1][text()='{out}']]//button"
+    _wait(driver, lambda d: d.find_elements(By.XPATH, row), 30, "the run in the runs list")
+    driver.find_element(By.XPATH, row).click()
     _wait(driver, lambda d: _text(d, "run-state") == "finished", 300, "the resumed run to finish")
-    assert _points(driver) == STEPS > seen
+    _wait(driver, lambda d: _points(d) == STEPS, 10, "every logged step on the chart")
     assert _text(driver, "run-step") == f"step {STEPS} / {STEPS}"
-    assert "peak memory" in _text(driver, "run-mem")
+    assert "peak memory" in _text(driver, "run-mem") and "planned" in _text(driver, "run-mem")
     driver.save_screenshot(str(shots / "runs-finished.png"))
 
 
@@ -211,11 +224,16 @@ def test_a_user_plans_launches_watches_stops_resumes_chats_and_exports_in_a_brow
     shots = tmp_path / "screenshots"
     shots.mkdir()
     out = tmp_path / "runs" / "sft"
-    log = tmp_path / "webui.log"
-    server, url = _serve(["webui", "--runs", str(tmp_path / "runs")], log, env={"LF_DIST_STEP_SECONDS": "0.4"})
+    args, env = ["webui", "--runs", str(tmp_path / "runs")], {"LF_DIST_STEP_SECONDS": "0.4"}
+    server, url = _serve(args, tmp_path / "webui.log", env)
     try:
         _train_page(driver, url, out, shots)
-        _runs_page(driver, out, shots)
+        _watch_stop_resume(driver, out, shots)
+    finally:
+        _stop(server)  # the page's server goes while the resumed run trains: the run does not
+    server, url = _serve(args, tmp_path / "webui-again.log", env)
+    try:
+        _reopen_until_finished(driver, url, out, shots)
         answer = _chat_and_export(driver, out, shots)
     finally:
         _stop(server)
