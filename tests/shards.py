@@ -26,12 +26,12 @@ TESTS = Path(__file__).resolve().parent
 # seconds per file under `-m "slow and not cuda"` on the 2-core build machine (pytest --durations, 2026-12-07);
 # an unlisted file counts SLOW_TEST seconds per test function (1 s outside the slow suite)
 SLOW_SECONDS = {
-    "test_parity_table.py": 360, "test_ray.py": 275, "test_deepspeed_reshard.py": 164, "test_distributed_rl.py": 146,
+    "test_ray.py": 275, "test_deepspeed_reshard.py": 164, "test_distributed_rl.py": 146,
     "test_megatron_train.py": 142, "test_speed_smoke.py": 118, "test_distributed.py": 104,
     "test_plan_accuracy.py": 103, "test_optimizers.py": 98, "test_memory_scaling.py": 78, "test_api_tools.py": 61,
     "test_megatron_lora.py": 60, "test_zero3_init.py": 54, "test_qlora.py": 52, "test_reliability.py": 46,
     "test_export_sharded.py": 42, "test_distributed_preference.py": 38, "test_sft_token_losses.py": 28,
-    "test_megatron_parallel.py": 28,
+    "test_megatron_parallel.py": 28, "test_webui_browser.py": 90,
 }  # fmt: skip
 SLOW_TEST = 8.0
 ALONE = "test_parity_table.py"
