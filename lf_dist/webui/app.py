@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from lf_dist.errors import UserError
 from lf_dist.log import get_logger
+from lf_dist.train.checkpoint import list_checkpoints
 from lf_dist.webui import forms, runs
 from lf_dist.webui.run_state import log_lines, yaml_path
 from lf_dist.webui.tail import records_after
@@ -115,7 +116,7 @@ def run_view(output_dir: str, have: int, last_step: int | None) -> dict:
         **runs.run_state(out),
         **records_after(out / "trainer_log.jsonl", have, last_step),
         "lines": log_lines(out),
-        "checkpoints": sorted(p.name for p in out.glob("checkpoint-*") if p.is_dir()),
+        "checkpoints": [p.name for p in list_checkpoints(out)] if out.is_dir() else [],  # by step
     }
 
 
